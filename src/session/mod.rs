@@ -1,0 +1,4 @@
+//! The session rules: IDs, the cookie, the header protocol and exclusions.
+
+pub mod codec;
+pub mod id;

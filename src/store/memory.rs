@@ -1,0 +1,465 @@
+//! The in-process store: sessions in sharded hash maps, expired by a background sweep.
+//!
+//! Every session has a deadline; a lookup past it treats the session as gone at once,
+//! and the sweep reclaims its memory within a second. The store holds at most
+//! `store.max_sessions` sessions: at the bound a *new* session is refused
+//! (`StoreError::Full`, answered 503 and counted), while existing sessions keep working.
+//! Refusing rather than evicting keeps a flood of new visitors from logging out the
+//! users already signed in.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::{
+    NewSession, PatchOutcome, Record, SessionInfo, Store, StoreError, StoreFuture, StoreSettings,
+    unix_now,
+};
+use crate::session::codec::Merged;
+use crate::session::id::SessionId;
+
+const SHARDS: usize = 64;
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// One stored session.
+struct Entry {
+    data: Bytes,
+    created: u64,
+    ends: Option<u64>,
+    /// Unix milliseconds after which the entry is gone.
+    deadline: u64,
+    /// Unix seconds of the last write or renewal.
+    last_seen: u64,
+    user: Option<Arc<str>>,
+}
+
+impl Entry {
+    fn live(&self, now_ms: u64) -> bool {
+        self.deadline > now_ms
+    }
+}
+
+type Shard = HashMap<SessionId, Entry>;
+
+/// The memory store. Cheap to share: wrap it in an `Arc`.
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    count: AtomicUsize,
+    max_sessions: usize,
+    settings: StoreSettings,
+    /// user → IDs of that user's sessions. Entries leave it when their session is
+    /// deleted, revoked or swept.
+    users: Mutex<HashMap<Arc<str>, Vec<SessionId>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock leaves plain data behind, still consistent enough
+    // to serve: no invariant spans more than one statement under these locks.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
+impl MemoryStore {
+    pub fn new(settings: StoreSettings, max_sessions: usize) -> MemoryStore {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            count: AtomicUsize::new(0),
+            max_sessions,
+            settings,
+            users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts the background sweep; it stops when the store is dropped.
+    pub fn start_sweeper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(store) = weak.upgrade() else { return };
+                store.sweep();
+            }
+        });
+    }
+
+    /// Removes every expired session and its index entry.
+    pub fn sweep(&self) {
+        let now = millis(unix_now());
+        for shard in self.shards.iter() {
+            let mut gone = Vec::new();
+            lock(shard).retain(|id, entry| {
+                let live = entry.live(now);
+                if !live {
+                    gone.push((id.clone(), entry.user.take()));
+                }
+                live
+            });
+            self.count.fetch_sub(gone.len(), Ordering::Relaxed);
+            for (id, user) in gone {
+                self.unindex(&id, user.as_deref());
+            }
+        }
+    }
+
+    fn shard(&self, id: &SessionId) -> &Mutex<Shard> {
+        let h = self.hasher.hash_one(id) as usize;
+        &self.shards[h % SHARDS]
+    }
+
+    fn deadline(&self, ends: Option<u64>, now: Duration) -> Option<u64> {
+        self.settings.ttl(ends, now).map(|ttl| millis(now + ttl))
+    }
+
+    /// Stores `data` under an existing entry: new deadline, re-indexed if its user changed.
+    fn write_entry(&self, id: &SessionId, entry: &mut Entry, data: Bytes, now: Duration) -> bool {
+        let Some(deadline) = self.deadline(entry.ends, now) else {
+            return false;
+        };
+        let user = self.settings.user_of(&data).map(Arc::<str>::from);
+        entry.data = data;
+        entry.deadline = deadline;
+        entry.last_seen = now.as_secs();
+        if user != entry.user {
+            self.unindex(id, entry.user.as_deref());
+            if let Some(user) = &user {
+                self.index(id, user);
+            }
+            entry.user = user;
+        }
+        true
+    }
+
+    /// Removes `id`; returns whether a live session was there.
+    fn remove(&self, id: &SessionId) -> bool {
+        let removed = lock(self.shard(id)).remove(id);
+        let Some(entry) = removed else { return false };
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.unindex(id, entry.user.as_deref());
+        entry.live(millis(unix_now()))
+    }
+
+    fn index(&self, id: &SessionId, user: &Arc<str>) {
+        let mut users = lock(&self.users);
+        let ids = users.entry(user.clone()).or_default();
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+
+    fn unindex(&self, id: &SessionId, user: Option<&str>) {
+        let Some(user) = user else { return };
+        let mut users = lock(&self.users);
+        if let Some(ids) = users.get_mut(user) {
+            ids.retain(|other| other != id);
+            if ids.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    fn ids_of(&self, user: &str) -> Vec<SessionId> {
+        lock(&self.users).get(user).cloned().unwrap_or_default()
+    }
+
+    fn insert(&self, id: &SessionId, entry: Entry, bounded: bool) -> Result<(), StoreError> {
+        if bounded && self.count.load(Ordering::Relaxed) >= self.max_sessions {
+            return Err(StoreError::Full);
+        }
+        let user = entry.user.clone();
+        let previous = lock(self.shard(id)).insert(id.clone(), entry);
+        if previous.is_none() {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(user) = &user {
+            self.index(id, user);
+        }
+        Ok(())
+    }
+
+    fn load_now(&self, id: &SessionId, renew: bool) -> Option<Record> {
+        let now = unix_now();
+        let mut shard = lock(self.shard(id));
+        let entry = shard.get_mut(id)?;
+        if !entry.live(millis(now)) {
+            return None;
+        }
+        if renew {
+            // Only the deadline moves; the data is not rewritten.
+            entry.deadline = self.deadline(entry.ends, now)?;
+            entry.last_seen = now.as_secs();
+        }
+        Some(Record {
+            data: entry.data.clone(),
+            created: entry.created,
+        })
+    }
+
+    fn patch_now(&self, id: &SessionId, patch: &Value) -> Result<PatchOutcome, StoreError> {
+        let now = unix_now();
+        let mut shard = lock(self.shard(id));
+        let Some(entry) = shard.get_mut(id).filter(|e| e.live(millis(now))) else {
+            return Ok(PatchOutcome::Missing);
+        };
+        // Under the shard lock: no other write to this session can interleave.
+        match self.settings.merge(Some(&entry.data), patch)? {
+            Merged::Data(data) => {
+                if self.write_entry(id, entry, data.clone(), now) {
+                    Ok(PatchOutcome::Updated(data))
+                } else {
+                    Ok(PatchOutcome::Missing)
+                }
+            }
+            Merged::Empty => {
+                drop(shard);
+                self.remove(id);
+                Ok(PatchOutcome::Destroyed)
+            }
+        }
+    }
+
+    fn rotate_now(&self, old: &SessionId, new: &SessionId, grace: Duration) -> Result<bool, StoreError> {
+        let now = unix_now();
+        let grace_end = now + grace;
+        let moved = {
+            let mut shard = lock(self.shard(old));
+            let Some(entry) = shard.get_mut(old).filter(|e| e.live(millis(now))) else {
+                return Ok(false);
+            };
+            let moved = Entry {
+                data: entry.data.clone(),
+                created: entry.created,
+                ends: entry.ends,
+                deadline: entry.deadline,
+                last_seen: now.as_secs(),
+                user: entry.user.clone(),
+            };
+            entry.deadline = entry.deadline.min(millis(grace_end));
+            entry.ends = Some(entry.ends.unwrap_or(u64::MAX).min(grace_end.as_secs()));
+            moved
+        };
+        self.insert(new, moved, false)?;
+        Ok(true)
+    }
+
+    fn sessions_of(&self, user: &str) -> Vec<SessionInfo> {
+        let now = millis(unix_now());
+        self.ids_of(user)
+            .into_iter()
+            .filter_map(|id| {
+                let shard = lock(self.shard(&id));
+                let entry = shard.get(&id).filter(|e| e.live(now))?;
+                Some(SessionInfo {
+                    handle: id.handle(),
+                    created: entry.created,
+                    last_seen: entry.last_seen,
+                })
+            })
+            .collect()
+    }
+
+    fn revoke_handle_now(&self, handle: &str) -> bool {
+        let found = lock(&self.users)
+            .values()
+            .flatten()
+            .find(|id| id.handle() == handle)
+            .cloned();
+        found.is_some_and(|id| self.remove(&id))
+    }
+}
+
+impl Store for MemoryStore {
+    fn load<'a>(&'a self, id: &'a SessionId, renew: bool) -> StoreFuture<'a, Option<Record>> {
+        let record = self.load_now(id, renew);
+        Box::pin(async move { Ok(record) })
+    }
+
+    fn create<'a>(&'a self, id: &'a SessionId, session: NewSession) -> StoreFuture<'a, ()> {
+        let now = unix_now();
+        let result = match self.deadline(session.ends, now) {
+            // Already past its end: nothing to store.
+            None => Ok(()),
+            Some(deadline) => {
+                let entry = Entry {
+                    user: self.settings.user_of(&session.data).map(Arc::from),
+                    data: session.data,
+                    created: session.created,
+                    ends: session.ends,
+                    deadline,
+                    last_seen: now.as_secs(),
+                };
+                self.insert(id, entry, true)
+            }
+        };
+        Box::pin(async move { result })
+    }
+
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, bool> {
+        let now = unix_now();
+        let mut shard = lock(self.shard(id));
+        let written = match shard.get_mut(id).filter(|e| e.live(millis(now))) {
+            Some(entry) => self.write_entry(id, entry, data, now),
+            None => false,
+        };
+        drop(shard);
+        Box::pin(async move { Ok(written) })
+    }
+
+    fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Value) -> StoreFuture<'a, PatchOutcome> {
+        let outcome = self.patch_now(id, patch);
+        Box::pin(async move { outcome })
+    }
+
+    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()> {
+        self.remove(id);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn rotate<'a>(
+        &'a self,
+        old: &'a SessionId,
+        new: &'a SessionId,
+        grace: Duration,
+    ) -> StoreFuture<'a, bool> {
+        let rotated = self.rotate_now(old, new, grace);
+        Box::pin(async move { rotated })
+    }
+
+    fn user_sessions<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<SessionInfo>> {
+        let sessions = self.sessions_of(user);
+        Box::pin(async move { Ok(sessions) })
+    }
+
+    fn revoke_user<'a>(&'a self, user: &'a str) -> StoreFuture<'a, usize> {
+        let ended = self
+            .ids_of(user)
+            .iter()
+            .filter(|id| self.remove(id))
+            .count();
+        Box::pin(async move { Ok(ended) })
+    }
+
+    fn revoke_handle<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, bool> {
+        let ended = self.revoke_handle_now(handle);
+        Box::pin(async move { Ok(ended) })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn len(&self) -> Option<usize> {
+        Some(self.count.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::id::IdShape;
+
+    fn store(max_age: Duration, max_sessions: usize) -> MemoryStore {
+        MemoryStore::new(
+            StoreSettings {
+                max_age,
+                user_key: Some("user".into()),
+                max_bytes: 4096,
+            },
+            max_sessions,
+        )
+    }
+
+    fn new_session(data: &'static str) -> NewSession {
+        NewSession {
+            data: Bytes::from_static(data.as_bytes()),
+            created: unix_now().as_secs(),
+            ends: None,
+        }
+    }
+
+    fn id() -> SessionId {
+        SessionId::generate(IdShape::default())
+    }
+
+    #[tokio::test]
+    async fn get_put_delete_round_trip() {
+        let s = store(Duration::from_secs(60), 10);
+        let a = id();
+        assert_eq!(s.load(&a, false).await.unwrap(), None);
+        s.create(&a, new_session(r#"{"a":1}"#)).await.unwrap();
+        assert_eq!(&s.load(&a, false).await.unwrap().unwrap().data[..], br#"{"a":1}"#);
+        assert!(s.replace(&a, Bytes::from_static(br#"{"a":2}"#)).await.unwrap());
+        assert_eq!(&s.load(&a, false).await.unwrap().unwrap().data[..], br#"{"a":2}"#);
+        s.delete(&a).await.unwrap();
+        s.delete(&a).await.unwrap();
+        assert_eq!(s.load(&a, false).await.unwrap(), None);
+        assert!(!s.replace(&a, Bytes::from_static(br#"{"a":3}"#)).await.unwrap());
+        assert_eq!(s.len(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn expired_sessions_are_invisible_then_swept() {
+        let s = store(Duration::from_millis(50), 10);
+        let a = id();
+        s.create(&a, new_session(r#"{"a":1}"#)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(s.load(&a, false).await.unwrap(), None);
+        assert_eq!(s.len(), Some(1));
+        s.sweep();
+        assert_eq!(s.len(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn renew_moves_the_deadline() {
+        let s = store(Duration::from_millis(150), 10);
+        let a = id();
+        s.create(&a, new_session(r#"{"a":1}"#)).await.unwrap();
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            assert!(s.load(&a, true).await.unwrap().is_some());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(s.load(&a, false).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn new_sessions_are_refused_at_the_bound_existing_ones_still_written() {
+        let s = store(Duration::from_secs(60), 2);
+        let (a, b, c) = (id(), id(), id());
+        s.create(&a, new_session(r#"{"a":1}"#)).await.unwrap();
+        s.create(&b, new_session(r#"{"b":1}"#)).await.unwrap();
+        assert!(matches!(
+            s.create(&c, new_session(r#"{"c":1}"#)).await,
+            Err(StoreError::Full)
+        ));
+        assert!(s.replace(&a, Bytes::from_static(br#"{"a":2}"#)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn user_index_lists_and_revokes_and_forgets_expired() {
+        let s = store(Duration::from_millis(100), 10);
+        let (a, b, c) = (id(), id(), id());
+        s.create(&a, new_session(r#"{"user":"ann"}"#)).await.unwrap();
+        s.create(&b, new_session(r#"{"user":"ann"}"#)).await.unwrap();
+        s.create(&c, new_session(r#"{"user":"bob"}"#)).await.unwrap();
+        assert_eq!(s.user_sessions("ann").await.unwrap().len(), 2);
+        assert!(s.revoke_handle(&b.handle()).await.unwrap());
+        assert_eq!(s.revoke_user("ann").await.unwrap(), 1);
+        assert!(s.load(&c, false).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.sweep();
+        assert!(lock(&s.users).is_empty());
+    }
+}
