@@ -1,1 +1,96 @@
-//! Store metrics.
+//! A store that counts and times every operation of the store it wraps.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::{NewSession, PatchOutcome, Record, SessionInfo, Store, StoreError, StoreFuture};
+use crate::metrics::Metrics;
+use crate::session::id::SessionId;
+
+/// Wraps any backend so that `/metrics` shows operations, latency and errors by
+/// operation, without the backends knowing about metrics.
+pub struct Metered {
+    inner: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl Metered {
+    pub fn new(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Metered {
+        Metered { inner, metrics }
+    }
+
+    fn measure<'a, T: Send + 'a>(
+        &'a self,
+        op: &'static str,
+        call: impl Future<Output = Result<T, StoreError>> + Send + 'a,
+    ) -> StoreFuture<'a, T> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = call.await;
+            let kind = result.as_ref().err().map(|e| match e {
+                StoreError::Unavailable(_) => "unavailable",
+                StoreError::Full => "full",
+                StoreError::Contended => "contended",
+                StoreError::TooLarge(_) => "too_large",
+            });
+            self.metrics.store_op(op, started.elapsed(), kind);
+            result
+        })
+    }
+}
+
+impl Store for Metered {
+    fn load<'a>(&'a self, id: &'a SessionId, renew: bool) -> StoreFuture<'a, Option<Record>> {
+        let op = if renew { "load_renew" } else { "load" };
+        self.measure(op, self.inner.load(id, renew))
+    }
+
+    fn create<'a>(&'a self, id: &'a SessionId, session: NewSession) -> StoreFuture<'a, ()> {
+        self.measure("create", self.inner.create(id, session))
+    }
+
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, bool> {
+        self.measure("replace", self.inner.replace(id, data))
+    }
+
+    fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Value) -> StoreFuture<'a, PatchOutcome> {
+        self.measure("patch", self.inner.patch(id, patch))
+    }
+
+    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()> {
+        self.measure("delete", self.inner.delete(id))
+    }
+
+    fn rotate<'a>(
+        &'a self,
+        old: &'a SessionId,
+        new: &'a SessionId,
+        grace: Duration,
+    ) -> StoreFuture<'a, bool> {
+        self.measure("rotate", self.inner.rotate(old, new, grace))
+    }
+
+    fn user_sessions<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<SessionInfo>> {
+        self.measure("user_sessions", self.inner.user_sessions(user))
+    }
+
+    fn revoke_user<'a>(&'a self, user: &'a str) -> StoreFuture<'a, usize> {
+        self.measure("revoke_user", self.inner.revoke_user(user))
+    }
+
+    fn revoke_handle<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, bool> {
+        self.measure("revoke_handle", self.inner.revoke_handle(handle))
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        self.measure("ping", self.inner.ping())
+    }
+
+    fn len(&self) -> Option<usize> {
+        self.inner.len()
+    }
+}

@@ -1,0 +1,188 @@
+//! The admin port, apart from the data plane: `/healthz`, `/readyz`, `/metrics`, and
+//! `/sessions` (list and revoke a user's sessions).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use percent_encoding::percent_decode_str;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+
+/// How long `/readyz` waits for the store before calling it unreachable.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The admin server's shared state.
+#[derive(Clone)]
+pub struct Admin {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    shutdown: Arc<Shutdown>,
+    token: Option<Arc<str>>,
+    user_index: bool,
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+impl Admin {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, shutdown: Arc<Shutdown>, config: &Config) -> Admin {
+        Admin {
+            store,
+            metrics,
+            shutdown,
+            token: config.admin_token.as_deref().map(Arc::from),
+            user_index: config.session.user_key.is_some(),
+        }
+    }
+
+    /// Serves the admin port until the process ends (it stays up while the proxy
+    /// drains, so probes see `/readyz` turn 503).
+    pub async fn serve(self, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.route(req).await) }
+                });
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> AdminResponse {
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => self.ready().await,
+            (&Method::GET, "/metrics") => {
+                let mut r = text(StatusCode::OK, self.metrics.render(&self.store));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                r
+            }
+            _ if path == "/sessions" || path.starts_with("/sessions/") => {
+                if !self.authorized(&req) {
+                    return problem(StatusCode::UNAUTHORIZED, "admin_token required: send Authorization: Bearer <token>");
+                }
+                if !self.user_index {
+                    return problem(StatusCode::NOT_FOUND, "the per-user index is off: set session.user_key");
+                }
+                self.sessions(&req).await
+            }
+            _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint"),
+        }
+    }
+
+    async fn ready(&self) -> AdminResponse {
+        if self.shutdown.is_draining() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        }
+        match tokio::time::timeout(READY_TIMEOUT, self.store.ping()).await {
+            Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
+            Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "session store did not answer\n"),
+        }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else { return true };
+        let presented = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(presented.as_bytes(), token.as_bytes())
+    }
+
+    async fn sessions(&self, req: &Request<Incoming>) -> AdminResponse {
+        let path = req.uri().path();
+        if let Some(handle) = path.strip_prefix("/sessions/") {
+            if req.method() != Method::DELETE {
+                return problem(StatusCode::METHOD_NOT_ALLOWED, "use DELETE /sessions/HANDLE");
+            }
+            return match self.store.revoke_handle(handle).await {
+                Ok(true) => json_response(StatusCode::OK, json!({"revoked": 1})),
+                Ok(false) => problem(StatusCode::NOT_FOUND, "no live session has this handle"),
+                Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+            };
+        }
+        let Some(user) = query_param(req.uri().query().unwrap_or(""), "user") else {
+            return problem(StatusCode::BAD_REQUEST, "name the user: /sessions?user=U");
+        };
+        match *req.method() {
+            Method::GET => match self.store.user_sessions(&user).await {
+                Ok(sessions) => json_response(StatusCode::OK, json!({"user": user, "sessions": sessions})),
+                Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+            },
+            Method::DELETE => match self.store.revoke_user(&user).await {
+                Ok(n) => json_response(StatusCode::OK, json!({"user": user, "revoked": n})),
+                Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+            },
+            _ => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE /sessions?user=U"),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The decoded value of `name` in a query string (`+` is a space).
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| percent_decode_str(&v.replace('+', " ")).decode_utf8_lossy().into_owned())
+    })
+    .filter(|v| !v.is_empty())
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn problem(status: StatusCode, detail: &str) -> AdminResponse {
+    let body = json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut r = json_response(status, body);
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    r
+}

@@ -1,0 +1,702 @@
+//! Configuration: built-in defaults < config file < environment < command-line flags.
+//!
+//! The file and the environment are merged as a JSON tree first, then deserialised into
+//! [`Config`] in one go, so that an unknown key or a wrong type anywhere is reported with
+//! its full path (`session.max_age`) and where it came from. [`Config::validate`] then
+//! checks the values serde cannot.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+const ENV_PREFIX: &str = "SESSION_PROXY_";
+
+/// The whole configuration. Field docs are the reference; `proxy.yaml.example` shows
+/// every key with its default.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Client-facing address.
+    pub listen: SocketAddr,
+    /// The application: `http://host:port`, with an optional path prefix.
+    pub upstream: String,
+    /// Address of `/healthz`, `/readyz`, `/metrics` and `/sessions`; `null` turns it off.
+    pub admin_listen: Option<SocketAddr>,
+    pub session: SessionConfig,
+    pub store: StoreConfig,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    /// Bearer token that `/sessions` on the admin port requires, when set.
+    pub admin_token: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            upstream: "http://127.0.0.1:3000".into(),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
+            session: SessionConfig::default(),
+            store: StoreConfig::default(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+            admin_token: None,
+        }
+    }
+}
+
+/// The session cookie, the header protocol and the session's lifetime.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    pub cookie_name: String,
+    /// Seconds: the cookie's Max-Age and the stored session's TTL.
+    pub max_age: u64,
+    pub path: String,
+    pub domain: Option<String>,
+    pub secure: bool,
+    pub http_only: bool,
+    pub same_site: SameSite,
+    /// Random bytes in a session ID (16–64).
+    pub id_bytes: usize,
+    /// Each request that reads a session resets its TTL and re-sends the cookie.
+    pub renew_on_access: bool,
+    /// Globs on the request path; matching requests get no session.
+    pub exclude: Vec<String>,
+    pub request_header: String,
+    pub update_header: String,
+    pub patch_header: String,
+    pub rotate_header: String,
+    pub handle_header: String,
+    /// Largest session, as JSON bytes, accepted from the application.
+    pub max_bytes: usize,
+    /// Seconds the old ID stays readable after a rotation.
+    pub rotate_grace: u64,
+    /// Seconds after creation at which a session ends whatever its activity.
+    pub absolute_timeout: Option<u64>,
+    /// Key that signs session cookies (`<id>.<mac>`).
+    pub secret: Option<String>,
+    /// Former secrets: cookies signed with them are accepted and re-signed.
+    pub secret_fallbacks: Vec<String>,
+    /// Top-level session key naming the user, for the per-user index.
+    pub user_key: Option<String>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            cookie_name: "session".into(),
+            max_age: 1_209_600,
+            path: "/".into(),
+            domain: None,
+            secure: false,
+            http_only: true,
+            same_site: SameSite::Lax,
+            id_bytes: 32,
+            renew_on_access: false,
+            exclude: Vec::new(),
+            request_header: "X-Session".into(),
+            update_header: "X-Session-Update".into(),
+            patch_header: "X-Session-Patch".into(),
+            rotate_header: "X-Session-Rotate".into(),
+            handle_header: "X-Session-Handle".into(),
+            max_bytes: 4096,
+            rotate_grace: 10,
+            absolute_timeout: None,
+            secret: None,
+            secret_fallbacks: Vec::new(),
+            user_key: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreType {
+    Memory,
+    Redis,
+}
+
+/// Where sessions are kept.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    #[serde(rename = "type")]
+    pub kind: StoreType,
+    /// Memory store bound.
+    pub max_sessions: usize,
+    /// Redis URL (standalone).
+    pub url: Option<String>,
+    pub key_prefix: String,
+    pub sentinel: Option<SentinelConfig>,
+    pub cluster: Option<ClusterConfig>,
+    /// Seconds to connect to Redis.
+    pub connect_timeout: f64,
+    /// Seconds Redis has to answer one command.
+    pub response_timeout: f64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreType::Memory,
+            max_sessions: 1_000_000,
+            url: None,
+            key_prefix: "session:".into(),
+            sentinel: None,
+            cluster: None,
+            connect_timeout: 1.0,
+            response_timeout: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    pub master: String,
+    pub nodes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub nodes: Vec<String>,
+}
+
+/// Seconds, fractions allowed.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub upstream_connect: f64,
+    pub upstream_response: f64,
+    pub header_read: f64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            upstream_connect: 5.0,
+            upstream_response: 60.0,
+            header_read: 10.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest client request head → 431.
+    pub max_header_bytes: usize,
+    /// Client connections served at once; further ones wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 16384,
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Seconds the listener still accepts after SIGTERM.
+    pub drain_delay: f64,
+    /// Seconds in-flight requests and tunnels get to finish.
+    pub timeout: f64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_delay: 5.0,
+            timeout: 30.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; `RUST_LOG` wins when set.
+    pub level: Option<String>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: None,
+        }
+    }
+}
+
+/// A configuration problem, said the way a user can act on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn invalid(key: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("invalid configuration: `{key}` {why}"))
+}
+
+/// The four settings the command line can give.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub store: Option<String>,
+    pub admin_listen: Option<String>,
+}
+
+impl Config {
+    /// Loads the configuration from its four layers, with the process environment.
+    pub fn load(flags: &Overrides) -> Result<Config, ConfigError> {
+        Config::load_from(flags, std::env::vars())
+    }
+
+    /// Loads the configuration with the given environment (tests pass their own).
+    pub fn load_from(
+        flags: &Overrides,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let env_config = env
+            .iter()
+            .find(|(k, _)| k == "SESSION_PROXY_CONFIG")
+            .map(|(_, v)| PathBuf::from(v));
+        let path = flags.config.clone().or(env_config).or_else(|| {
+            let default = PathBuf::from("proxy.yaml");
+            default.exists().then_some(default)
+        });
+
+        let mut tree = match &path {
+            Some(path) => read_file(path)?,
+            None => Value::Object(Map::new()),
+        };
+        let defaults = serde_json::to_value(Config::default()).unwrap_or(Value::Null);
+        for (name, value) in &env {
+            if name == "SESSION_PROXY_CONFIG" {
+                continue;
+            }
+            let key = name[ENV_PREFIX.len()..].to_ascii_lowercase();
+            if key == "store" {
+                set_store_spec(&mut tree, value, name)?;
+                continue;
+            }
+            let path: Vec<&str> = key.split("__").collect();
+            set_path(&mut tree, &path, env_value(&defaults, &path, value), name)?;
+        }
+        for (key, flag, value) in [
+            ("listen", "--listen", &flags.listen),
+            ("upstream", "--upstream", &flags.upstream),
+            ("admin_listen", "--admin-listen", &flags.admin_listen),
+        ] {
+            if let Some(value) = value {
+                set_path(&mut tree, &[key], env_value(&defaults, &[key], value), flag)?;
+            }
+        }
+        if let Some(spec) = &flags.store {
+            set_store_spec(&mut tree, spec, "--store")?;
+        }
+
+        let origin = path
+            .as_ref()
+            .map(|p| format!(" (file {}, environment or flags)", p.display()))
+            .unwrap_or_default();
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError(format!(
+                "invalid configuration: `{key}`{origin}: {}",
+                e.inner()
+            ))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules serde's types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.session;
+        crate::upstream::UpstreamUrl::parse(&self.upstream).map_err(|e| invalid("upstream", e))?;
+        if s.cookie_name.is_empty() || s.cookie_name.len() > 256 {
+            return Err(invalid("session.cookie_name", "must be 1–256 characters"));
+        }
+        if !s.cookie_name.bytes().all(is_token_byte) {
+            return Err(invalid(
+                "session.cookie_name",
+                "must be a cookie token: visible ASCII without separators ()<>@,;:\\\"/[]?={} or spaces",
+            ));
+        }
+        if s.max_age < 1 {
+            return Err(invalid("session.max_age", "must be at least 1 second"));
+        }
+        if !s.path.starts_with('/') || !s.path.bytes().all(is_cookie_attr_byte) {
+            return Err(invalid("session.path", "must start with / and hold no ; or control characters"));
+        }
+        if let Some(domain) = &s.domain
+            && (domain.is_empty() || !domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'))
+        {
+            return Err(invalid("session.domain", "must be a host name (letters, digits, '.', '-')"));
+        }
+        if crate::session::id::IdShape::new(s.id_bytes).is_none() {
+            return Err(invalid("session.id_bytes", "must be between 16 and 64"));
+        }
+        if !(16..=1 << 20).contains(&s.max_bytes) {
+            return Err(invalid("session.max_bytes", "must be between 16 and 1048576"));
+        }
+        crate::session::exclude::Exclusions::new(&s.exclude)
+            .map_err(|e| invalid("session.exclude", e))?;
+        let headers = [
+            ("session.request_header", &s.request_header),
+            ("session.update_header", &s.update_header),
+            ("session.patch_header", &s.patch_header),
+            ("session.rotate_header", &s.rotate_header),
+            ("session.handle_header", &s.handle_header),
+        ];
+        for (i, (key, name)) in headers.iter().enumerate() {
+            let parsed = http::HeaderName::try_from(name.as_str())
+                .map_err(|_| invalid(key, format!("`{name}` is not a valid header name")))?;
+            if crate::upstream::is_hop_by_hop(&parsed) || parsed == http::header::COOKIE {
+                return Err(invalid(key, format!("`{name}` is a header the proxy cannot use")));
+            }
+            if headers[..i].iter().any(|(_, other)| other.eq_ignore_ascii_case(name)) {
+                return Err(invalid(key, format!("`{name}` is already used by another session header")));
+            }
+        }
+        if s.absolute_timeout == Some(0) {
+            return Err(invalid("session.absolute_timeout", "must be at least 1 second, or null"));
+        }
+        for (key, secret) in s
+            .secret
+            .iter()
+            .map(|v| ("session.secret", v))
+            .chain(s.secret_fallbacks.iter().map(|v| ("session.secret_fallbacks", v)))
+        {
+            if secret.len() < 16 {
+                return Err(invalid(key, "must be at least 16 characters (32 random bytes recommended)"));
+            }
+        }
+        if !s.secret_fallbacks.is_empty() && s.secret.is_none() {
+            return Err(invalid("session.secret_fallbacks", "needs session.secret to be set"));
+        }
+        if s.user_key.as_deref() == Some("") {
+            return Err(invalid("session.user_key", "must not be empty"));
+        }
+        self.validate_store()?;
+        for (key, secs, min) in [
+            ("timeouts.upstream_connect", self.timeouts.upstream_connect, f64::MIN_POSITIVE),
+            ("timeouts.upstream_response", self.timeouts.upstream_response, f64::MIN_POSITIVE),
+            ("timeouts.header_read", self.timeouts.header_read, f64::MIN_POSITIVE),
+            ("store.connect_timeout", self.store.connect_timeout, f64::MIN_POSITIVE),
+            ("store.response_timeout", self.store.response_timeout, f64::MIN_POSITIVE),
+            ("shutdown.drain_delay", self.shutdown.drain_delay, 0.0),
+            ("shutdown.timeout", self.shutdown.timeout, 0.0),
+        ] {
+            if !(secs.is_finite() && secs >= min && secs <= 1e9) {
+                return Err(invalid(key, "must be a number of seconds above 0"));
+            }
+        }
+        if self.limits.max_header_bytes < 1024 {
+            return Err(invalid("limits.max_header_bytes", "must be at least 1024"));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if let Some(level) = &self.log.level {
+            tracing_subscriber::EnvFilter::try_new(level).map_err(|e| invalid("log.level", e))?;
+        }
+        if self.admin_token.as_deref() == Some("") {
+            return Err(invalid("admin_token", "must not be empty; use null to turn it off"));
+        }
+        Ok(())
+    }
+
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        let st = &self.store;
+        if st.max_sessions == 0 {
+            return Err(invalid("store.max_sessions", "must be at least 1"));
+        }
+        if st.kind == StoreType::Memory {
+            return Ok(());
+        }
+        let given = [st.url.is_some(), st.sentinel.is_some(), st.cluster.is_some()];
+        if given.iter().filter(|g| **g).count() != 1 {
+            return Err(invalid(
+                "store",
+                "of type redis needs exactly one of `store.url`, `store.sentinel` or `store.cluster`",
+            ));
+        }
+        let urls = st
+            .url
+            .iter()
+            .map(|u| ("store.url", u))
+            .chain(st.sentinel.iter().flat_map(|s| s.nodes.iter().map(|u| ("store.sentinel.nodes", u))))
+            .chain(st.cluster.iter().flat_map(|c| c.nodes.iter().map(|u| ("store.cluster.nodes", u))));
+        for (key, url) in urls {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(key, format!("`{}` is not a redis:// or rediss:// URL", mask_url(url))));
+            }
+        }
+        if st.sentinel.as_ref().is_some_and(|s| s.nodes.is_empty() || s.master.is_empty()) {
+            return Err(invalid("store.sentinel", "needs a master name and at least one node"));
+        }
+        if st.cluster.as_ref().is_some_and(|c| c.nodes.is_empty()) {
+            return Err(invalid("store.cluster.nodes", "needs at least one node"));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as YAML, with secrets and passwords masked.
+    pub fn to_masked_yaml(&self) -> String {
+        let mut c = self.clone();
+        let mask = |s: &mut String| *s = "********".into();
+        c.session.secret.iter_mut().for_each(mask);
+        c.session.secret_fallbacks.iter_mut().for_each(mask);
+        c.admin_token.iter_mut().for_each(mask);
+        let mask_urls = |urls: &mut Vec<String>| urls.iter_mut().for_each(|u| *u = mask_url(u));
+        c.store.url = c.store.url.as_deref().map(mask_url);
+        c.store.sentinel.iter_mut().for_each(|s| mask_urls(&mut s.nodes));
+        c.store.cluster.iter_mut().for_each(|s| mask_urls(&mut s.nodes));
+        serde_saphyr::to_string(&c).unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
+    }
+}
+
+/// A Redis URL with its password replaced by `********`.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:********@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)
+}
+
+fn is_cookie_attr_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && b != b';'
+}
+
+pub(crate) fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
+}
+
+fn read_file(path: &Path) -> Result<Value, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(format!("cannot read config file {}: {e}", path.display()))
+    })?;
+    let tree: Value = serde_saphyr::from_str(&text).map_err(|e| {
+        ConfigError(format!("config file {} is not valid YAML: {e}", path.display()))
+    })?;
+    match tree {
+        Value::Null => Ok(Value::Object(Map::new())),
+        Value::Object(_) => Ok(tree),
+        _ => Err(ConfigError(format!(
+            "config file {} must be a mapping of keys to values",
+            path.display()
+        ))),
+    }
+}
+
+/// `--store` / `SESSION_PROXY_STORE`: `memory` or a Redis URL.
+fn set_store_spec(tree: &mut Value, spec: &str, source: &str) -> Result<(), ConfigError> {
+    if spec == "memory" {
+        set_path(tree, &["store", "type"], Value::from("memory"), source)
+    } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        set_path(tree, &["store", "type"], Value::from("redis"), source)?;
+        set_path(tree, &["store", "url"], Value::from(spec), source)
+    } else {
+        Err(ConfigError(format!(
+            "invalid configuration: {source} must be `memory` or a redis:// or rediss:// URL, not `{}`",
+            mask_url(spec)
+        )))
+    }
+}
+
+/// Turns an environment or flag value into the type the key's default has: numbers and
+/// booleans parsed, lists split on commas, `null` for keys that may be null.
+fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
+    let default = path.iter().try_fold(defaults, |v, k| v.get(k));
+    let scalar = |raw: &str| -> Value {
+        match raw.trim() {
+            "true" => Value::Bool(true),
+            "false" => Value::Bool(false),
+            t => match serde_json::from_str::<serde_json::Number>(t) {
+                Ok(n) => Value::Number(n),
+                Err(_) => Value::String(raw.to_string()),
+            },
+        }
+    };
+    match default {
+        Some(Value::String(_)) => Value::String(raw.to_string()),
+        Some(Value::Array(_)) => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        ),
+        Some(Value::Null) if matches!(raw.trim(), "" | "null" | "off") => Value::Null,
+        Some(Value::Null) => scalar(raw),
+        _ if path.last() == Some(&"nodes") => env_value(&Value::Array(vec![]), &[], raw),
+        _ => scalar(raw),
+    }
+}
+
+fn set_path(tree: &mut Value, path: &[&str], value: Value, source: &str) -> Result<(), ConfigError> {
+    let Some((last, parents)) = path.split_last() else {
+        return Ok(());
+    };
+    let mut node = tree;
+    for key in parents {
+        if node.is_null() {
+            *node = Value::Object(Map::new());
+        }
+        let Some(map) = node.as_object_mut() else {
+            return Err(ConfigError(format!(
+                "invalid configuration: {source} sets a key below `{key}`, which is not a section"
+            )));
+        };
+        node = map
+            .entry(key.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+    if node.is_null() {
+        *node = Value::Object(Map::new());
+    }
+    match node.as_object_mut() {
+        Some(map) => {
+            map.insert(last.to_string(), value);
+            Ok(())
+        }
+        None => Err(ConfigError(format!(
+            "invalid configuration: {source} sets a key below a value that is not a section"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("sp-config-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("proxy.yaml");
+        let flags = match yaml {
+            Some(text) => {
+                std::fs::write(&path, text).unwrap();
+                Overrides { config: Some(path), ..Default::default() }
+            }
+            None => Overrides::default(),
+        };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load_from(&flags, env)
+    }
+
+    #[test]
+    fn defaults_apply_without_a_file() {
+        let c = load(None, &[]).unwrap();
+        assert_eq!(c.session.cookie_name, "session");
+        assert_eq!(c.session.max_age, 1_209_600);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let yaml = "listen: 127.0.0.1:7000\nsession:\n  max_age: 10\n";
+        let env = [
+            ("SESSION_PROXY_SESSION__MAX_AGE", "3600"),
+            ("SESSION_PROXY_STORE__KEY_PREFIX", "app:"),
+            ("SESSION_PROXY_SESSION__EXCLUDE", "/static/**, /health"),
+            ("SESSION_PROXY_LISTEN", "127.0.0.1:7001"),
+        ];
+        let c = load(Some(yaml), &env).unwrap();
+        assert_eq!(c.session.max_age, 3600);
+        assert_eq!(c.store.key_prefix, "app:");
+        assert_eq!(c.session.exclude, vec!["/static/**", "/health"]);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7001");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = load(Some("session:\n  max_agee: 5\n"), &[]).unwrap_err();
+        assert!(e.0.contains("max_agee"), "{e}");
+        let e = load(None, &[("SESSION_PROXY_SESSION__NOPE", "1")]).unwrap_err();
+        assert!(e.0.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_values_name_the_key() {
+        let e = load(Some("session:\n  max_age: soon\n"), &[]).unwrap_err();
+        assert!(e.0.contains("session.max_age"), "{e}");
+        let e = load(Some("session:\n  max_age: 0\n"), &[]).unwrap_err();
+        assert!(e.0.contains("session.max_age"), "{e}");
+        let e = load(Some("session:\n  cookie_name: \"a b\"\n"), &[]).unwrap_err();
+        assert!(e.0.contains("session.cookie_name"), "{e}");
+        let e = load(Some(&format!("session:\n  cookie_name: {}\n", "a".repeat(257))), &[]).unwrap_err();
+        assert!(e.0.contains("session.cookie_name"), "{e}");
+        let e = load(Some("store:\n  type: redis\n"), &[]).unwrap_err();
+        assert!(e.0.contains("store"), "{e}");
+    }
+
+    #[test]
+    fn store_spec_selects_redis() {
+        let c = load(None, &[("SESSION_PROXY_STORE", "redis://:pw@127.0.0.1:6379/2")]).unwrap();
+        assert_eq!(c.store.kind, StoreType::Redis);
+        let printed = c.to_masked_yaml();
+        assert!(!printed.contains("pw@"), "{printed}");
+    }
+
+    #[test]
+    fn secrets_are_masked_when_printed() {
+        let c = load(Some("session:\n  secret: aaaaaaaaaaaaaaaaaaaaaaa\nadmin_token: tttttttttt\n"), &[]).unwrap();
+        let printed = c.to_masked_yaml();
+        assert!(!printed.contains("aaaaaaaa") && !printed.contains("tttttttttt"), "{printed}");
+    }
+}

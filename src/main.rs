@@ -1,0 +1,198 @@
+//! The command line: run the proxy, check a configuration, run the demo, or manage a
+//! user's sessions through the admin port.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use session_proxy::config::{Config, Overrides};
+use session_proxy::server::Server;
+use session_proxy::{demo, logging};
+
+/// A reverse proxy that adds server-side sessions in front of any HTTP application.
+#[derive(Parser)]
+#[command(name = "session-proxy", version, about)]
+struct Cli {
+    #[command(flatten)]
+    flags: Flags,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args, Clone, Default)]
+struct Flags {
+    /// Config file (default: ./proxy.yaml when it exists).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Client-facing address, e.g. 0.0.0.0:8080.
+    #[arg(long, global = true, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The application, e.g. http://127.0.0.1:3000.
+    #[arg(long, global = true, value_name = "URL")]
+    upstream: Option<String>,
+    /// `memory` or a Redis URL (redis://…, rediss://…).
+    #[arg(long, global = true, value_name = "SPEC")]
+    store: Option<String>,
+    /// Admin address (`null` turns the admin port off).
+    #[arg(long = "admin-listen", global = true, value_name = "ADDR")]
+    admin_listen: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and print the effective one (secrets masked).
+    Check,
+    /// Run the proxy in front of a built-in demo application, memory store.
+    Demo,
+    /// List or revoke a user's sessions through the admin port.
+    Sessions {
+        #[command(subcommand)]
+        action: SessionsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsAction {
+    /// List the sessions of a user.
+    List {
+        #[arg(long)]
+        user: String,
+    },
+    /// End every session of a user, or one session by its handle.
+    Revoke {
+        #[arg(long, conflicts_with = "handle", required_unless_present = "handle")]
+        user: Option<String>,
+        #[arg(long)]
+        handle: Option<String>,
+    },
+}
+
+impl Flags {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            config: self.config.clone(),
+            listen: self.listen.clone(),
+            upstream: self.upstream.clone(),
+            store: self.store.clone(),
+            admin_listen: self.admin_listen.clone(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("session-proxy: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            None => run(load(&cli.flags)?).await,
+            Some(Command::Check) => {
+                let config = load(&cli.flags)?;
+                print!("{}", config.to_masked_yaml());
+                Ok(())
+            }
+            Some(Command::Demo) => run_demo(&cli.flags).await,
+            Some(Command::Sessions { action }) => sessions(load(&cli.flags)?, action).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("session-proxy: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(flags: &Flags) -> Result<Config, String> {
+    Config::load(&flags.overrides()).map_err(|e| e.to_string())
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    logging::init(&config.log);
+    let server = Server::bind(config).await?;
+    let shutdown = server.shutdown_handle();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: draining (readiness now fails)");
+        shutdown.begin_drain();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(1);
+    });
+    server.run().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the proxy can still be stopped by the OS; never drain.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn run_demo(flags: &Flags) -> Result<(), String> {
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot start the demo application: {e}"))?;
+    let app_addr = app.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(demo::serve(app));
+    let mut config = Config::default();
+    config.upstream = format!("http://{app_addr}");
+    config.session.exclude = vec!["/static/**".into()];
+    config.session.user_key = Some("user".into());
+    config.admin_listen = None;
+    if let Some(listen) = &flags.listen {
+        config.listen = listen.parse().map_err(|e| format!("--listen `{listen}`: {e}"))?;
+    }
+    eprintln!("session-proxy demo: open http://{} in a browser", config.listen);
+    run(config).await
+}
+
+async fn sessions(config: Config, action: SessionsAction) -> Result<(), String> {
+    let admin = config
+        .admin_listen
+        .ok_or("admin_listen is off: the sessions commands talk to the admin port")?;
+    let (method, target) = match &action {
+        SessionsAction::List { user } => ("GET", format!("/sessions?user={}", encode(user))),
+        SessionsAction::Revoke { user: Some(user), .. } => ("DELETE", format!("/sessions?user={}", encode(user))),
+        SessionsAction::Revoke { handle: Some(handle), .. } => ("DELETE", format!("/sessions/{}", encode(handle))),
+        SessionsAction::Revoke { .. } => return Err("name --user or --handle".into()),
+    };
+    let mut request = http::Request::builder().method(method).uri(format!("http://{admin}{target}"));
+    if let Some(token) = &config.admin_token {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request.body(Empty::<bytes::Bytes>::new()).map_err(|e| e.to_string())?;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("cannot reach the admin port at {admin}: {e} (is the proxy running?)"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    if status.is_success() {
+        println!("{text}");
+        Ok(())
+    } else {
+        Err(format!("admin port answered {status}: {text}"))
+    }
+}
+
+fn encode(value: &str) -> String {
+    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC).to_string()
+}

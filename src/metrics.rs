@@ -1,0 +1,193 @@
+//! Prometheus metrics, served as text on the admin port's `/metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::store::Store;
+
+/// What a request did with its session; a label of `session_proxy_requests_total` and a
+/// field of the access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A session route without a session, or one whose cookie was stale.
+    None,
+    /// The session was read (and maybe renewed or rotated) but not changed.
+    Read,
+    Created,
+    Updated,
+    Destroyed,
+    /// The path is excluded: no session at all.
+    Excluded,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::None => "none",
+            Outcome::Read => "read",
+            Outcome::Created => "created",
+            Outcome::Updated => "updated",
+            Outcome::Destroyed => "destroyed",
+            Outcome::Excluded => "excluded",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    status: &'static str,
+    session: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    op: &'static str,
+    kind: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~26 s.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
+}
+
+/// Every metric the proxy keeps, registered once at start-up.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Histogram,
+    upstream_duration: Histogram,
+    store_ops: Family<OpLabels, Counter>,
+    store_errors: Family<ErrorLabels, Counter>,
+    store_duration: Family<OpLabels, Histogram, fn() -> Histogram>,
+    protocol_violations: Counter,
+    active_sessions: Gauge,
+    tunnels_open: Gauge,
+    connections_open: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("session_proxy");
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: latency_histogram(),
+            upstream_duration: latency_histogram(),
+            store_ops: Family::default(),
+            store_errors: Family::default(),
+            store_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            protocol_violations: Counter::default(),
+            active_sessions: Gauge::default(),
+            tunnels_open: Gauge::default(),
+            connections_open: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by status class and session outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time the application took to send its response head",
+            m.upstream_duration.clone(),
+        );
+        registry.register("store_operations", "Session store operations, by operation", m.store_ops.clone());
+        registry.register(
+            "store_errors",
+            "Failed session store operations, by operation and kind",
+            m.store_errors.clone(),
+        );
+        registry.register(
+            "store_operation_duration_seconds",
+            "Session store latency, by operation",
+            m.store_duration.clone(),
+        );
+        registry.register(
+            "protocol_violations",
+            "Responses whose session headers the proxy refused (answered 502)",
+            m.protocol_violations.clone(),
+        );
+        registry.register(
+            "active_sessions",
+            "Sessions held by the memory store (absent for Redis)",
+            m.active_sessions.clone(),
+        );
+        registry.register("websocket_tunnels_open", "WebSocket tunnels open", m.tunnels_open.clone());
+        registry.register("connections_open", "Client connections open", m.connections_open.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn request(&self, status: http::StatusCode, outcome: Outcome, took: Duration) {
+        let status = match status.as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests
+            .get_or_create(&RequestLabels { status, session: outcome.as_str() })
+            .inc();
+        self.request_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn upstream(&self, took: Duration) {
+        self.upstream_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn store_op(&self, op: &'static str, took: Duration, error: Option<&'static str>) {
+        let labels = OpLabels { op };
+        self.store_ops.get_or_create(&labels).inc();
+        self.store_duration.get_or_create(&labels).observe(took.as_secs_f64());
+        if let Some(kind) = error {
+            self.store_errors.get_or_create(&ErrorLabels { op, kind }).inc();
+        }
+    }
+
+    pub fn protocol_violation(&self) {
+        self.protocol_violations.inc();
+    }
+
+    pub fn tunnels(&self) -> &Gauge {
+        &self.tunnels_open
+    }
+
+    pub fn connections(&self) -> &Gauge {
+        &self.connections_open
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self, store: &Arc<dyn Store>) -> String {
+        if let Some(n) = store.len() {
+            self.active_sessions.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

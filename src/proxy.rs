@@ -1,0 +1,334 @@
+//! One request through the proxy.
+//!
+//! [`Proxy::serve`] is the whole path at a glance: exclude? → load session → forward →
+//! apply the application's answer → set cookie → respond. Each step lives in its own
+//! module; this file only strings them together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::SET_COOKIE;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::metrics::{Metrics, Outcome};
+use crate::problem::Problem;
+use crate::session::codec::{self, Merged};
+use crate::session::cookie::{self, Presented, SessionCookie};
+use crate::session::exclude::Exclusions;
+use crate::session::id::{IdShape, SessionId};
+use crate::session::protocol::{Change, ProtocolHeaders};
+use crate::shutdown::Shutdown;
+use crate::store::{NewSession, PatchOutcome, Record, Store, StoreError, unix_now};
+use crate::upstream::{self, ProxyBody, Upstream, UpstreamError};
+
+/// Everything one request needs, shared by all connections.
+pub struct Proxy {
+    cookie: SessionCookie,
+    exclusions: Exclusions,
+    headers: ProtocolHeaders,
+    store: Arc<dyn Store>,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+    shutdown: Arc<Shutdown>,
+    shape: IdShape,
+    renew_on_access: bool,
+    max_bytes: usize,
+    rotate_grace: Duration,
+    absolute_timeout: Option<u64>,
+    max_header_bytes: usize,
+}
+
+/// The session a request arrived with.
+enum Current {
+    /// No (well-formed) session cookie.
+    Absent,
+    /// A well-formed cookie the store does not know (or whose session has ended).
+    Stale,
+    Live { id: SessionId, record: Record, resign: bool },
+}
+
+/// What the response does with the cookie.
+enum CookieAction {
+    Keep,
+    Set(SessionId),
+    Clear,
+}
+
+/// A finished request, for the metrics and the access log.
+struct Served {
+    response: Response<ProxyBody>,
+    outcome: Outcome,
+    tag: Option<String>,
+}
+
+impl Proxy {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+        shutdown: Arc<Shutdown>,
+    ) -> Result<Proxy, String> {
+        let s = &config.session;
+        Ok(Proxy {
+            cookie: SessionCookie::new(s),
+            exclusions: Exclusions::new(&s.exclude)?,
+            headers: ProtocolHeaders::new(s),
+            store,
+            upstream,
+            metrics,
+            shutdown,
+            shape: IdShape::new(s.id_bytes).unwrap_or_default(),
+            renew_on_access: s.renew_on_access,
+            max_bytes: s.max_bytes,
+            rotate_grace: Duration::from_secs(s.rotate_grace),
+            absolute_timeout: s.absolute_timeout,
+            max_header_bytes: config.limits.max_header_bytes,
+        })
+    }
+
+    /// Serves one request and records it in the metrics and the access log.
+    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let outcome = if head_size(&req) > self.max_header_bytes {
+            Err((Problem::headers_too_large(self.max_header_bytes), None))
+        } else {
+            self.serve(req, client).await
+        };
+        let served = match outcome {
+            Ok(served) => served,
+            Err((problem, tag)) => {
+                if problem.kind == "session-protocol-violation" {
+                    self.metrics.protocol_violation();
+                }
+                tracing::warn!(status = problem.status.as_u16(), session = tag.as_deref().unwrap_or("-"),
+                    %method, %path, "{}: {}", problem.title, problem.detail);
+                Served { response: problem.into_response(), outcome: Outcome::None, tag }
+            }
+        };
+        let took = started.elapsed();
+        let status = served.response.status();
+        self.metrics.request(status, served.outcome, took);
+        tracing::info!(
+            target: "session_proxy::access",
+            %method,
+            %path,
+            status = status.as_u16(),
+            duration_ms = took.as_secs_f64() * 1000.0,
+            session = served.outcome.as_str(),
+            session_tag = served.tag.as_deref().unwrap_or("-"),
+        );
+        served.response
+    }
+
+    /// The request path, step by step.
+    async fn serve(&self, mut req: Request<Incoming>, client: SocketAddr) -> Result<Served, (Problem, Option<String>)> {
+        self.headers.strip(req.headers_mut());
+        if self.exclusions.matches(req.uri().path()) {
+            let mut response = self.forward(req, client).await.map_err(|p| (p, None))?;
+            self.headers.strip(response.headers_mut());
+            return Ok(Served { response: response.map(Either::Left), outcome: Outcome::Excluded, tag: None });
+        }
+
+        let presented = self.cookie.find(req.headers());
+        let tag = presented.as_ref().map(|p| p.id.log_tag());
+        let fail = |problem: Problem| (problem, tag.clone());
+        self.cookie.strip(req.headers_mut());
+        let current = self.load(presented).await.map_err(fail)?;
+        self.hand_session_to_app(&current, req.headers_mut());
+
+        let mut client_upgrade = None;
+        if upstream::upgrade_protocol(req.headers()).is_some() {
+            client_upgrade = Some(hyper::upgrade::on(&mut req));
+        }
+        let mut response = self.forward(req, client).await.map_err(fail)?;
+        let answer = self
+            .headers
+            .take_answer(response.headers_mut(), self.max_bytes)
+            .map_err(|v| fail(Problem::protocol_violation(v.to_string())))?;
+
+        let (outcome, action) = self.apply(current, answer.change, answer.rotate).await.map_err(fail)?;
+        let tag = match &action {
+            CookieAction::Set(id) => Some(id.log_tag()),
+            _ => tag,
+        };
+        self.set_cookie(response.headers_mut(), action);
+        if let Some(client_upgrade) = client_upgrade {
+            self.tunnel(client_upgrade, &mut response);
+        }
+        Ok(Served { response: response.map(Either::Left), outcome, tag })
+    }
+
+    async fn forward(&self, req: Request<Incoming>, client: SocketAddr) -> Result<Response<Incoming>, Problem> {
+        let started = Instant::now();
+        let result = self.upstream.forward(req, client).await;
+        self.metrics.upstream(started.elapsed());
+        result.map_err(|e| match e {
+            UpstreamError::Unreachable(why) => Problem::bad_gateway(format!("cannot reach the application: {why}")),
+            UpstreamError::Timeout => Problem::timeout(),
+            UpstreamError::BadRequest(why) => Problem::bad_request(why),
+        })
+    }
+
+    /// Reads the session the cookie names. A store error is a 503: the request is never
+    /// forwarded with an empty session in place of one that could not be read.
+    async fn load(&self, presented: Option<Presented>) -> Result<Current, Problem> {
+        let Some(Presented { id, needs_resign }) = presented else {
+            return Ok(Current::Absent);
+        };
+        let record = self.store.load(&id, self.renew_on_access).await.map_err(unavailable)?;
+        let Some(record) = record else { return Ok(Current::Stale) };
+        if let Some(limit) = self.absolute_timeout
+            && record.created.saturating_add(limit) <= unix_now().as_secs()
+        {
+            return Ok(Current::Stale);
+        }
+        Ok(Current::Live { id, record, resign: needs_resign })
+    }
+
+    fn hand_session_to_app(&self, current: &Current, headers: &mut HeaderMap) {
+        match current {
+            Current::Live { id, record, .. } => {
+                headers.insert(&self.headers.request, codec::encode(&record.data));
+                if let Ok(handle) = http::HeaderValue::try_from(id.handle()) {
+                    headers.insert(&self.headers.handle, handle);
+                }
+            }
+            _ => {
+                headers.insert(&self.headers.request, codec::EMPTY_SESSION);
+            }
+        }
+    }
+
+    /// Applies the application's answer to the store and decides what the cookie does.
+    async fn apply(&self, current: Current, change: Change, rotate: bool) -> Result<(Outcome, CookieAction), Problem> {
+        let (id, resign) = match current {
+            Current::Live { id, resign, .. } => (id, resign),
+            Current::Stale => return self.without_session(change, CookieAction::Clear).await,
+            Current::Absent => return self.without_session(change, CookieAction::Keep).await,
+        };
+        let (outcome, id) = match change {
+            Change::Nothing => (Outcome::Read, id),
+            Change::Destroy => {
+                self.store.delete(&id).await.map_err(unavailable)?;
+                return Ok((Outcome::Destroyed, CookieAction::Clear));
+            }
+            Change::Replace(data) => {
+                if !self.store.replace(&id, data.clone()).await.map_err(unavailable)? {
+                    // Ended while the application worked on it: store the data under a new
+                    // ID rather than bring the old one back.
+                    return Ok((Outcome::Created, CookieAction::Set(self.create(data).await?)));
+                }
+                (Outcome::Updated, id)
+            }
+            Change::Patch(patch) => match self.store.patch(&id, &patch).await.map_err(unavailable)? {
+                PatchOutcome::Updated(_) => (Outcome::Updated, id),
+                PatchOutcome::Destroyed => return Ok((Outcome::Destroyed, CookieAction::Clear)),
+                PatchOutcome::Missing => return self.without_session(Change::Patch(patch), CookieAction::Clear).await,
+            },
+        };
+        if rotate {
+            let fresh = SessionId::generate(self.shape);
+            if self.store.rotate(&id, &fresh, self.rotate_grace).await.map_err(unavailable)? {
+                let outcome = if outcome == Outcome::Read { Outcome::Updated } else { outcome };
+                return Ok((outcome, CookieAction::Set(fresh)));
+            }
+            return Ok((Outcome::None, CookieAction::Clear));
+        }
+        let wrote = outcome != Outcome::Read;
+        if wrote || self.renew_on_access || resign {
+            Ok((outcome, CookieAction::Set(id)))
+        } else {
+            Ok((outcome, CookieAction::Keep))
+        }
+    }
+
+    /// The answer for a request that has no live session: only a write that leaves a
+    /// non-empty session creates one (lazy creation); otherwise `otherwise` applies.
+    async fn without_session(&self, change: Change, otherwise: CookieAction) -> Result<(Outcome, CookieAction), Problem> {
+        let data = match change {
+            Change::Replace(data) => data,
+            Change::Patch(patch) => match merge_into_nothing(&patch, self.max_bytes)? {
+                Some(data) => data,
+                None => return Ok((Outcome::None, otherwise)),
+            },
+            Change::Nothing | Change::Destroy => return Ok((Outcome::None, otherwise)),
+        };
+        Ok((Outcome::Created, CookieAction::Set(self.create(data).await?)))
+    }
+
+    /// Stores a new session under a freshly generated ID.
+    async fn create(&self, data: Bytes) -> Result<SessionId, Problem> {
+        let id = SessionId::generate(self.shape);
+        let created = unix_now().as_secs();
+        let session = NewSession {
+            data,
+            created,
+            ends: self.absolute_timeout.map(|t| created.saturating_add(t)),
+        };
+        self.store.create(&id, session).await.map_err(unavailable)?;
+        Ok(id)
+    }
+
+    fn set_cookie(&self, headers: &mut HeaderMap, action: CookieAction) {
+        let value = match action {
+            CookieAction::Keep => return,
+            CookieAction::Set(id) => self.cookie.set(&id),
+            CookieAction::Clear => self.cookie.clear(),
+        };
+        headers.append(SET_COOKIE, value);
+        cookie::keep_out_of_shared_caches(headers);
+    }
+
+    /// After a 101 answer, joins the client's and the application's connections.
+    fn tunnel(&self, client: hyper::upgrade::OnUpgrade, response: &mut Response<Incoming>) {
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        let upstream = hyper::upgrade::on(&mut *response);
+        let metrics = self.metrics.clone();
+        let stop = self.shutdown.tunnels_cancelled();
+        self.shutdown.tunnels().spawn(async move {
+            let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
+                return;
+            };
+            metrics.tunnels().inc();
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                _ = stop.cancelled() => {}
+            }
+            metrics.tunnels().dec();
+        });
+    }
+}
+
+/// Bytes of the request head as the client sent it (for HTTP/2, as it would be in HTTP/1.1).
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers().iter().fold(line, |n, (name, value)| n + name.as_str().len() + value.len() + 4)
+}
+
+fn merge_into_nothing(patch: &Value, max_bytes: usize) -> Result<Option<Bytes>, Problem> {
+    match codec::merge_patch(None, patch, max_bytes) {
+        Ok(Merged::Data(data)) => Ok(Some(data)),
+        Ok(Merged::Empty) => Ok(None),
+        Err(n) => Err(Problem::protocol_violation(StoreError::TooLarge(n).to_string())),
+    }
+}
+
+fn unavailable(e: StoreError) -> Problem {
+    match e {
+        StoreError::TooLarge(_) => Problem::protocol_violation(e.to_string()),
+        e => Problem::store_unavailable(e.to_string()),
+    }
+}

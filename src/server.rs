@@ -1,0 +1,197 @@
+//! The listener: builds the proxy from its configuration, accepts client connections
+//! (HTTP/1.1 and cleartext HTTP/2), serves the admin port, and drains on a signal.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Admin;
+use crate::config::{Config, StoreType, secs};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::shutdown::Shutdown;
+use crate::store::memory::MemoryStore;
+use crate::store::metered::Metered;
+use crate::store::{Store, StoreSettings};
+use crate::upstream::{Upstream, UpstreamUrl};
+
+/// A proxy whose listeners are bound, ready to [`Server::run`].
+pub struct Server {
+    config: Config,
+    listener: TcpListener,
+    admin: Option<(TcpListener, Admin)>,
+    proxy: Arc<Proxy>,
+    shutdown: Arc<Shutdown>,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Connects the store and binds the listeners; errors say what to check.
+    pub async fn bind(config: Config) -> Result<Server, String> {
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Arc::new(Shutdown::new());
+        let backend = build_store(&config).await?;
+        let store: Arc<dyn Store> = Arc::new(Metered::new(backend, metrics.clone()));
+        let upstream = Upstream::new(
+            UpstreamUrl::parse(&config.upstream)?,
+            secs(config.timeouts.upstream_connect),
+            secs(config.timeouts.upstream_response),
+        );
+        let proxy = Proxy::new(&config, store.clone(), upstream, metrics.clone(), shutdown.clone())?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (`listen`): {e}", config.listen))?;
+        let admin = match config.admin_listen {
+            None => None,
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on {addr} (`admin_listen`): {e}"))?;
+                let admin = Admin::new(store, metrics.clone(), shutdown.clone(), &config);
+                Some((l, admin))
+            }
+        };
+        Ok(Server { config, listener, admin, proxy: Arc::new(proxy), shutdown, metrics })
+    }
+
+    /// The address the client listener is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn shutdown_handle(&self) -> Arc<Shutdown> {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown sequence completes: after [`Shutdown::begin_drain`], the
+    /// listener accepts for `shutdown.drain_delay`, then in-flight requests and tunnels
+    /// get `shutdown.timeout` to finish.
+    pub async fn run(self) {
+        let Server { config, listener, admin, proxy, shutdown, metrics } = self;
+        if let Some((listener, admin)) = admin {
+            tokio::spawn(admin.serve(listener));
+        }
+        let builder = Arc::new(connection_builder(&config));
+        let connections = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let closing = shutdown.closing();
+        let drain_delay = secs(config.shutdown.drain_delay);
+        let draining = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.drained().await;
+                tokio::time::sleep(drain_delay).await;
+                shutdown.close();
+            }
+        };
+        tokio::pin!(draining);
+        tracing::info!(listen = %config.listen, upstream = %config.upstream, "session-proxy listening");
+        loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot,
+                _ = &mut draining => break,
+            };
+            let Ok(slot) = slot else { break };
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut draining => break,
+            };
+            let (proxy, builder, closing, metrics) = (proxy.clone(), builder.clone(), closing.clone(), metrics.clone());
+            connections.spawn(async move {
+                metrics.connections().inc();
+                serve_connection(stream, peer, proxy, &builder, closing).await;
+                metrics.connections().dec();
+                drop(slot);
+            });
+        }
+        drop(listener);
+        tracing::info!("listener closed; waiting for in-flight requests and tunnels");
+        connections.close();
+        let finished = async {
+            connections.wait().await;
+            shutdown.tunnels_closed().await;
+        };
+        if tokio::time::timeout(secs(config.shutdown.timeout), finished).await.is_err() {
+            tracing::warn!("shutdown.timeout reached: closing what is still open");
+            shutdown.cut_tunnels();
+        }
+        tracing::info!("shutdown complete");
+    }
+}
+
+fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The proxy checks `limits.max_header_bytes` itself and answers 431 as problem+json;
+    // hyper's own limits sit above it as a backstop.
+    let backstop = config.limits.max_header_bytes.saturating_mul(2).max(16 * 1024);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(secs(config.timeouts.header_read))
+        .max_buf_size(backstop)
+        .max_headers(256);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(backstop).unwrap_or(u32::MAX));
+    builder
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    closing: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+            return;
+        }
+        _ = closing.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
+}
+
+/// The configured backend, ready to serve.
+pub async fn build_store(config: &Config) -> Result<Arc<dyn Store>, String> {
+    let settings = StoreSettings {
+        max_age: Duration::from_secs(config.session.max_age),
+        user_key: config.session.user_key.clone(),
+        max_bytes: config.session.max_bytes,
+    };
+    let st = &config.store;
+    if st.kind == StoreType::Memory {
+        let store = Arc::new(MemoryStore::new(settings, st.max_sessions));
+        store.start_sweeper();
+        return Ok(store);
+    }
+    Err("redis pending".into())
+}

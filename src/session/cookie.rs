@@ -1,0 +1,334 @@
+//! The session cookie: finding it in a request, hiding it from the application, and
+//! the `Set-Cookie` values that set and clear it.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
+use http::header::{CACHE_CONTROL, COOKIE};
+use http::{HeaderMap, HeaderValue};
+use sha2::Sha256;
+
+use super::id::{IdShape, SessionId};
+use crate::config::{SameSite, SessionConfig};
+
+/// The session cookie's name, attributes and (optional) signing keys.
+#[derive(Clone, Debug)]
+pub struct SessionCookie {
+    name: String,
+    shape: IdShape,
+    signer: Option<Signer>,
+    /// `; Max-Age=…; Path=…` and the rest, rendered once.
+    set_attributes: String,
+    clear_attributes: String,
+}
+
+/// A session cookie found in a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presented {
+    pub id: SessionId,
+    /// Signed with a fallback secret: the response re-signs it with the current one.
+    pub needs_resign: bool,
+}
+
+impl SessionCookie {
+    pub fn new(config: &SessionConfig) -> SessionCookie {
+        let secure = config.secure || config.same_site == SameSite::None;
+        let mut attrs = format!("; Path={}", config.path);
+        if let Some(domain) = &config.domain {
+            attrs.push_str("; Domain=");
+            attrs.push_str(domain);
+        }
+        if secure {
+            attrs.push_str("; Secure");
+        }
+        if config.http_only {
+            attrs.push_str("; HttpOnly");
+        }
+        attrs.push_str(match config.same_site {
+            SameSite::Lax => "; SameSite=Lax",
+            SameSite::Strict => "; SameSite=Strict",
+            SameSite::None => "; SameSite=None",
+        });
+        SessionCookie {
+            name: config.cookie_name.clone(),
+            shape: IdShape::new(config.id_bytes).unwrap_or_default(),
+            signer: config
+                .secret
+                .as_ref()
+                .map(|current| Signer::new(current, &config.secret_fallbacks)),
+            set_attributes: format!("; Max-Age={}{attrs}", config.max_age),
+            clear_attributes: format!("; Max-Age=0{attrs}"),
+        }
+    }
+
+    pub fn shape(&self) -> IdShape {
+        self.shape
+    }
+
+    /// The first well-formed (and, with a secret, correctly signed) session cookie in
+    /// the request. Anything else is treated as no cookie, without touching the store.
+    pub fn find(&self, headers: &HeaderMap) -> Option<Presented> {
+        headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|h| h.to_str().ok())
+            .flat_map(|h| h.split(';'))
+            .filter_map(|pair| {
+                let (name, value) = pair.trim().split_once('=')?;
+                (name.trim() == self.name).then_some(value.trim())
+            })
+            .find_map(|value| self.check(value))
+    }
+
+    fn check(&self, value: &str) -> Option<Presented> {
+        let Some(signer) = &self.signer else {
+            let id = self.shape.parse(value)?;
+            return Some(Presented { id, needs_resign: false });
+        };
+        let (id, mac) = value.split_once('.')?;
+        let id = self.shape.parse(id)?;
+        let needs_resign = signer.verify(&id, mac)?;
+        Some(Presented { id, needs_resign })
+    }
+
+    /// Removes the session cookie from the `Cookie` header(s), leaving every other
+    /// cookie byte for byte, joined into one header for an HTTP/1.1 upstream.
+    pub fn strip(&self, headers: &mut HeaderMap) {
+        let mut fields = headers.get_all(COOKIE).iter();
+        let (Some(first), None) = (fields.next(), fields.next()) else {
+            return self.strip_joined(headers);
+        };
+        // The common case: one header, maybe without our cookie at all.
+        let mentions = first
+            .as_bytes()
+            .windows(self.name.len())
+            .any(|w| w == self.name.as_bytes());
+        if mentions {
+            self.strip_joined(headers);
+        }
+    }
+
+    fn strip_joined(&self, headers: &mut HeaderMap) {
+        let mut kept: Vec<u8> = Vec::new();
+        for field in headers.get_all(COOKIE) {
+            for pair in field.as_bytes().split(|b| *b == b';') {
+                let pair = pair.trim_ascii();
+                if pair.is_empty() {
+                    continue;
+                }
+                let name = pair.split(|b| *b == b'=').next().unwrap_or(pair).trim_ascii();
+                if name == self.name.as_bytes() {
+                    continue;
+                }
+                if !kept.is_empty() {
+                    kept.extend_from_slice(b"; ");
+                }
+                kept.extend_from_slice(pair);
+            }
+        }
+        headers.remove(COOKIE);
+        if let Ok(value) = HeaderValue::from_bytes(&kept)
+            && !kept.is_empty()
+        {
+            headers.insert(COOKIE, value);
+        }
+    }
+
+    /// `Set-Cookie` that sets the session cookie to `id`.
+    pub fn set(&self, id: &SessionId) -> HeaderValue {
+        let value = match &self.signer {
+            Some(signer) => format!("{}={}.{}{}", self.name, id.as_str(), signer.sign(id), self.set_attributes),
+            None => format!("{}={}{}", self.name, id.as_str(), self.set_attributes),
+        };
+        // Name, ID, MAC and attributes were all checked to be header-safe.
+        HeaderValue::try_from(value).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+
+    /// `Set-Cookie` that clears the session cookie (`Max-Age=0`, same Path and Domain).
+    pub fn clear(&self) -> HeaderValue {
+        HeaderValue::try_from(format!("{}={}", self.name, self.clear_attributes))
+            .unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+/// Keeps a response that sets or clears the session cookie out of shared caches: its
+/// `Cache-Control` gets `private` unless it says `no-store`, and loses `public` and
+/// `s-maxage`. Other directives stay.
+pub fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
+    let mut directives: Vec<String> = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .filter(|d| {
+            let name = d.split('=').next().unwrap_or(d).trim();
+            !name.eq_ignore_ascii_case("public") && !name.eq_ignore_ascii_case("s-maxage")
+        })
+        .map(str::to_owned)
+        .collect();
+    let private = directives.iter().any(|d| {
+        let name = d.split('=').next().unwrap_or(d).trim();
+        name.eq_ignore_ascii_case("private") || name.eq_ignore_ascii_case("no-store")
+    });
+    if !private {
+        directives.push("private".into());
+    }
+    headers.remove(CACHE_CONTROL);
+    if let Ok(value) = HeaderValue::try_from(directives.join(", ")) {
+        headers.insert(CACHE_CONTROL, value);
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Signs session cookies as `<id>.<mac>`: HMAC-SHA256 of the ID, base64url.
+#[derive(Clone)]
+struct Signer {
+    current: HmacSha256,
+    fallbacks: Vec<HmacSha256>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer(..)")
+    }
+}
+
+fn keyed(secret: &str) -> HmacSha256 {
+    // HMAC accepts keys of any length.
+    <HmacSha256 as KeyInit>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|_| <HmacSha256 as KeyInit>::new(&Default::default()))
+}
+
+impl Signer {
+    fn new(current: &str, fallbacks: &[String]) -> Signer {
+        Signer {
+            current: keyed(current),
+            fallbacks: fallbacks.iter().map(|s| keyed(s)).collect(),
+        }
+    }
+
+    fn sign(&self, id: &SessionId) -> String {
+        let mut mac = self.current.clone();
+        mac.update(id.as_str().as_bytes());
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
+    /// `Some(false)`: signed with the current secret; `Some(true)`: with a fallback.
+    fn verify(&self, id: &SessionId, mac: &str) -> Option<bool> {
+        let mut buf = [0u8; 33];
+        let n = URL_SAFE_NO_PAD.decode_slice(mac, &mut buf).ok()?;
+        let tag = &buf[..n];
+        let check = |key: &HmacSha256| {
+            let mut mac = key.clone();
+            mac.update(id.as_str().as_bytes());
+            mac.verify_slice(tag).is_ok()
+        };
+        if check(&self.current) {
+            Some(false)
+        } else {
+            self.fallbacks.iter().any(check).then_some(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cookie(config: SessionConfig) -> SessionCookie {
+        SessionCookie::new(&config)
+    }
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(COOKIE, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn first_well_formed_cookie_wins() {
+        let c = cookie(SessionConfig::default());
+        let id = SessionId::generate(c.shape());
+        let h = headers(&["session=bad; a=1", &format!("session={}", id.as_str())]);
+        assert_eq!(c.find(&h).map(|p| p.id), Some(id));
+        assert_eq!(c.find(&headers(&["session=\"x\""])), None);
+    }
+
+    #[test]
+    fn strip_keeps_other_cookies_exactly() {
+        let c = cookie(SessionConfig::default());
+        let mut h = headers(&["a=1;session=x", "b=\"q r\"; session=y;c=3"]);
+        c.strip(&mut h);
+        assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=\"q r\"; c=3");
+        let mut h = headers(&["session=x"]);
+        c.strip(&mut h);
+        assert!(h.get(COOKIE).is_none());
+        let mut h = headers(&["sessionid=1"]);
+        c.strip(&mut h);
+        assert_eq!(h.get(COOKIE).unwrap(), "sessionid=1");
+    }
+
+    #[test]
+    fn attributes_are_rendered_as_configured() {
+        let c = cookie(SessionConfig {
+            domain: Some("example.com".into()),
+            same_site: SameSite::None,
+            max_age: 60,
+            ..SessionConfig::default()
+        });
+        let id = SessionId::generate(c.shape());
+        assert_eq!(
+            c.set(&id),
+            format!(
+                "session={}; Max-Age=60; Path=/; Domain=example.com; Secure; HttpOnly; SameSite=None",
+                id.as_str()
+            )
+            .as_str()
+        );
+        assert_eq!(
+            c.clear(),
+            "session=; Max-Age=0; Path=/; Domain=example.com; Secure; HttpOnly; SameSite=None"
+        );
+    }
+
+    #[test]
+    fn shared_caches_are_kept_off() {
+        let mut h = HeaderMap::new();
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("public, max-age=60, s-maxage=300"));
+        keep_out_of_shared_caches(&mut h);
+        assert_eq!(h.get(CACHE_CONTROL).unwrap(), "max-age=60, private");
+        let mut h = HeaderMap::new();
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        keep_out_of_shared_caches(&mut h);
+        assert_eq!(h.get(CACHE_CONTROL).unwrap(), "no-store");
+    }
+
+    #[test]
+    fn signed_cookies_verify_and_fallbacks_ask_for_resigning() {
+        let old = cookie(SessionConfig {
+            secret: Some("old-secret-0123456789".into()),
+            ..SessionConfig::default()
+        });
+        let new = cookie(SessionConfig {
+            secret: Some("new-secret-0123456789".into()),
+            secret_fallbacks: vec!["old-secret-0123456789".into()],
+            ..SessionConfig::default()
+        });
+        let id = SessionId::generate(new.shape());
+        let value = |c: &SessionCookie| c.set(&id).to_str().unwrap().split(';').next().unwrap().to_string();
+        let signed_new = value(&new);
+        let signed_old = value(&old);
+        assert_eq!(new.find(&headers(&[&signed_new])).unwrap().needs_resign, false);
+        assert_eq!(new.find(&headers(&[&signed_old])).unwrap().needs_resign, true);
+        assert_eq!(old.find(&headers(&[&signed_new])), None);
+        let bare = format!("session={}", id.as_str());
+        assert_eq!(new.find(&headers(&[&bare])), None);
+        let truncated = &signed_new[..signed_new.len() - 2];
+        assert_eq!(new.find(&headers(&[truncated])), None);
+    }
+}

@@ -1,0 +1,102 @@
+//! `session.exclude`: request paths that get no session.
+
+use std::borrow::Cow;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use percent_encoding::percent_decode_str;
+
+/// Compiled exclusion globs. `*` never crosses `/`, `**` does. Paths are matched after
+/// percent-decoding and dot-segment removal, so `/static/../account` is `/account`.
+#[derive(Clone, Debug)]
+pub struct Exclusions {
+    set: GlobSet,
+}
+
+impl Exclusions {
+    pub fn new(patterns: &[String]) -> Result<Exclusions, String> {
+        let mut builder = GlobSetBuilder::new();
+        for pattern in patterns {
+            let glob = GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| format!("pattern `{pattern}`: {e}"))?;
+            builder.add(glob);
+        }
+        let set = builder.build().map_err(|e| e.to_string())?;
+        Ok(Exclusions { set })
+    }
+
+    /// Whether a request for `path` (without the query) gets no session.
+    pub fn matches(&self, path: &str) -> bool {
+        !self.set.is_empty() && self.set.is_match(normalize(path).as_ref())
+    }
+}
+
+/// Percent-decodes `path` and removes its dot segments (RFC 3986 §5.2.4).
+pub fn normalize(path: &str) -> Cow<'_, str> {
+    let decoded = percent_decode_str(path).decode_utf8_lossy();
+    if !decoded.contains("/.") && !decoded.starts_with('.') {
+        return decoded;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, segment) in segments.iter().enumerate() {
+        match *segment {
+            "." | ".." => {
+                if *segment == ".." && out.len() > 1 {
+                    out.pop();
+                }
+                // A trailing dot segment leaves a directory: `/a/b/..` is `/a/`.
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    let mut joined = out.join("/");
+    if !joined.starts_with('/') {
+        joined.insert(0, '/');
+    }
+    Cow::Owned(joined)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(patterns: &[&str]) -> Exclusions {
+        Exclusions::new(&patterns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn single_star_stays_in_a_segment_double_star_crosses() {
+        let e = ex(&["/static/**", "/img/*.png"]);
+        assert!(e.matches("/static/a/b.css"));
+        assert!(e.matches("/img/a.png"));
+        assert!(!e.matches("/img/a/b.png"));
+        assert!(!e.matches("/account"));
+    }
+
+    #[test]
+    fn paths_are_decoded_and_dot_segments_removed() {
+        assert_eq!(normalize("/static/../account"), "/account");
+        assert_eq!(normalize("/a/./b/../c"), "/a/c");
+        assert_eq!(normalize("/../../x"), "/x");
+        assert_eq!(normalize("/a/b/.."), "/a/");
+        assert_eq!(normalize("/st%61tic/x"), "/static/x");
+        assert_eq!(normalize("/static/%2e%2e/account"), "/account");
+        let e = ex(&["/static/**"]);
+        assert!(!e.matches("/static/../account"));
+        assert!(!e.matches("/static/%2E%2E/account"));
+        assert!(e.matches("/%73tatic/app.js"));
+        assert!(e.matches("/account/../static/app.js"));
+    }
+
+    #[test]
+    fn bad_patterns_are_reported() {
+        assert!(Exclusions::new(&["/a/[".to_string()]).is_err());
+    }
+}

@@ -1,0 +1,99 @@
+//! The protocol headers: their configured names, stripping them wherever they must not
+//! pass, and reading the application's answer from a response.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+
+use super::codec::{self, Update, Violation};
+use crate::config::SessionConfig;
+
+/// The names of every header the proxy interprets.
+#[derive(Clone, Debug)]
+pub struct ProtocolHeaders {
+    /// The session, to the application.
+    pub request: HeaderName,
+    /// The session's public handle, to the application.
+    pub handle: HeaderName,
+    update: HeaderName,
+    patch: HeaderName,
+    rotate: HeaderName,
+}
+
+impl ProtocolHeaders {
+    /// Configuration has validated the names; an invalid one falls back to the default.
+    pub fn new(config: &SessionConfig) -> ProtocolHeaders {
+        let name = |value: &str, default: &'static str| {
+            HeaderName::try_from(value).unwrap_or(HeaderName::from_static(default))
+        };
+        ProtocolHeaders {
+            request: name(&config.request_header, "x-session"),
+            handle: name(&config.handle_header, "x-session-handle"),
+            update: name(&config.update_header, "x-session-update"),
+            patch: name(&config.patch_header, "x-session-patch"),
+            rotate: name(&config.rotate_header, "x-session-rotate"),
+        }
+    }
+
+    /// Removes every protocol header: from client requests (a client can never inject
+    /// session data) and from responses (the client never sees them).
+    pub fn strip(&self, headers: &mut HeaderMap) {
+        for name in [&self.request, &self.handle, &self.update, &self.patch, &self.rotate] {
+            headers.remove(name);
+        }
+    }
+
+    /// Takes the application's session headers out of a response and checks them.
+    /// The headers are removed whether or not they are valid.
+    pub fn take_answer(&self, headers: &mut HeaderMap, max_bytes: usize) -> Result<Answer, Violation> {
+        let update = take_one(headers, &self.update, "update");
+        let patch = take_one(headers, &self.patch, "patch");
+        let rotate = take_one(headers, &self.rotate, "rotate");
+        headers.remove(&self.request);
+        headers.remove(&self.handle);
+        let change = match (update?, patch?) {
+            (Some(_), Some(_)) => return Err(Violation::UpdateAndPatch),
+            (Some(update), None) => match codec::decode_update(&update, max_bytes)? {
+                Update::Replace(data) => Change::Replace(data),
+                Update::Destroy => Change::Destroy,
+            },
+            (None, Some(patch)) => Change::Patch(codec::decode_patch(&patch, max_bytes)?),
+            (None, None) => Change::Nothing,
+        };
+        let rotate = match rotate? {
+            None => false,
+            Some(v) if v.as_bytes().trim_ascii() == b"1" => true,
+            Some(_) => return Err(Violation::BadRotate),
+        };
+        Ok(Answer { change, rotate })
+    }
+}
+
+fn take_one(headers: &mut HeaderMap, name: &HeaderName, what: &'static str) -> Result<Option<HeaderValue>, Violation> {
+    let mut values = match headers.entry(name) {
+        http::header::Entry::Occupied(entry) => entry.remove_entry_mult().1,
+        http::header::Entry::Vacant(_) => return Ok(None),
+    };
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(Violation::Repeated(what));
+    }
+    Ok(first)
+}
+
+/// What the application asked for in its response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub change: Change,
+    /// `X-Session-Rotate: 1`: move the session to a fresh ID.
+    pub rotate: bool,
+}
+
+/// The change to the session's data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Nothing,
+    Replace(bytes::Bytes),
+    Destroy,
+    /// A JSON merge patch, always an object.
+    Patch(Value),
+}
