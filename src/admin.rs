@@ -38,7 +38,12 @@ pub struct Admin {
 type AdminResponse = Response<Full<Bytes>>;
 
 impl Admin {
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, shutdown: Arc<Shutdown>, config: &Config) -> Admin {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        shutdown: Arc<Shutdown>,
+        config: &Config,
+    ) -> Admin {
         Admin {
             store,
             metrics,
@@ -80,16 +85,24 @@ impl Admin {
                 let mut r = text(StatusCode::OK, self.metrics.render(&self.store));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
-                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 r
             }
             _ if path == "/sessions" || path.starts_with("/sessions/") => {
                 if !self.authorized(&req) {
-                    return problem(StatusCode::UNAUTHORIZED, "admin_token required: send Authorization: Bearer <token>");
+                    return problem(
+                        StatusCode::UNAUTHORIZED,
+                        "admin_token required: send Authorization: Bearer <token>",
+                    );
                 }
                 if !self.user_index {
-                    return problem(StatusCode::NOT_FOUND, "the per-user index is off: set session.user_key");
+                    return problem(
+                        StatusCode::NOT_FOUND,
+                        "the per-user index is off: set session.user_key",
+                    );
                 }
                 self.sessions(&req).await
             }
@@ -104,12 +117,17 @@ impl Admin {
         match tokio::time::timeout(READY_TIMEOUT, self.store.ping()).await {
             Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
             Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-            Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "session store did not answer\n"),
+            Err(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "session store did not answer\n",
+            ),
         }
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else { return true };
+        let Some(token) = &self.token else {
+            return true;
+        };
         let presented = req
             .headers()
             .get(AUTHORIZATION)
@@ -123,7 +141,10 @@ impl Admin {
         let path = req.uri().path();
         if let Some(handle) = path.strip_prefix("/sessions/") {
             if req.method() != Method::DELETE {
-                return problem(StatusCode::METHOD_NOT_ALLOWED, "use DELETE /sessions/HANDLE");
+                return problem(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "use DELETE /sessions/HANDLE",
+                );
             }
             return match self.store.revoke_handle(handle).await {
                 Ok(true) => json_response(StatusCode::OK, json!({"revoked": 1})),
@@ -136,14 +157,19 @@ impl Admin {
         };
         match *req.method() {
             Method::GET => match self.store.user_sessions(&user).await {
-                Ok(sessions) => json_response(StatusCode::OK, json!({"user": user, "sessions": sessions})),
+                Ok(sessions) => {
+                    json_response(StatusCode::OK, json!({"user": user, "sessions": sessions}))
+                }
                 Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
             },
             Method::DELETE => match self.store.revoke_user(&user).await {
                 Ok(n) => json_response(StatusCode::OK, json!({"user": user, "revoked": n})),
                 Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
             },
-            _ => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE /sessions?user=U"),
+            _ => problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use GET or DELETE /sessions?user=U",
+            ),
         }
     }
 }
@@ -154,24 +180,34 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The decoded value of `name` in a query string (`+` is a space).
 pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name).then(|| percent_decode_str(&v.replace('+', " ")).decode_utf8_lossy().into_owned())
-    })
-    .filter(|v| !v.is_empty())
+    query
+        .split('&')
+        .find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == name).then(|| {
+                percent_decode_str(&v.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        })
+        .filter(|v| !v.is_empty())
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> AdminResponse {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -183,6 +219,9 @@ fn problem(status: StatusCode, detail: &str) -> AdminResponse {
         "detail": detail,
     });
     let mut r = json_response(status, body);
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
     r
 }

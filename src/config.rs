@@ -370,18 +370,30 @@ impl Config {
             return Err(invalid("session.max_age", "must be at least 1 second"));
         }
         if !s.path.starts_with('/') || !s.path.bytes().all(is_cookie_attr_byte) {
-            return Err(invalid("session.path", "must start with / and hold no ; or control characters"));
+            return Err(invalid(
+                "session.path",
+                "must start with / and hold no ; or control characters",
+            ));
         }
         if let Some(domain) = &s.domain
-            && (domain.is_empty() || !domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'))
+            && (domain.is_empty()
+                || !domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'))
         {
-            return Err(invalid("session.domain", "must be a host name (letters, digits, '.', '-')"));
+            return Err(invalid(
+                "session.domain",
+                "must be a host name (letters, digits, '.', '-')",
+            ));
         }
         if crate::session::id::IdShape::new(s.id_bytes).is_none() {
             return Err(invalid("session.id_bytes", "must be between 16 and 64"));
         }
         if !(16..=1 << 20).contains(&s.max_bytes) {
-            return Err(invalid("session.max_bytes", "must be between 16 and 1048576"));
+            return Err(invalid(
+                "session.max_bytes",
+                "must be between 16 and 1048576",
+            ));
         }
         crate::session::exclude::Exclusions::new(&s.exclude)
             .map_err(|e| invalid("session.exclude", e))?;
@@ -396,38 +408,75 @@ impl Config {
             let parsed = http::HeaderName::try_from(name.as_str())
                 .map_err(|_| invalid(key, format!("`{name}` is not a valid header name")))?;
             if crate::upstream::is_hop_by_hop(&parsed) || parsed == http::header::COOKIE {
-                return Err(invalid(key, format!("`{name}` is a header the proxy cannot use")));
+                return Err(invalid(
+                    key,
+                    format!("`{name}` is a header the proxy cannot use"),
+                ));
             }
-            if headers[..i].iter().any(|(_, other)| other.eq_ignore_ascii_case(name)) {
-                return Err(invalid(key, format!("`{name}` is already used by another session header")));
+            if headers[..i]
+                .iter()
+                .any(|(_, other)| other.eq_ignore_ascii_case(name))
+            {
+                return Err(invalid(
+                    key,
+                    format!("`{name}` is already used by another session header"),
+                ));
             }
         }
         if s.absolute_timeout == Some(0) {
-            return Err(invalid("session.absolute_timeout", "must be at least 1 second, or null"));
+            return Err(invalid(
+                "session.absolute_timeout",
+                "must be at least 1 second, or null",
+            ));
         }
-        for (key, secret) in s
-            .secret
-            .iter()
-            .map(|v| ("session.secret", v))
-            .chain(s.secret_fallbacks.iter().map(|v| ("session.secret_fallbacks", v)))
-        {
+        for (key, secret) in s.secret.iter().map(|v| ("session.secret", v)).chain(
+            s.secret_fallbacks
+                .iter()
+                .map(|v| ("session.secret_fallbacks", v)),
+        ) {
             if secret.len() < 16 {
-                return Err(invalid(key, "must be at least 16 characters (32 random bytes recommended)"));
+                return Err(invalid(
+                    key,
+                    "must be at least 16 characters (32 random bytes recommended)",
+                ));
             }
         }
         if !s.secret_fallbacks.is_empty() && s.secret.is_none() {
-            return Err(invalid("session.secret_fallbacks", "needs session.secret to be set"));
+            return Err(invalid(
+                "session.secret_fallbacks",
+                "needs session.secret to be set",
+            ));
         }
         if s.user_key.as_deref() == Some("") {
             return Err(invalid("session.user_key", "must not be empty"));
         }
         self.validate_store()?;
         for (key, secs, min) in [
-            ("timeouts.upstream_connect", self.timeouts.upstream_connect, f64::MIN_POSITIVE),
-            ("timeouts.upstream_response", self.timeouts.upstream_response, f64::MIN_POSITIVE),
-            ("timeouts.header_read", self.timeouts.header_read, f64::MIN_POSITIVE),
-            ("store.connect_timeout", self.store.connect_timeout, f64::MIN_POSITIVE),
-            ("store.response_timeout", self.store.response_timeout, f64::MIN_POSITIVE),
+            (
+                "timeouts.upstream_connect",
+                self.timeouts.upstream_connect,
+                f64::MIN_POSITIVE,
+            ),
+            (
+                "timeouts.upstream_response",
+                self.timeouts.upstream_response,
+                f64::MIN_POSITIVE,
+            ),
+            (
+                "timeouts.header_read",
+                self.timeouts.header_read,
+                f64::MIN_POSITIVE,
+            ),
+            (
+                "store.connect_timeout",
+                self.store.connect_timeout,
+                f64::MIN_POSITIVE,
+            ),
+            (
+                "store.response_timeout",
+                self.store.response_timeout,
+                f64::MIN_POSITIVE,
+            ),
             ("shutdown.drain_delay", self.shutdown.drain_delay, 0.0),
             ("shutdown.timeout", self.shutdown.timeout, 0.0),
         ] {
@@ -445,7 +494,10 @@ impl Config {
             tracing_subscriber::EnvFilter::try_new(level).map_err(|e| invalid("log.level", e))?;
         }
         if self.admin_token.as_deref() == Some("") {
-            return Err(invalid("admin_token", "must not be empty; use null to turn it off"));
+            return Err(invalid(
+                "admin_token",
+                "must not be empty; use null to turn it off",
+            ));
         }
         Ok(())
     }
@@ -458,7 +510,11 @@ impl Config {
         if st.kind == StoreType::Memory {
             return Ok(());
         }
-        let given = [st.url.is_some(), st.sentinel.is_some(), st.cluster.is_some()];
+        let given = [
+            st.url.is_some(),
+            st.sentinel.is_some(),
+            st.cluster.is_some(),
+        ];
         if given.iter().filter(|g| **g).count() != 1 {
             return Err(invalid(
                 "store",
@@ -469,15 +525,33 @@ impl Config {
             .url
             .iter()
             .map(|u| ("store.url", u))
-            .chain(st.sentinel.iter().flat_map(|s| s.nodes.iter().map(|u| ("store.sentinel.nodes", u))))
-            .chain(st.cluster.iter().flat_map(|c| c.nodes.iter().map(|u| ("store.cluster.nodes", u))));
+            .chain(
+                st.sentinel
+                    .iter()
+                    .flat_map(|s| s.nodes.iter().map(|u| ("store.sentinel.nodes", u))),
+            )
+            .chain(
+                st.cluster
+                    .iter()
+                    .flat_map(|c| c.nodes.iter().map(|u| ("store.cluster.nodes", u))),
+            );
         for (key, url) in urls {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(invalid(key, format!("`{}` is not a redis:// or rediss:// URL", mask_url(url))));
+                return Err(invalid(
+                    key,
+                    format!("`{}` is not a redis:// or rediss:// URL", mask_url(url)),
+                ));
             }
         }
-        if st.sentinel.as_ref().is_some_and(|s| s.nodes.is_empty() || s.master.is_empty()) {
-            return Err(invalid("store.sentinel", "needs a master name and at least one node"));
+        if st
+            .sentinel
+            .as_ref()
+            .is_some_and(|s| s.nodes.is_empty() || s.master.is_empty())
+        {
+            return Err(invalid(
+                "store.sentinel",
+                "needs a master name and at least one node",
+            ));
         }
         if st.cluster.as_ref().is_some_and(|c| c.nodes.is_empty()) {
             return Err(invalid("store.cluster.nodes", "needs at least one node"));
@@ -494,9 +568,16 @@ impl Config {
         c.admin_token.iter_mut().for_each(mask);
         let mask_urls = |urls: &mut Vec<String>| urls.iter_mut().for_each(|u| *u = mask_url(u));
         c.store.url = c.store.url.as_deref().map(mask_url);
-        c.store.sentinel.iter_mut().for_each(|s| mask_urls(&mut s.nodes));
-        c.store.cluster.iter_mut().for_each(|s| mask_urls(&mut s.nodes));
-        serde_saphyr::to_string(&c).unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
+        c.store
+            .sentinel
+            .iter_mut()
+            .for_each(|s| mask_urls(&mut s.nodes));
+        c.store
+            .cluster
+            .iter_mut()
+            .for_each(|s| mask_urls(&mut s.nodes));
+        serde_saphyr::to_string(&c)
+            .unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
     }
 }
 
@@ -527,11 +608,13 @@ pub(crate) fn secs(s: f64) -> Duration {
 }
 
 fn read_file(path: &Path) -> Result<Value, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError(format!("cannot read config file {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
     let tree: Value = serde_saphyr::from_str(&text).map_err(|e| {
-        ConfigError(format!("config file {} is not valid YAML: {e}", path.display()))
+        ConfigError(format!(
+            "config file {} is not valid YAML: {e}",
+            path.display()
+        ))
     })?;
     match tree {
         Value::Null => Ok(Value::Object(Map::new())),
@@ -588,7 +671,12 @@ fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
     }
 }
 
-fn set_path(tree: &mut Value, path: &[&str], value: Value, source: &str) -> Result<(), ConfigError> {
+fn set_path(
+    tree: &mut Value,
+    path: &[&str],
+    value: Value,
+    source: &str,
+) -> Result<(), ConfigError> {
     let Some((last, parents)) = path.split_last() else {
         return Ok(());
     };
@@ -631,7 +719,10 @@ mod tests {
         let flags = match yaml {
             Some(text) => {
                 std::fs::write(&path, text).unwrap();
-                Overrides { config: Some(path), ..Default::default() }
+                Overrides {
+                    config: Some(path),
+                    ..Default::default()
+                }
             }
             None => Overrides::default(),
         };
@@ -679,7 +770,11 @@ mod tests {
         assert!(e.0.contains("session.max_age"), "{e}");
         let e = load(Some("session:\n  cookie_name: \"a b\"\n"), &[]).unwrap_err();
         assert!(e.0.contains("session.cookie_name"), "{e}");
-        let e = load(Some(&format!("session:\n  cookie_name: {}\n", "a".repeat(257))), &[]).unwrap_err();
+        let e = load(
+            Some(&format!("session:\n  cookie_name: {}\n", "a".repeat(257))),
+            &[],
+        )
+        .unwrap_err();
         assert!(e.0.contains("session.cookie_name"), "{e}");
         let e = load(Some("store:\n  type: redis\n"), &[]).unwrap_err();
         assert!(e.0.contains("store"), "{e}");
@@ -687,7 +782,11 @@ mod tests {
 
     #[test]
     fn store_spec_selects_redis() {
-        let c = load(None, &[("SESSION_PROXY_STORE", "redis://:pw@127.0.0.1:6379/2")]).unwrap();
+        let c = load(
+            None,
+            &[("SESSION_PROXY_STORE", "redis://:pw@127.0.0.1:6379/2")],
+        )
+        .unwrap();
         assert_eq!(c.store.kind, StoreType::Redis);
         let printed = c.to_masked_yaml();
         assert!(!printed.contains("pw@"), "{printed}");
@@ -695,8 +794,15 @@ mod tests {
 
     #[test]
     fn secrets_are_masked_when_printed() {
-        let c = load(Some("session:\n  secret: aaaaaaaaaaaaaaaaaaaaaaa\nadmin_token: tttttttttt\n"), &[]).unwrap();
+        let c = load(
+            Some("session:\n  secret: aaaaaaaaaaaaaaaaaaaaaaa\nadmin_token: tttttttttt\n"),
+            &[],
+        )
+        .unwrap();
         let printed = c.to_masked_yaml();
-        assert!(!printed.contains("aaaaaaaa") && !printed.contains("tttttttttt"), "{printed}");
+        assert!(
+            !printed.contains("aaaaaaaa") && !printed.contains("tttttttttt"),
+            "{printed}"
+        );
     }
 }

@@ -220,7 +220,8 @@ fn stylesheet(received: &Received) -> Response<Full<Bytes>> {
     let note = match received.header {
         SessionHeader::Absent => {
             "no X-Session header: the proxy's config excludes this path, so the proxy \
-             neither read nor wrote a session for it"
+             neither read nor wrote a session for it (or the request did not come \
+             through the proxy at all)"
         }
         SessionHeader::Valid | SessionHeader::Malformed => {
             "an X-Session header: this path is not excluded in the proxy's config"

@@ -12,7 +12,12 @@ pub fn init(config: &LogConfig) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| config.level.as_deref().and_then(|f| EnvFilter::try_new(f).ok()))
+        .or_else(|| {
+            config
+                .level
+                .as_deref()
+                .and_then(|f| EnvFilter::try_new(f).ok())
+        })
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

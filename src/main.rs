@@ -84,7 +84,10 @@ impl Flags {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("session-proxy: cannot start the async runtime: {e}");
@@ -134,7 +137,10 @@ async fn run(config: Config) -> Result<(), String> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the proxy can still be stopped by the OS; never drain.
         return std::future::pending().await;
     };
@@ -150,15 +156,22 @@ async fn run_demo(flags: &Flags) -> Result<(), String> {
         .map_err(|e| format!("cannot start the demo application: {e}"))?;
     let app_addr = app.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(demo::serve(app));
-    let mut config = Config::default();
-    config.upstream = format!("http://{app_addr}");
+    let mut config = Config {
+        upstream: format!("http://{app_addr}"),
+        admin_listen: None,
+        ..Config::default()
+    };
     config.session.exclude = vec!["/static/**".into()];
     config.session.user_key = Some("user".into());
-    config.admin_listen = None;
     if let Some(listen) = &flags.listen {
-        config.listen = listen.parse().map_err(|e| format!("--listen `{listen}`: {e}"))?;
+        config.listen = listen
+            .parse()
+            .map_err(|e| format!("--listen `{listen}`: {e}"))?;
     }
-    eprintln!("session-proxy demo: open http://{} in a browser", config.listen);
+    eprintln!(
+        "session-proxy demo: open http://{} in a browser",
+        config.listen
+    );
     run(config).await
 }
 
@@ -168,22 +181,35 @@ async fn sessions(config: Config, action: SessionsAction) -> Result<(), String> 
         .ok_or("admin_listen is off: the sessions commands talk to the admin port")?;
     let (method, target) = match &action {
         SessionsAction::List { user } => ("GET", format!("/sessions?user={}", encode(user))),
-        SessionsAction::Revoke { user: Some(user), .. } => ("DELETE", format!("/sessions?user={}", encode(user))),
-        SessionsAction::Revoke { handle: Some(handle), .. } => ("DELETE", format!("/sessions/{}", encode(handle))),
+        SessionsAction::Revoke {
+            user: Some(user), ..
+        } => ("DELETE", format!("/sessions?user={}", encode(user))),
+        SessionsAction::Revoke {
+            handle: Some(handle),
+            ..
+        } => ("DELETE", format!("/sessions/{}", encode(handle))),
         SessionsAction::Revoke { .. } => return Err("name --user or --handle".into()),
     };
-    let mut request = http::Request::builder().method(method).uri(format!("http://{admin}{target}"));
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{target}"));
     if let Some(token) = &config.admin_token {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    let request = request.body(Empty::<bytes::Bytes>::new()).map_err(|e| e.to_string())?;
+    let request = request
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
     let client = Client::builder(TokioExecutor::new()).build_http();
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| format!("cannot reach the admin port at {admin}: {e} (is the proxy running?)"))?;
+    let response = client.request(request).await.map_err(|e| {
+        format!("cannot reach the admin port at {admin}: {e} (is the proxy running?)")
+    })?;
     let status = response.status();
-    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     let text = String::from_utf8_lossy(&body);
     if status.is_success() {
         println!("{text}");

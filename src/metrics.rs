@@ -114,7 +114,11 @@ impl Metrics {
             "Time the application took to send its response head",
             m.upstream_duration.clone(),
         );
-        registry.register("store_operations", "Session store operations, by operation", m.store_ops.clone());
+        registry.register(
+            "store_operations",
+            "Session store operations, by operation",
+            m.store_ops.clone(),
+        );
         registry.register(
             "store_errors",
             "Failed session store operations, by operation and kind",
@@ -135,8 +139,16 @@ impl Metrics {
             "Sessions held by the memory store (absent for Redis)",
             m.active_sessions.clone(),
         );
-        registry.register("websocket_tunnels_open", "WebSocket tunnels open", m.tunnels_open.clone());
-        registry.register("connections_open", "Client connections open", m.connections_open.clone());
+        registry.register(
+            "websocket_tunnels_open",
+            "WebSocket tunnels open",
+            m.tunnels_open.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Client connections open",
+            m.connections_open.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -149,7 +161,10 @@ impl Metrics {
             _ => "5xx",
         };
         self.requests
-            .get_or_create(&RequestLabels { status, session: outcome.as_str() })
+            .get_or_create(&RequestLabels {
+                status,
+                session: outcome.as_str(),
+            })
             .inc();
         self.request_duration.observe(took.as_secs_f64());
     }
@@ -161,9 +176,13 @@ impl Metrics {
     pub fn store_op(&self, op: &'static str, took: Duration, error: Option<&'static str>) {
         let labels = OpLabels { op };
         self.store_ops.get_or_create(&labels).inc();
-        self.store_duration.get_or_create(&labels).observe(took.as_secs_f64());
+        self.store_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
         if let Some(kind) = error {
-            self.store_errors.get_or_create(&ErrorLabels { op, kind }).inc();
+            self.store_errors
+                .get_or_create(&ErrorLabels { op, kind })
+                .inc();
         }
     }
 
@@ -181,8 +200,9 @@ impl Metrics {
 
     /// The metrics in Prometheus text format.
     pub fn render(&self, store: &Arc<dyn Store>) -> String {
-        if let Some(n) = store.len() {
-            self.active_sessions.set(i64::try_from(n).unwrap_or(i64::MAX));
+        if let Some(n) = store.session_count() {
+            self.active_sessions
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

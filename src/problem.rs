@@ -19,12 +19,27 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: impl Into<String>) -> Problem {
-        Problem { status, kind, title, detail: detail.into() }
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Problem {
+        Problem {
+            status,
+            kind,
+            title,
+            detail: detail.into(),
+        }
     }
 
     pub fn bad_gateway(detail: impl Into<String>) -> Problem {
-        Problem::new(StatusCode::BAD_GATEWAY, "upstream-unavailable", "Upstream unavailable", detail)
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream-unavailable",
+            "Upstream unavailable",
+            detail,
+        )
     }
 
     pub fn protocol_violation(detail: impl Into<String>) -> Problem {
@@ -55,7 +70,12 @@ impl Problem {
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Problem {
-        Problem::new(StatusCode::BAD_REQUEST, "bad-request", "Malformed request", detail)
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Malformed request",
+            detail,
+        )
     }
 
     pub fn headers_too_large(max: usize) -> Problem {
@@ -77,7 +97,10 @@ impl Problem {
         let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
     }

@@ -51,7 +51,11 @@ enum Current {
     Absent,
     /// A well-formed cookie the store does not know (or whose session has ended).
     Stale,
-    Live { id: SessionId, record: Record, resign: bool },
+    Live {
+        id: SessionId,
+        record: Record,
+        resign: bool,
+    },
 }
 
 /// What the response does with the cookie.
@@ -112,7 +116,11 @@ impl Proxy {
                 }
                 tracing::warn!(status = problem.status.as_u16(), session = tag.as_deref().unwrap_or("-"),
                     %method, %path, "{}: {}", problem.title, problem.detail);
-                Served { response: problem.into_response(), outcome: Outcome::None, tag }
+                Served {
+                    response: problem.into_response(),
+                    outcome: Outcome::None,
+                    tag,
+                }
             }
         };
         let took = started.elapsed();
@@ -131,12 +139,20 @@ impl Proxy {
     }
 
     /// The request path, step by step.
-    async fn serve(&self, mut req: Request<Incoming>, client: SocketAddr) -> Result<Served, (Problem, Option<String>)> {
+    async fn serve(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Served, (Problem, Option<String>)> {
         self.headers.strip(req.headers_mut());
         if self.exclusions.matches(req.uri().path()) {
             let mut response = self.forward(req, client).await.map_err(|p| (p, None))?;
             self.headers.strip(response.headers_mut());
-            return Ok(Served { response: response.map(Either::Left), outcome: Outcome::Excluded, tag: None });
+            return Ok(Served {
+                response: response.map(Either::Left),
+                outcome: Outcome::Excluded,
+                tag: None,
+            });
         }
 
         let presented = self.cookie.find(req.headers());
@@ -156,7 +172,10 @@ impl Proxy {
             .take_answer(response.headers_mut(), self.max_bytes)
             .map_err(|v| fail(Problem::protocol_violation(v.to_string())))?;
 
-        let (outcome, action) = self.apply(current, answer.change, answer.rotate).await.map_err(fail)?;
+        let (outcome, action) = self
+            .apply(current, answer.change, answer.rotate)
+            .await
+            .map_err(fail)?;
         let tag = match &action {
             CookieAction::Set(id) => Some(id.log_tag()),
             _ => tag,
@@ -165,15 +184,25 @@ impl Proxy {
         if let Some(client_upgrade) = client_upgrade {
             self.tunnel(client_upgrade, &mut response);
         }
-        Ok(Served { response: response.map(Either::Left), outcome, tag })
+        Ok(Served {
+            response: response.map(Either::Left),
+            outcome,
+            tag,
+        })
     }
 
-    async fn forward(&self, req: Request<Incoming>, client: SocketAddr) -> Result<Response<Incoming>, Problem> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Incoming>, Problem> {
         let started = Instant::now();
         let result = self.upstream.forward(req, client).await;
         self.metrics.upstream(started.elapsed());
         result.map_err(|e| match e {
-            UpstreamError::Unreachable(why) => Problem::bad_gateway(format!("cannot reach the application: {why}")),
+            UpstreamError::Unreachable(why) => {
+                Problem::bad_gateway(format!("cannot reach the application: {why}"))
+            }
             UpstreamError::Timeout => Problem::timeout(),
             UpstreamError::BadRequest(why) => Problem::bad_request(why),
         })
@@ -185,14 +214,24 @@ impl Proxy {
         let Some(Presented { id, needs_resign }) = presented else {
             return Ok(Current::Absent);
         };
-        let record = self.store.load(&id, self.renew_on_access).await.map_err(unavailable)?;
-        let Some(record) = record else { return Ok(Current::Stale) };
+        let record = self
+            .store
+            .load(&id, self.renew_on_access)
+            .await
+            .map_err(unavailable)?;
+        let Some(record) = record else {
+            return Ok(Current::Stale);
+        };
         if let Some(limit) = self.absolute_timeout
             && record.created.saturating_add(limit) <= unix_now().as_secs()
         {
             return Ok(Current::Stale);
         }
-        Ok(Current::Live { id, record, resign: needs_resign })
+        Ok(Current::Live {
+            id,
+            record,
+            resign: needs_resign,
+        })
     }
 
     fn hand_session_to_app(&self, current: &Current, headers: &mut HeaderMap) {
@@ -210,7 +249,12 @@ impl Proxy {
     }
 
     /// Applies the application's answer to the store and decides what the cookie does.
-    async fn apply(&self, current: Current, change: Change, rotate: bool) -> Result<(Outcome, CookieAction), Problem> {
+    async fn apply(
+        &self,
+        current: Current,
+        change: Change,
+        rotate: bool,
+    ) -> Result<(Outcome, CookieAction), Problem> {
         let (id, resign) = match current {
             Current::Live { id, resign, .. } => (id, resign),
             Current::Stale => return self.without_session(change, CookieAction::Clear).await,
@@ -223,23 +267,48 @@ impl Proxy {
                 return Ok((Outcome::Destroyed, CookieAction::Clear));
             }
             Change::Replace(data) => {
-                if !self.store.replace(&id, data.clone()).await.map_err(unavailable)? {
+                if !self
+                    .store
+                    .replace(&id, data.clone())
+                    .await
+                    .map_err(unavailable)?
+                {
                     // Ended while the application worked on it: store the data under a new
                     // ID rather than bring the old one back.
-                    return Ok((Outcome::Created, CookieAction::Set(self.create(data).await?)));
+                    return Ok((
+                        Outcome::Created,
+                        CookieAction::Set(self.create(data).await?),
+                    ));
                 }
                 (Outcome::Updated, id)
             }
-            Change::Patch(patch) => match self.store.patch(&id, &patch).await.map_err(unavailable)? {
-                PatchOutcome::Updated(_) => (Outcome::Updated, id),
-                PatchOutcome::Destroyed => return Ok((Outcome::Destroyed, CookieAction::Clear)),
-                PatchOutcome::Missing => return self.without_session(Change::Patch(patch), CookieAction::Clear).await,
-            },
+            Change::Patch(patch) => {
+                match self.store.patch(&id, &patch).await.map_err(unavailable)? {
+                    PatchOutcome::Updated(_) => (Outcome::Updated, id),
+                    PatchOutcome::Destroyed => {
+                        return Ok((Outcome::Destroyed, CookieAction::Clear));
+                    }
+                    PatchOutcome::Missing => {
+                        return self
+                            .without_session(Change::Patch(patch), CookieAction::Clear)
+                            .await;
+                    }
+                }
+            }
         };
         if rotate {
             let fresh = SessionId::generate(self.shape);
-            if self.store.rotate(&id, &fresh, self.rotate_grace).await.map_err(unavailable)? {
-                let outcome = if outcome == Outcome::Read { Outcome::Updated } else { outcome };
+            if self
+                .store
+                .rotate(&id, &fresh, self.rotate_grace)
+                .await
+                .map_err(unavailable)?
+            {
+                let outcome = if outcome == Outcome::Read {
+                    Outcome::Updated
+                } else {
+                    outcome
+                };
                 return Ok((outcome, CookieAction::Set(fresh)));
             }
             return Ok((Outcome::None, CookieAction::Clear));
@@ -254,7 +323,11 @@ impl Proxy {
 
     /// The answer for a request that has no live session: only a write that leaves a
     /// non-empty session creates one (lazy creation); otherwise `otherwise` applies.
-    async fn without_session(&self, change: Change, otherwise: CookieAction) -> Result<(Outcome, CookieAction), Problem> {
+    async fn without_session(
+        &self,
+        change: Change,
+        otherwise: CookieAction,
+    ) -> Result<(Outcome, CookieAction), Problem> {
         let data = match change {
             Change::Replace(data) => data,
             Change::Patch(patch) => match merge_into_nothing(&patch, self.max_bytes)? {
@@ -263,7 +336,10 @@ impl Proxy {
             },
             Change::Nothing | Change::Destroy => return Ok((Outcome::None, otherwise)),
         };
-        Ok((Outcome::Created, CookieAction::Set(self.create(data).await?)))
+        Ok((
+            Outcome::Created,
+            CookieAction::Set(self.create(data).await?),
+        ))
     }
 
     /// Stores a new session under a freshly generated ID.
@@ -315,14 +391,18 @@ impl Proxy {
 /// Bytes of the request head as the client sent it (for HTTP/2, as it would be in HTTP/1.1).
 fn head_size<B>(req: &Request<B>) -> usize {
     let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
-    req.headers().iter().fold(line, |n, (name, value)| n + name.as_str().len() + value.len() + 4)
+    req.headers().iter().fold(line, |n, (name, value)| {
+        n + name.as_str().len() + value.len() + 4
+    })
 }
 
 fn merge_into_nothing(patch: &Value, max_bytes: usize) -> Result<Option<Bytes>, Problem> {
     match codec::merge_patch(None, patch, max_bytes) {
         Ok(Merged::Data(data)) => Ok(Some(data)),
         Ok(Merged::Empty) => Ok(None),
-        Err(n) => Err(Problem::protocol_violation(StoreError::TooLarge(n).to_string())),
+        Err(n) => Err(Problem::protocol_violation(
+            StoreError::TooLarge(n).to_string(),
+        )),
     }
 }
 

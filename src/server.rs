@@ -46,7 +46,13 @@ impl Server {
             secs(config.timeouts.upstream_connect),
             secs(config.timeouts.upstream_response),
         );
-        let proxy = Proxy::new(&config, store.clone(), upstream, metrics.clone(), shutdown.clone())?;
+        let proxy = Proxy::new(
+            &config,
+            store.clone(),
+            upstream,
+            metrics.clone(),
+            shutdown.clone(),
+        )?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("cannot listen on {} (`listen`): {e}", config.listen))?;
@@ -60,12 +66,24 @@ impl Server {
                 Some((l, admin))
             }
         };
-        Ok(Server { config, listener, admin, proxy: Arc::new(proxy), shutdown, metrics })
+        Ok(Server {
+            config,
+            listener,
+            admin,
+            proxy: Arc::new(proxy),
+            shutdown,
+            metrics,
+        })
     }
 
     /// The address the client listener is bound to.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address the admin listener is bound to, when it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn shutdown_handle(&self) -> Arc<Shutdown> {
@@ -76,7 +94,14 @@ impl Server {
     /// listener accepts for `shutdown.drain_delay`, then in-flight requests and tunnels
     /// get `shutdown.timeout` to finish.
     pub async fn run(self) {
-        let Server { config, listener, admin, proxy, shutdown, metrics } = self;
+        let Server {
+            config,
+            listener,
+            admin,
+            proxy,
+            shutdown,
+            metrics,
+        } = self;
         if let Some((listener, admin)) = admin {
             tokio::spawn(admin.serve(listener));
         }
@@ -113,7 +138,12 @@ impl Server {
                 },
                 _ = &mut draining => break,
             };
-            let (proxy, builder, closing, metrics) = (proxy.clone(), builder.clone(), closing.clone(), metrics.clone());
+            let (proxy, builder, closing, metrics) = (
+                proxy.clone(),
+                builder.clone(),
+                closing.clone(),
+                metrics.clone(),
+            );
             connections.spawn(async move {
                 metrics.connections().inc();
                 serve_connection(stream, peer, proxy, &builder, closing).await;
@@ -128,7 +158,10 @@ impl Server {
             connections.wait().await;
             shutdown.tunnels_closed().await;
         };
-        if tokio::time::timeout(secs(config.shutdown.timeout), finished).await.is_err() {
+        if tokio::time::timeout(secs(config.shutdown.timeout), finished)
+            .await
+            .is_err()
+        {
             tracing::warn!("shutdown.timeout reached: closing what is still open");
             shutdown.cut_tunnels();
         }
@@ -140,7 +173,11 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The proxy checks `limits.max_header_bytes` itself and answers 431 as problem+json;
     // hyper's own limits sit above it as a backstop.
-    let backstop = config.limits.max_header_bytes.saturating_mul(2).max(16 * 1024);
+    let backstop = config
+        .limits
+        .max_header_bytes
+        .saturating_mul(2)
+        .max(16 * 1024);
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -28,7 +28,9 @@ pub struct UpstreamUrl {
 
 impl UpstreamUrl {
     pub fn parse(url: &str) -> Result<UpstreamUrl, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
         if uri.scheme() != Some(&Scheme::HTTP) {
             return Err(format!(
                 "`{url}` must start with http:// (the proxy speaks cleartext HTTP/1.1 to the application)"
@@ -84,7 +86,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(url: UpstreamUrl, connect_timeout: Duration, response_timeout: Duration) -> Upstream {
+    pub fn new(
+        url: UpstreamUrl,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Upstream {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -110,11 +116,11 @@ impl Upstream {
         client: SocketAddr,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let upgrade = upgrade_protocol(req.headers());
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| req.uri().authority().and_then(|a| HeaderValue::try_from(a.as_str()).ok()));
+        let host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::try_from(a.as_str()).ok())
+        });
         let target = self
             .url
             .target(req.uri().path_and_query())
@@ -194,7 +200,8 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned()).flatten()
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -239,7 +246,10 @@ mod tests {
     fn upstream_url_keeps_its_prefix() {
         let u = UpstreamUrl::parse("http://127.0.0.1:3000/app/").unwrap();
         let pq = PathAndQuery::from_static("/x?y=1");
-        assert_eq!(u.target(Some(&pq)).unwrap(), "http://127.0.0.1:3000/app/x?y=1");
+        assert_eq!(
+            u.target(Some(&pq)).unwrap(),
+            "http://127.0.0.1:3000/app/x?y=1"
+        );
         assert!(UpstreamUrl::parse("https://a:1").is_err());
         assert!(UpstreamUrl::parse("http://u:p@a:1").is_err());
         assert!(UpstreamUrl::parse("nope").is_err());
@@ -248,7 +258,10 @@ mod tests {
     #[test]
     fn connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));

@@ -82,9 +82,7 @@ fn decode_object(value: &HeaderValue, max_bytes: usize) -> Result<Map<String, Va
             max: max_bytes,
         });
     }
-    let json = STANDARD
-        .decode(encoded)
-        .map_err(|_| Violation::NotBase64)?;
+    let json = STANDARD.decode(encoded).map_err(|_| Violation::NotBase64)?;
     if json.len() > max_bytes {
         return Err(Violation::TooLarge {
             bytes: json.len(),
@@ -114,7 +112,11 @@ pub enum Merged {
 
 /// Applies a JSON merge patch (RFC 7396) to `stored` (`None`: no session yet).
 /// `Err(n)` when the result, `n` bytes, would exceed `max_bytes`.
-pub fn merge_patch(stored: Option<&[u8]>, patch: &Value, max_bytes: usize) -> Result<Merged, usize> {
+pub fn merge_patch(
+    stored: Option<&[u8]>,
+    patch: &Value,
+    max_bytes: usize,
+) -> Result<Merged, usize> {
     // Stored sessions were written by the proxy and are valid JSON objects; should one
     // be corrupted outside the proxy, the patch applies to an empty session instead.
     let mut target = stored
@@ -195,8 +197,14 @@ mod tests {
             decode_update(&header("{"), 100),
             Err(Violation::NotJson(_))
         ));
-        assert_eq!(decode_update(&header("[1]"), 100), Err(Violation::NotAnObject));
-        assert_eq!(decode_update(&header("\"s\""), 100), Err(Violation::NotAnObject));
+        assert_eq!(
+            decode_update(&header("[1]"), 100),
+            Err(Violation::NotAnObject)
+        );
+        assert_eq!(
+            decode_update(&header("\"s\""), 100),
+            Err(Violation::NotAnObject)
+        );
         assert!(matches!(
             decode_update(&header(&format!(r#"{{"a":"{}"}}"#, "x".repeat(200))), 100),
             Err(Violation::TooLarge { .. })
@@ -205,12 +213,16 @@ mod tests {
 
     #[test]
     fn big_numbers_and_empty_arrays_survive() {
-        let Ok(Update::Replace(data)) =
-            decode_update(&header(r#"{"id":12345678901234567890123,"l":[],"f":0.1}"#), 100)
-        else {
+        let Ok(Update::Replace(data)) = decode_update(
+            &header(r#"{"id":12345678901234567890123,"l":[],"f":0.1}"#),
+            100,
+        ) else {
             panic!("not a replace")
         };
-        assert_eq!(&data[..], br#"{"id":12345678901234567890123,"l":[],"f":0.1}"#);
+        assert_eq!(
+            &data[..],
+            br#"{"id":12345678901234567890123,"l":[],"f":0.1}"#
+        );
     }
 
     #[test]
@@ -224,7 +236,10 @@ mod tests {
             )))
         );
         let delete_all: Value = serde_json::from_str(r#"{"a":null}"#).unwrap();
-        assert_eq!(merge_patch(Some(br#"{"a":1}"#), &delete_all, 100), Ok(Merged::Empty));
+        assert_eq!(
+            merge_patch(Some(br#"{"a":1}"#), &delete_all, 100),
+            Ok(Merged::Empty)
+        );
         assert_eq!(merge_patch(None, &delete_all, 100), Ok(Merged::Empty));
         let big: Value = serde_json::from_str(r#"{"a":"0123456789"}"#).unwrap();
         assert_eq!(merge_patch(None, &big, 10), Err(18));

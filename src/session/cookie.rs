@@ -83,7 +83,10 @@ impl SessionCookie {
     fn check(&self, value: &str) -> Option<Presented> {
         let Some(signer) = &self.signer else {
             let id = self.shape.parse(value)?;
-            return Some(Presented { id, needs_resign: false });
+            return Some(Presented {
+                id,
+                needs_resign: false,
+            });
         };
         let (id, mac) = value.split_once('.')?;
         let id = self.shape.parse(id)?;
@@ -116,7 +119,11 @@ impl SessionCookie {
                 if pair.is_empty() {
                     continue;
                 }
-                let name = pair.split(|b| *b == b'=').next().unwrap_or(pair).trim_ascii();
+                let name = pair
+                    .split(|b| *b == b'=')
+                    .next()
+                    .unwrap_or(pair)
+                    .trim_ascii();
                 if name == self.name.as_bytes() {
                     continue;
                 }
@@ -137,7 +144,13 @@ impl SessionCookie {
     /// `Set-Cookie` that sets the session cookie to `id`.
     pub fn set(&self, id: &SessionId) -> HeaderValue {
         let value = match &self.signer {
-            Some(signer) => format!("{}={}.{}{}", self.name, id.as_str(), signer.sign(id), self.set_attributes),
+            Some(signer) => format!(
+                "{}={}.{}{}",
+                self.name,
+                id.as_str(),
+                signer.sign(id),
+                self.set_attributes
+            ),
             None => format!("{}={}{}", self.name, id.as_str(), self.set_attributes),
         };
         // Name, ID, MAC and attributes were all checked to be header-safe.
@@ -299,7 +312,10 @@ mod tests {
     #[test]
     fn shared_caches_are_kept_off() {
         let mut h = HeaderMap::new();
-        h.insert(CACHE_CONTROL, HeaderValue::from_static("public, max-age=60, s-maxage=300"));
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=60, s-maxage=300"),
+        );
         keep_out_of_shared_caches(&mut h);
         assert_eq!(h.get(CACHE_CONTROL).unwrap(), "max-age=60, private");
         let mut h = HeaderMap::new();
@@ -320,11 +336,19 @@ mod tests {
             ..SessionConfig::default()
         });
         let id = SessionId::generate(new.shape());
-        let value = |c: &SessionCookie| c.set(&id).to_str().unwrap().split(';').next().unwrap().to_string();
+        let value = |c: &SessionCookie| {
+            c.set(&id)
+                .to_str()
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .to_string()
+        };
         let signed_new = value(&new);
         let signed_old = value(&old);
-        assert_eq!(new.find(&headers(&[&signed_new])).unwrap().needs_resign, false);
-        assert_eq!(new.find(&headers(&[&signed_old])).unwrap().needs_resign, true);
+        assert!(!new.find(&headers(&[&signed_new])).unwrap().needs_resign);
+        assert!(new.find(&headers(&[&signed_old])).unwrap().needs_resign);
         assert_eq!(old.find(&headers(&[&signed_new])), None);
         let bare = format!("session={}", id.as_str());
         assert_eq!(new.find(&headers(&[&bare])), None);

@@ -37,14 +37,24 @@ impl ProtocolHeaders {
     /// Removes every protocol header: from client requests (a client can never inject
     /// session data) and from responses (the client never sees them).
     pub fn strip(&self, headers: &mut HeaderMap) {
-        for name in [&self.request, &self.handle, &self.update, &self.patch, &self.rotate] {
+        for name in [
+            &self.request,
+            &self.handle,
+            &self.update,
+            &self.patch,
+            &self.rotate,
+        ] {
             headers.remove(name);
         }
     }
 
     /// Takes the application's session headers out of a response and checks them.
     /// The headers are removed whether or not they are valid.
-    pub fn take_answer(&self, headers: &mut HeaderMap, max_bytes: usize) -> Result<Answer, Violation> {
+    pub fn take_answer(
+        &self,
+        headers: &mut HeaderMap,
+        max_bytes: usize,
+    ) -> Result<Answer, Violation> {
         let update = take_one(headers, &self.update, "update");
         let patch = take_one(headers, &self.patch, "patch");
         let rotate = take_one(headers, &self.rotate, "rotate");
@@ -68,7 +78,11 @@ impl ProtocolHeaders {
     }
 }
 
-fn take_one(headers: &mut HeaderMap, name: &HeaderName, what: &'static str) -> Result<Option<HeaderValue>, Violation> {
+fn take_one(
+    headers: &mut HeaderMap,
+    name: &HeaderName,
+    what: &'static str,
+) -> Result<Option<HeaderValue>, Violation> {
     let mut values = match headers.entry(name) {
         http::header::Entry::Occupied(entry) => entry.remove_entry_mult().1,
         http::header::Entry::Vacant(_) => return Ok(None),

@@ -230,7 +230,12 @@ impl MemoryStore {
         }
     }
 
-    fn rotate_now(&self, old: &SessionId, new: &SessionId, grace: Duration) -> Result<bool, StoreError> {
+    fn rotate_now(
+        &self,
+        old: &SessionId,
+        new: &SessionId,
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
         let now = unix_now();
         let grace_end = now + grace;
         let moved = {
@@ -360,7 +365,7 @@ impl Store for MemoryStore {
         Box::pin(async { Ok(()) })
     }
 
-    fn len(&self) -> Option<usize> {
+    fn session_count(&self) -> Option<usize> {
         Some(self.count.load(Ordering::Relaxed))
     }
 }
@@ -399,14 +404,28 @@ mod tests {
         let a = id();
         assert_eq!(s.load(&a, false).await.unwrap(), None);
         s.create(&a, new_session(r#"{"a":1}"#)).await.unwrap();
-        assert_eq!(&s.load(&a, false).await.unwrap().unwrap().data[..], br#"{"a":1}"#);
-        assert!(s.replace(&a, Bytes::from_static(br#"{"a":2}"#)).await.unwrap());
-        assert_eq!(&s.load(&a, false).await.unwrap().unwrap().data[..], br#"{"a":2}"#);
+        assert_eq!(
+            &s.load(&a, false).await.unwrap().unwrap().data[..],
+            br#"{"a":1}"#
+        );
+        assert!(
+            s.replace(&a, Bytes::from_static(br#"{"a":2}"#))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            &s.load(&a, false).await.unwrap().unwrap().data[..],
+            br#"{"a":2}"#
+        );
         s.delete(&a).await.unwrap();
         s.delete(&a).await.unwrap();
         assert_eq!(s.load(&a, false).await.unwrap(), None);
-        assert!(!s.replace(&a, Bytes::from_static(br#"{"a":3}"#)).await.unwrap());
-        assert_eq!(s.len(), Some(0));
+        assert!(
+            !s.replace(&a, Bytes::from_static(br#"{"a":3}"#))
+                .await
+                .unwrap()
+        );
+        assert_eq!(s.session_count(), Some(0));
     }
 
     #[tokio::test]
@@ -416,9 +435,9 @@ mod tests {
         s.create(&a, new_session(r#"{"a":1}"#)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(s.load(&a, false).await.unwrap(), None);
-        assert_eq!(s.len(), Some(1));
+        assert_eq!(s.session_count(), Some(1));
         s.sweep();
-        assert_eq!(s.len(), Some(0));
+        assert_eq!(s.session_count(), Some(0));
     }
 
     #[tokio::test]
@@ -444,16 +463,26 @@ mod tests {
             s.create(&c, new_session(r#"{"c":1}"#)).await,
             Err(StoreError::Full)
         ));
-        assert!(s.replace(&a, Bytes::from_static(br#"{"a":2}"#)).await.unwrap());
+        assert!(
+            s.replace(&a, Bytes::from_static(br#"{"a":2}"#))
+                .await
+                .unwrap()
+        );
     }
 
     #[tokio::test]
     async fn user_index_lists_and_revokes_and_forgets_expired() {
         let s = store(Duration::from_millis(100), 10);
         let (a, b, c) = (id(), id(), id());
-        s.create(&a, new_session(r#"{"user":"ann"}"#)).await.unwrap();
-        s.create(&b, new_session(r#"{"user":"ann"}"#)).await.unwrap();
-        s.create(&c, new_session(r#"{"user":"bob"}"#)).await.unwrap();
+        s.create(&a, new_session(r#"{"user":"ann"}"#))
+            .await
+            .unwrap();
+        s.create(&b, new_session(r#"{"user":"ann"}"#))
+            .await
+            .unwrap();
+        s.create(&c, new_session(r#"{"user":"bob"}"#))
+            .await
+            .unwrap();
         assert_eq!(s.user_sessions("ann").await.unwrap().len(), 2);
         assert!(s.revoke_handle(&b.handle()).await.unwrap());
         assert_eq!(s.revoke_user("ann").await.unwrap(), 1);

@@ -90,7 +90,7 @@ impl Store for Metered {
         self.measure("ping", self.inner.ping())
     }
 
-    fn len(&self) -> Option<usize> {
-        self.inner.len()
+    fn session_count(&self) -> Option<usize> {
+        self.inner.session_count()
     }
 }

@@ -44,7 +44,10 @@ impl std::fmt::Display for StoreError {
                 f.write_str("session changed concurrently too many times while patching")
             }
             StoreError::TooLarge(n) => {
-                write!(f, "patched session is {n} bytes, more than session.max_bytes")
+                write!(
+                    f,
+                    "patched session is {n} bytes, more than session.max_bytes"
+                )
             }
         }
     }
@@ -168,7 +171,7 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> StoreFuture<'_, ()>;
 
     /// Number of sessions held, where the backend can tell cheaply (memory store).
-    fn len(&self) -> Option<usize> {
+    fn session_count(&self) -> Option<usize> {
         None
     }
 }
