@@ -1,0 +1,419 @@
+//! A faithful proxy: streaming both ways, keep-alive, hop-by-hop headers,
+//! `X-Forwarded-*`, HTTP/2 clients, WebSocket, and the errors the proxy answers itself.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use support::{App, AppBody, Client, Proxy, full, q};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Mutex, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+fn stream_body(rx: mpsc::Receiver<Bytes>) -> AppBody {
+    let stream = tokio_stream_from(rx).map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+fn tokio_stream_from(mut rx: mpsc::Receiver<Bytes>) -> impl futures_util::Stream<Item = Bytes> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn response_body_streams_without_buffering() {
+    // The app sends a first chunk, then waits until the client has received it through
+    // the proxy before it sends the rest: a buffering proxy would deadlock here.
+    let (release_tx, release_rx) = mpsc::channel::<()>(1);
+    let release_rx = Arc::new(Mutex::new(release_rx));
+    let app = App::start(Arc::new(move |_req| {
+        let release_rx = release_rx.clone();
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                tx.send(Bytes::from_static(b"data: first\n\n")).await.ok();
+                release_rx.lock().await.recv().await;
+                tx.send(Bytes::from_static(b"data: second\n\n")).await.ok();
+            });
+            let mut r = Response::new(stream_body(rx));
+            r.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("text/event-stream"),
+            );
+            r
+        })
+    }))
+    .await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let req = Request::get(proxy.url("/events"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first event arrived before the response ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "data: first\n\n");
+    release_tx.send(()).await.unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "data: second\n\n");
+}
+
+#[tokio::test]
+async fn request_body_streams_without_buffering() {
+    // The app reports each chunk it receives; the client sends the second chunk only
+    // after the app has seen the first.
+    let (seen_tx, mut seen_rx) = mpsc::channel::<Bytes>(4);
+    let app = App::start(Arc::new(move |req| {
+        let seen_tx = seen_tx.clone();
+        Box::pin(async move {
+            let mut body = req.into_body();
+            let mut total = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    total += data.len();
+                    seen_tx.send(data).await.ok();
+                }
+            }
+            Response::new(full(total.to_string()))
+        })
+    }))
+    .await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    let body =
+        StreamBody::new(tokio_stream_from(rx).map(|b| Ok::<_, std::io::Error>(Frame::data(b))));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let req = Request::post(proxy.url("/upload")).body(body).unwrap();
+    let pending = tokio::spawn(async move { client.request(req).await });
+    tx.send(Bytes::from_static(b"part one;")).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv())
+        .await
+        .expect("app saw the first chunk while the upload was still open")
+        .unwrap();
+    assert_eq!(first, "part one;");
+    tx.send(Bytes::from_static(b"part two")).await.unwrap();
+    drop(tx);
+    let resp = pending.await.unwrap().unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "17");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let client = Client::new();
+    for _ in 0..10 {
+        assert_eq!(client.get(&proxy.url("/"), &[]).await.status, 200);
+    }
+    assert_eq!(app.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let app = App::start(Arc::new(|req| {
+        Box::pin(async move {
+            let seen: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
+            let mut r = Response::new(full(seen.join(",")));
+            let h = r.headers_mut();
+            h.insert("connection", HeaderValue::from_static("x-resp-hop"));
+            h.insert("x-resp-hop", HeaderValue::from_static("1"));
+            h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
+            h.insert("x-resp-kept", HeaderValue::from_static("1"));
+            r
+        })
+    }))
+    .await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let r = Client::new()
+        .get(
+            &proxy.url("/"),
+            &[
+                ("connection", "x-req-hop"),
+                ("x-req-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("proxy-authorization", "Basic eDp5"),
+                ("proxy-connection", "keep-alive"),
+                ("x-req-kept", "1"),
+            ],
+        )
+        .await;
+    let seen = String::from_utf8_lossy(&r.body).to_string();
+    for hop in [
+        "x-req-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
+        assert!(
+            !seen.split(',').any(|h| h == hop),
+            "{hop} reached the app: {seen}"
+        );
+    }
+    assert!(seen.split(',').any(|h| h == "x-req-kept"), "{seen}");
+    assert!(!r.headers.contains_key("x-resp-hop"));
+    assert!(!r.headers.contains_key("proxy-authenticate"));
+    assert_eq!(r.headers["x-resp-kept"], "1");
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_added_and_host_is_kept() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let r = Client::new()
+        .get(
+            &proxy.url("/"),
+            &[("host", "shop.example"), ("x-forwarded-for", "203.0.113.9")],
+        )
+        .await;
+    assert_eq!(r.header_seen("host"), vec!["shop.example"]);
+    assert_eq!(
+        r.header_seen("x-forwarded-for"),
+        vec!["203.0.113.9, 127.0.0.1"]
+    );
+    assert_eq!(r.header_seen("x-forwarded-proto"), vec!["http"]);
+    assert_eq!(r.header_seen("x-forwarded-host"), vec!["shop.example"]);
+}
+
+#[tokio::test]
+async fn status_codes_headers_and_bodies_pass_unchanged() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let r = Client::new()
+        .get(
+            &proxy.url(&format!("/teapot?status=418&cache={}", q("max-age=5"))),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 418);
+    assert_eq!(r.headers["cache-control"], "max-age=5");
+    assert_eq!(r.json()["path"], "/teapot");
+}
+
+#[tokio::test]
+async fn upstream_path_prefix_is_prepended() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.upstream = format!("{}/base", app.url())).await;
+    let r = Client::new().get(&proxy.url("/x?y=1"), &[]).await;
+    assert_eq!(r.json()["path"], "/base/x");
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_and_their_cookie_fields_joined() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let mut browser = support::Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"h2":true}"#))))
+        .await;
+    let id = browser.cookie.clone().unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = Request::get(proxy.url("/h2"))
+        .header("cookie", "a=1")
+        .header("cookie", format!("session={id}"))
+        .header("cookie", "b=2")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["session"], serde_json::json!({"h2": true}));
+    assert_eq!(seen["headers"]["cookie"], serde_json::json!(["a=1; b=2"]));
+    assert_eq!(
+        seen["headers"]["host"],
+        serde_json::json!([proxy.addr.to_string()])
+    );
+    assert_eq!(seen["version"], "HTTP/1.1");
+}
+
+/// An app that accepts WebSocket upgrades on any path and echoes messages; the 101
+/// carries whatever session update the query asks for.
+async fn websocket_app() -> App {
+    App::start(Arc::new(|mut req| {
+        Box::pin(async move {
+            let q = support::query(&req);
+            let session = req.headers().get("x-session").cloned();
+            let key = req.headers().get("sec-websocket-key").cloned();
+            let Some(key) = key else {
+                return Response::new(full("not a websocket request"));
+            };
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    None,
+                )
+                .await;
+                let hello = session
+                    .map(|s| s.to_str().unwrap_or("").to_string())
+                    .unwrap_or_default();
+                ws.send(Message::text(format!("session:{hello}")))
+                    .await
+                    .ok();
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let mut r = Response::new(full(""));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = r.headers_mut();
+            h.insert("connection", HeaderValue::from_static("upgrade"));
+            h.insert("upgrade", HeaderValue::from_static("websocket"));
+            h.insert(
+                "sec-websocket-accept",
+                HeaderValue::try_from(accept).unwrap(),
+            );
+            if let Some(update) = q.get("update") {
+                h.insert(
+                    "x-session-update",
+                    HeaderValue::try_from(support::b64(update)).unwrap(),
+                );
+            }
+            r
+        })
+    }))
+    .await
+}
+
+#[tokio::test]
+async fn websocket_echoes_through_the_proxy_with_the_session_on_the_handshake() {
+    let app = websocket_app().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let url = format!("ws://{}/ws?update={}", proxy.addr, q(r#"{"ws":1}"#));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade through the proxy");
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .expect("update on the 101 applied")
+        .to_str()
+        .unwrap();
+    let id = cookie.split(';').next().unwrap().to_string();
+    let hello = ws.next().await.unwrap().unwrap();
+    assert_eq!(hello.into_text().unwrap().as_str(), "session:e30=");
+    for i in 0..3 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        let echo = ws.next().await.unwrap().unwrap();
+        assert_eq!(echo.into_text().unwrap().as_str(), format!("ping {i}"));
+    }
+    ws.close(None).await.ok();
+
+    // A second handshake with the cookie carries the session.
+    let mut req = format!("ws://{}/ws", proxy.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("cookie", HeaderValue::try_from(id).unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let hello = ws.next().await.unwrap().unwrap();
+    assert_eq!(
+        hello.into_text().unwrap().as_str(),
+        format!("session:{}", support::b64(r#"{"ws":1}"#))
+    );
+}
+
+async fn problem(r: &support::Reply, status: u16) {
+    assert_eq!(
+        r.status.as_u16(),
+        status,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let body = r.json();
+    assert_eq!(body["status"], status);
+    for field in ["type", "title", "detail"] {
+        assert!(body[field].is_string(), "problem without {field}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_a_502_problem() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = support::config(&format!("http://{closed}"));
+    config.timeouts.upstream_connect = 1.0;
+    let proxy = Proxy::start(config).await;
+    let r = Client::new().get(&proxy.url("/"), &[]).await;
+    problem(&r, 502).await;
+}
+
+#[tokio::test]
+async fn upstream_answering_garbage_is_a_502_problem() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"NOT HTTP AT ALL\r\n\r\n").await;
+        }
+    });
+    let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
+    let r = Client::new().get(&proxy.url("/"), &[]).await;
+    problem(&r, 502).await;
+}
+
+#[tokio::test]
+async fn slow_upstream_is_a_504_problem() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.timeouts.upstream_response = 0.3).await;
+    let r = Client::new().get(&proxy.url("/?delay_ms=2000"), &[]).await;
+    problem(&r, 504).await;
+}
+
+#[tokio::test]
+async fn oversized_request_head_is_a_431_problem() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.limits.max_header_bytes = 4096).await;
+    let big = "v".repeat(5000);
+    let r = Client::new().get(&proxy.url("/"), &[("x-big", &big)]).await;
+    problem(&r, 431).await;
+    let r = Client::new()
+        .get(&proxy.url("/"), &[("x-small", "v")])
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn malformed_request_is_a_400() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+}
