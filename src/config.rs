@@ -611,8 +611,13 @@ fn read_file(path: &Path) -> Result<Value, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
     let tree: Value = serde_saphyr::from_str(&text).map_err(|e| {
+        // The parser's message carries a source snippet over several lines; its first
+        // line already says where and what.
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        let first = first.strip_prefix("error: ").unwrap_or(first);
         ConfigError(format!(
-            "config file {} is not valid YAML: {e}",
+            "config file {} is not valid YAML: {first}",
             path.display()
         ))
     })?;

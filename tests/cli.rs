@@ -1,0 +1,476 @@
+//! The binary as users run it: `check`, configuration layers, the demo, and shutdown on
+//! signals.
+
+mod support;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use support::{App, Client, q};
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_session-proxy");
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sp-cli-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_config(yaml: &str) -> PathBuf {
+    let path = temp_dir().join("proxy.yaml");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    path
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(temp_dir())
+        .env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn check_prints_the_effective_config_and_exits_0() {
+    let path = write_config("session:\n  max_age: 60\n  secret: a-very-secret-value-1234\n");
+    let out = run(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("SESSION_PROXY_SESSION__COOKIE_NAME", "sid")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("max_age: 60"), "{printed}");
+    assert!(printed.contains("cookie_name: sid"), "{printed}");
+    assert!(
+        !printed.contains("a-very-secret-value"),
+        "secret printed: {printed}"
+    );
+}
+
+#[test]
+fn check_rejects_bad_configs_with_exit_1_and_names_the_key() {
+    let cases = [
+        ("session:\n  max_age: 0\n", "session.max_age"),
+        ("session:\n  max_aeg: 10\n", "max_aeg"),
+        (
+            "session:\n  cookie_name: \"bad name\"\n",
+            "session.cookie_name",
+        ),
+        ("session:\n  same_site: sometimes\n", "session.same_site"),
+        ("session:\n  id_bytes: 8\n", "session.id_bytes"),
+        (
+            "timeouts:\n  upstream_connect: fast\n",
+            "timeouts.upstream_connect",
+        ),
+        ("upstream: ftp://x\n", "upstream"),
+        ("listen: [1, 2]\n", "listen"),
+        ("store:\n  type: redis\n", "store"),
+        ("session: [unclosed\n", "YAML"),
+    ];
+    for (yaml, key) in cases {
+        let path = write_config(yaml);
+        let out = run(&["check", "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1), "{yaml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(key),
+            "{yaml}: error does not name {key}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one message expected: {err}");
+    }
+    let out = run(&["check", "--config", "/nonexistent/proxy.yaml"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/proxy.yaml"));
+}
+
+#[test]
+fn layers_apply_defaults_then_file_then_env_then_flags() {
+    let path = write_config(
+        "listen: 127.0.0.1:7000\nupstream: http://127.0.0.1:7100\nsession:\n  max_age: 10\n",
+    );
+    let env = [
+        ("SESSION_PROXY_CONFIG", path.to_str().unwrap()),
+        ("SESSION_PROXY_LISTEN", "127.0.0.1:7001"),
+        ("SESSION_PROXY_UPSTREAM", "http://127.0.0.1:7101"),
+        ("SESSION_PROXY_SESSION__MAX_AGE", "3600"),
+        ("SESSION_PROXY_SESSION__EXCLUDE", "/static/**,/favicon.ico"),
+        ("SESSION_PROXY_STORE__KEY_PREFIX", "app:"),
+    ];
+    let out = run(&["check", "--listen", "127.0.0.1:7002"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("listen: 127.0.0.1:7002"), "{printed}");
+    assert!(
+        printed.contains("upstream: http://127.0.0.1:7101"),
+        "{printed}"
+    );
+    assert!(printed.contains("max_age: 3600"), "{printed}");
+    assert!(
+        printed.contains("key_prefix: app:") || printed.contains("key_prefix: \"app:\""),
+        "{printed}"
+    );
+    assert!(printed.contains("/favicon.ico"), "{printed}");
+    assert!(
+        printed.contains("cookie_name: session"),
+        "defaults kept: {printed}"
+    );
+}
+
+#[test]
+fn store_flag_selects_redis_and_masks_its_password() {
+    let out = run(
+        &["check", "--store", "redis://:hunter2@127.0.0.1:6379/1"],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("type: redis"), "{printed}");
+    assert!(!printed.contains("hunter2"), "{printed}");
+    let out = run(&["check", "--store", "memcached://x"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn proxy_yaml_in_the_working_directory_is_read_by_default() {
+    let dir = temp_dir();
+    std::fs::write(
+        dir.join("proxy.yaml"),
+        "session:\n  cookie_name: fromfile\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check")
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cookie_name: fromfile"));
+}
+
+/// A proxy process with its own config, stopped on drop.
+struct Running {
+    child: Child,
+    addr: String,
+    admin: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    async fn start(upstream: &str, extra: &str) -> Running {
+        let (port, admin_port) = (free_port(), free_port());
+        let yaml = format!(
+            "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin_port}\nupstream: {upstream}\n{extra}"
+        );
+        let path = write_config(&yaml);
+        let child = Command::new(BIN)
+            .args(["--config", path.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let running = Running {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            admin: format!("127.0.0.1:{admin_port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(&running.admin)
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "proxy did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        running
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn ready_status(&self) -> u16 {
+        Client::new()
+            .get(&format!("http://{}/readyz", self.admin), &[])
+            .await
+            .status
+            .as_u16()
+    }
+
+    async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not exit in {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_finishes_in_flight_requests_and_exits_0() {
+    let app = App::scripted().await;
+    let mut proxy =
+        Running::start(&app.url(), "shutdown:\n  drain_delay: 1\n  timeout: 10\n").await;
+    assert_eq!(proxy.ready_status().await, 200);
+    let slow_url = format!("http://{}/slow?delay_ms=2000", proxy.addr);
+    let slow = tokio::spawn(async move { Client::new().get(&slow_url, &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        proxy.ready_status().await,
+        503,
+        "readiness turns 503 at once"
+    );
+    // During the drain delay new connections are still served.
+    let r = Client::new()
+        .get(&format!("http://{}/during-drain", proxy.addr), &[])
+        .await;
+    assert_eq!(r.status, 200);
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "in-flight request completed");
+    assert_eq!(r.json()["path"], "/slow");
+    assert_eq!(proxy.exit_code(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test]
+async fn second_signal_exits_at_once() {
+    let app = App::scripted().await;
+    let mut proxy =
+        Running::start(&app.url(), "shutdown:\n  drain_delay: 5\n  timeout: 30\n").await;
+    let slow_url = format!("http://{}/slow?delay_ms=20000", proxy.addr);
+    tokio::spawn(async move { Client::new().get(&slow_url, &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal("-INT");
+    let code = proxy.exit_code(Duration::from_secs(2)).await;
+    assert_eq!(code, Some(1));
+}
+
+#[tokio::test]
+async fn websocket_tunnel_survives_the_drain_and_ends_the_shutdown_when_closed() {
+    let app = App::start(std::sync::Arc::new(|mut req| {
+        Box::pin(async move {
+            let key = req.headers().get("sec-websocket-key").cloned().unwrap();
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let upgraded = upgrade.await.unwrap();
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    hyper_util::rt::TokioIo::new(upgraded),
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let mut r = http::Response::new(support::full(""));
+            *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert("connection", http::HeaderValue::from_static("upgrade"));
+            r.headers_mut()
+                .insert("upgrade", http::HeaderValue::from_static("websocket"));
+            r.headers_mut().insert(
+                "sec-websocket-accept",
+                http::HeaderValue::try_from(accept).unwrap(),
+            );
+            r
+        })
+    }))
+    .await;
+    let mut proxy =
+        Running::start(&app.url(), "shutdown:\n  drain_delay: 0.5\n  timeout: 20\n").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.addr))
+        .await
+        .unwrap();
+    proxy.signal("-TERM");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The listener has closed by now; the tunnel still works.
+    assert!(
+        tokio::net::TcpStream::connect(&proxy.addr).await.is_err(),
+        "listener still open"
+    );
+    ws.send(Message::text("after drain")).await.unwrap();
+    let echo = ws.next().await.unwrap().unwrap();
+    assert_eq!(echo.into_text().unwrap().as_str(), "after drain");
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "exited with a tunnel open"
+    );
+    ws.close(None).await.ok();
+    drop(ws);
+    assert_eq!(proxy.exit_code(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test]
+async fn gigabyte_bodies_stream_with_flat_memory() {
+    const TOTAL: usize = 1 << 30;
+    let app = App::start(std::sync::Arc::new(|req| {
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            if req.method() == http::Method::POST {
+                let mut body = req.into_body();
+                let mut n = 0usize;
+                while let Some(Ok(frame)) = body.frame().await {
+                    n += frame.data_ref().map_or(0, |d| d.len());
+                }
+                return http::Response::new(support::full(n.to_string()));
+            }
+            let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
+            let stream =
+                futures_util::stream::iter((0..TOTAL >> 20).map(move |_| {
+                    Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))
+                }));
+            http::Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+        })
+    }))
+    .await;
+    let proxy = Running::start(&app.url(), "").await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+
+    let req = http::Request::get(format!("http://{}/download", proxy.addr))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let mut body = client.request(req).await.unwrap().into_body();
+    let mut received = 0usize;
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().data_ref().map_or(0, |d| d.len());
+    }
+    assert_eq!(received, TOTAL);
+
+    let chunk = bytes::Bytes::from(vec![9u8; 1 << 20]);
+    let upload = futures_util::stream::iter(
+        (0..TOTAL >> 20)
+            .map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))),
+    );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let req = http::Request::post(format!("http://{}/upload", proxy.addr))
+        .body(http_body_util::StreamBody::new(upload))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let counted = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(counted, TOTAL.to_string());
+
+    let peak = proxy.peak_rss_kib();
+    assert!(
+        peak < 64 * 1024,
+        "proxy peak RSS {peak} KiB while streaming 2 GiB"
+    );
+}
+
+#[tokio::test]
+async fn demo_serves_a_working_session_app() {
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "demo did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut browser = support::Browser::new();
+    let page = browser.get(&format!("{base}/")).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        browser.cookie.is_some(),
+        "the visit counter created a session"
+    );
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let r = browser
+        .client
+        .request(
+            "POST",
+            &format!("{base}/login"),
+            &[
+                ("cookie", &cookie),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            bytes::Bytes::from(format!("user={}", q("ann"))),
+        )
+        .await;
+    assert_eq!(r.status, 303);
+    let rotated = r.session_cookie().expect("login rotates the session ID");
+    assert_ne!(format!("session={rotated}"), cookie);
+    let r = browser
+        .client
+        .get(
+            &format!("{base}/api/session"),
+            &[("cookie", &format!("session={rotated}"))],
+        )
+        .await;
+    assert_eq!(r.json()["user"], "ann");
+    let _ = child.kill();
+    let _ = child.wait();
+}
