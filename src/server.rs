@@ -21,6 +21,7 @@ use crate::proxy::Proxy;
 use crate::shutdown::Shutdown;
 use crate::store::memory::MemoryStore;
 use crate::store::metered::Metered;
+use crate::store::redis::{RedisOptions, RedisStore, Topology};
 use crate::store::{Store, StoreSettings};
 use crate::upstream::{Upstream, UpstreamUrl};
 
@@ -230,5 +231,29 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn Store>, String> {
         store.start_sweeper();
         return Ok(store);
     }
-    Err("redis pending".into())
+    let topology = match (&st.url, &st.sentinel, &st.cluster) {
+        (Some(url), _, _) => Topology::Standalone { url: url.clone() },
+        (_, Some(s), _) => Topology::Sentinel {
+            master: s.master.clone(),
+            nodes: s.nodes.clone(),
+        },
+        (_, _, Some(c)) => Topology::Cluster {
+            nodes: c.nodes.clone(),
+        },
+        _ => {
+            return Err(
+                "store.type is redis but no store.url, store.sentinel or store.cluster is set"
+                    .into(),
+            );
+        }
+    };
+    let options = RedisOptions {
+        key_prefix: st.key_prefix.clone(),
+        connect_timeout: secs(st.connect_timeout),
+        response_timeout: secs(st.response_timeout),
+    };
+    let store = RedisStore::connect(topology, options, settings)
+        .await
+        .map_err(|e| format!("{e} (check store.url / store.sentinel / store.cluster)"))?;
+    Ok(Arc::new(store))
 }

@@ -1,1 +1,1050 @@
-//! Redis store.
+//! The Redis store: every session is one hash under `key_prefix + ID`, readable with
+//! `redis-cli`, with its TTL on the key.
+//!
+//! | field | holds |
+//! |---|---|
+//! | `data` | the session JSON, byte for byte as it was written |
+//! | `created` | unix seconds; kept across rotation |
+//! | `seen` | unix seconds of the last write or renewal |
+//! | `ends` | unix seconds at which the session ends whatever its activity; absent: never |
+//! | `ver` | counts the writes of `data`: the version a patch compares before it sets |
+//! | `user` | the user `session.user_key` names; absent: none |
+//!
+//! Each change to a session is one Lua script on its key, so it is atomic and sets the TTL
+//! in the same step. The scripts never parse JSON: Redis' cjson loses integers above 2^53
+//! and turns `[]` into `{}`. A patch is therefore merged in Rust and written back only if
+//! `ver` has not moved meanwhile, retried otherwise.
+//!
+//! With `session.user_key`, a sorted set `key_prefix + "user:" + USER` holds the IDs of the
+//! user's sessions, scored by the unix milliseconds at which each expires at the latest,
+//! and a string `key_prefix + "handle:" + HANDLE` names the user of each indexed session.
+//! Both live in other cluster slots than the session, so separate commands write them,
+//! always *before* the session: the index may name sessions that are gone or changed user,
+//! never miss one. Reading the index drops the entries that no longer match.
+
+use std::future::Future;
+use std::sync::{LazyLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::{try_join, try_join_all};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::io::tcp::TcpSettings;
+use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::{
+    Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
+    Pipeline, RedisError, RedisFuture, RedisResult, Script, ScriptInvocation, ServerErrorKind,
+    TlsMode, Value,
+};
+use serde_json::Value as Json;
+use tokio::sync::Mutex;
+
+use super::{
+    NewSession, PatchOutcome, Record, SessionInfo, Store, StoreError, StoreFuture, StoreSettings,
+    unix_now,
+};
+use crate::session::codec::Merged;
+use crate::session::id::{IdShape, SessionId};
+
+/// How often a patch re-merges after losing a race with another write before giving up.
+const PATCH_ATTEMPTS: u32 = 200;
+
+/// Sentinel lookups after failed commands are at least this far apart, so that a burst
+/// of failures during a failover does not turn into a burst of lookups.
+const RESOLVE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How the proxy reaches Redis.
+pub enum Topology {
+    /// One server, `redis://` or `rediss://` with user, password and database in the URL.
+    Standalone { url: String },
+    /// The master that these Sentinels name `master`. The first node's URL also gives the
+    /// TLS mode, user, password and database for the master itself.
+    Sentinel { master: String, nodes: Vec<String> },
+    /// A Redis Cluster, found through any of these nodes.
+    Cluster { nodes: Vec<String> },
+}
+
+/// Redis settings that do not depend on the topology.
+pub struct RedisOptions {
+    /// Prepended to every key the store writes (`store.key_prefix`).
+    pub key_prefix: String,
+    /// How long one attempt to open a connection may take.
+    pub connect_timeout: Duration,
+    /// How long Redis may take to answer one command.
+    pub response_timeout: Duration,
+}
+
+/// The Redis store. Connecting never waits for Redis: while it is unreachable, every
+/// operation fails with `StoreError::Unavailable`, and the first operation after it is
+/// back reconnects.
+pub struct RedisStore {
+    link: Link,
+    keys: Keys,
+    settings: StoreSettings,
+}
+
+/// The names of the keys the store writes.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn session(&self, id: &SessionId) -> String {
+        format!("{}{}", self.prefix, id.as_str())
+    }
+
+    fn user(&self, user: &str) -> String {
+        format!("{}user:{user}", self.prefix)
+    }
+
+    fn handle(&self, handle: &str) -> String {
+        format!("{}handle:{handle}", self.prefix)
+    }
+}
+
+/// Why an operation failed, before it is reported as a `StoreError`.
+enum Failure {
+    Redis(RedisError),
+    /// Under Sentinel, no replica acknowledged a write in time.
+    Unconfirmed,
+    Store(StoreError),
+}
+
+impl From<RedisError> for Failure {
+    fn from(e: RedisError) -> Self {
+        Failure::Redis(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+/// How a conditional write or delete of a session went.
+enum Written {
+    /// Done; for a delete, the user the session belonged to.
+    Done(Option<String>),
+    /// No session under the key (or, for a delete restricted to a user, not theirs).
+    Missing,
+    /// `ver` was not the expected one: the session as it is now, to merge into again.
+    Changed { data: Vec<u8>, ver: String },
+}
+
+impl Written {
+    /// Scripts answer `{status, a, b}`: `{1, user}`, `{0}` or `{2, data, ver}`.
+    fn from_reply((status, a, b): (i64, Vec<u8>, String)) -> Written {
+        match status {
+            1 => Written::Done(String::from_utf8(a).ok().filter(|u| !u.is_empty())),
+            2 => Written::Changed { data: a, ver: b },
+            _ => Written::Missing,
+        }
+    }
+}
+
+/// `StoreSettings::ttl` in Lua, for the scripts that must cap a TTL by the stored `ends`.
+/// Those scripts take `now_ms`, `max_age_ms` and `now_s` as their first three arguments.
+macro_rules! with_ttl {
+    ($body:literal) => {
+        concat!(
+            "local function ttl(ends)\n",
+            "  local max_age = tonumber(ARGV[2])\n",
+            "  local e = tonumber(ends)\n",
+            "  if not e then return max_age end\n",
+            "  local left = e * 1000 - tonumber(ARGV[1])\n",
+            "  if left <= 0 then return nil end\n",
+            "  return string.format('%d', math.min(left, max_age))\n",
+            "end\n",
+            $body
+        )
+    };
+}
+
+/// Reads a session and resets its TTL, touching only `seen`.
+/// Answers nil, or `{data, created, user}`.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(with_ttl!(
+        r"
+local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user')
+if not f[1] then return false end
+local t = ttl(f[3])
+if not t then return false end
+redis.call('HSET', KEYS[1], 'seen', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], t)
+return {f[1], f[2] or '', f[4] or ''}
+"
+    ))
+});
+
+/// Stores a new session unless the key is taken.
+/// ARGV: pttl, data, created, seen, ends ('' for none), user ('' for none).
+static CREATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'data', ARGV[2], 'created', ARGV[3], 'seen', ARGV[4], 'ver', 1)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'ends', ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'user', ARGV[6]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+",
+    )
+});
+
+/// Replaces the data of an existing session, if its `ver` is the expected one.
+/// ARGV: now_ms, max_age_ms, now_s, data, user ('' for none), ver ('' for any).
+static WRITE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(with_ttl!(
+        r"
+local f = redis.call('HMGET', KEYS[1], 'ver', 'ends', 'data')
+if not f[3] then return {0, '', ''} end
+local ver = f[1] or '0'
+if ARGV[6] ~= '' and ver ~= ARGV[6] then return {2, f[3], ver} end
+local t = ttl(f[2])
+if not t then return {0, '', ''} end
+redis.call('HSET', KEYS[1], 'data', ARGV[4], 'seen', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'ver', 1)
+if ARGV[5] == '' then
+  redis.call('HDEL', KEYS[1], 'user')
+else
+  redis.call('HSET', KEYS[1], 'user', ARGV[5])
+end
+redis.call('PEXPIRE', KEYS[1], t)
+return {1, '', ''}
+"
+    ))
+});
+
+/// Deletes a session, if its `ver` and user are the expected ones.
+/// ARGV: ver ('' for any), user ('' for any).
+static DELETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local f = redis.call('HMGET', KEYS[1], 'ver', 'user', 'data')
+if not f[3] then return {0, '', ''} end
+local ver = f[1] or '0'
+if ARGV[1] ~= '' and ver ~= ARGV[1] then return {2, f[3], ver} end
+if ARGV[2] ~= '' and f[2] ~= ARGV[2] then return {0, '', ''} end
+redis.call('DEL', KEYS[1])
+return {1, f[2] or '', ''}
+",
+    )
+});
+
+/// Reads what rotation copies. Answers nil, or `{data, created, ends, user, pttl}`.
+static PEEK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user')
+if not f[1] then return false end
+return {f[1], f[2] or '', f[3] or '', f[4] or '', redis.call('PTTL', KEYS[1])}
+",
+    )
+});
+
+/// Ends a rotated-away session within the grace period: `ends` and the TTL only shrink.
+/// ARGV: grace_end_s, grace_ms.
+static SHORTEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ends = tonumber(redis.call('HGET', KEYS[1], 'ends'))
+if not ends or ends > tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ends', ARGV[1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2], 'LT')
+return 1
+",
+    )
+});
+
+/// Adds a session to a user's index, drops the entries past their expiry, and lets the
+/// index itself expire with its last entry. ARGV: id, expires_ms, now_ms.
+static INDEX: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if last[2] then redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(last[2]))) end
+return 1
+",
+    )
+});
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
+/// An ID read back from the user index. Members were written by the proxy; one of any
+/// other shape is treated as a stale entry.
+fn stored_id(member: &str) -> Option<SessionId> {
+    IdShape::new(member.len() * 3 / 4)?.parse(member)
+}
+
+/// What a failure reports: the kind of error, never keys or values, which would carry
+/// session IDs and data.
+fn describe(e: &RedisError) -> String {
+    if e.is_timeout() {
+        return "Redis did not answer in time".into();
+    }
+    if e.is_connection_refusal() {
+        return "Redis refused the connection".into();
+    }
+    match e.code() {
+        Some(code) => format!("Redis answered {code} ({})", e.category()),
+        None => format!("Redis connection failed: {}", e.category()),
+    }
+}
+
+fn invalid_url(what: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "{what} is not a valid Redis URL (redis://[user:password@]host:port[/db] or rediss://…)"
+    ))
+}
+
+/// TCP_NODELAY: a session command is a few small packets that should not wait for more.
+fn tcp_settings() -> TcpSettings {
+    TcpSettings::default().set_nodelay(true)
+}
+
+fn parse_url(url: &str, what: &str) -> Result<ConnectionInfo, StoreError> {
+    let info = url.into_connection_info().map_err(|_| invalid_url(what))?;
+    Ok(info.set_tcp_settings(tcp_settings()))
+}
+
+fn manager_config(options: &RedisOptions) -> ConnectionManagerConfig {
+    // No retries inside the manager: an operation fails fast while Redis is down, and the
+    // next one starts a new connection attempt, so recovery follows Redis within one call.
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(options.connect_timeout))
+        .set_response_timeout(Some(options.response_timeout))
+        .set_number_of_retries(0)
+}
+
+fn standalone(url: &str, options: &RedisOptions) -> Result<ConnectionManager, StoreError> {
+    let client =
+        Client::open(parse_url(url, "store.url")?).map_err(|_| invalid_url("store.url"))?;
+    ConnectionManager::new_lazy_with_config(client, manager_config(options))
+        .map_err(|e| StoreError::Unavailable(describe(&e)))
+}
+
+fn cluster(nodes: &[String], options: &RedisOptions) -> Result<ClusterConnection, StoreError> {
+    let infos = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, url)| parse_url(url, &format!("store.cluster.nodes[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = ClusterClient::builder(infos)
+        .tcp_settings(tcp_settings())
+        .connection_timeout(options.connect_timeout)
+        .response_timeout(options.response_timeout)
+        // Room for a redirection or a reconnection within one operation.
+        .overall_response_timeout(Some(options.connect_timeout + options.response_timeout * 2))
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("store.cluster: {}", describe(&e))))?;
+    let config = ClusterConfig::new()
+        .set_connection_timeout(options.connect_timeout)
+        .set_response_timeout(options.response_timeout);
+    Ok(client.get_pending_async_connection_with_config(config))
+}
+
+/// The way to Redis for one topology.
+enum Link {
+    Standalone(ConnectionManager),
+    Sentinel(SentinelLink),
+    Cluster(ClusterConnection),
+}
+
+impl Link {
+    async fn conn(&self) -> RedisResult<Conn> {
+        match self {
+            Link::Standalone(conn) => Ok(Conn::Node(conn.clone())),
+            Link::Sentinel(link) => link.conn().await.map(Conn::Node),
+            Link::Cluster(conn) => Ok(Conn::Cluster(conn.clone())),
+        }
+    }
+
+    /// After a failed command: under Sentinel the master may have moved.
+    async fn recover(&self) {
+        if let Link::Sentinel(link) = self {
+            link.recover().await;
+        }
+    }
+
+    /// How long a write waits for a replica to acknowledge it, when it must.
+    fn confirm_within(&self) -> Option<Duration> {
+        match self {
+            Link::Sentinel(link) => Some(link.confirm_within),
+            Link::Standalone(_) | Link::Cluster(_) => None,
+        }
+    }
+}
+
+/// A connection to the node (or, for a cluster, the nodes) a command goes to.
+#[derive(Clone)]
+enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Node(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Node(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// The connection to the master a set of Sentinels names, following failovers.
+///
+/// A `ConnectionManager` reconnects to the address it was made with and never learns that
+/// the Sentinels promoted another server. So after a failed command the master is looked
+/// up again, and when it has moved the connection is replaced. Writes also wait until a
+/// replica holds them (`WAIT`): a write acknowledged by a master that is being demoted
+/// would otherwise vanish when it resynchronises from the promoted replica.
+struct SentinelLink {
+    service: String,
+    /// How to connect to the master once found.
+    node: SentinelNodeConnectionInfo,
+    config: ConnectionManagerConfig,
+    /// Upper bound for one lookup through the Sentinels.
+    lookup_timeout: Duration,
+    confirm_within: Duration,
+    /// Held during a lookup, so that only one runs at a time.
+    resolver: Mutex<Resolver>,
+    master: RwLock<Option<Master>>,
+}
+
+struct Resolver {
+    sentinel: Sentinel,
+    last: Option<Instant>,
+}
+
+#[derive(Clone)]
+struct Master {
+    addr: ConnectionAddr,
+    conn: ConnectionManager,
+}
+
+impl SentinelLink {
+    fn new(service: String, nodes: &[String], options: &RedisOptions) -> Result<Self, StoreError> {
+        let mut infos = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, url)| parse_url(url, &format!("store.sentinel.nodes[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = infos.first() else {
+            return Err(StoreError::Unavailable(
+                "store.sentinel.nodes is empty".into(),
+            ));
+        };
+        let mut node = SentinelNodeConnectionInfo::default()
+            .set_tcp_settings(tcp_settings())
+            .set_redis_connection_info(first.redis_settings().clone());
+        if let ConnectionAddr::TcpTls { insecure, .. } = first.addr() {
+            node = node.set_tls_mode(if *insecure {
+                TlsMode::Insecure
+            } else {
+                TlsMode::Secure
+            });
+        }
+        // The database in the URL is the master's: Sentinels have none to SELECT.
+        for info in &mut infos {
+            let redis = info.redis_settings().clone().set_db(0);
+            *info = info.clone().set_redis_settings(redis);
+        }
+        let sentinel = Sentinel::build(infos)
+            .map_err(|e| StoreError::Unavailable(format!("store.sentinel: {}", describe(&e))))?;
+        Ok(SentinelLink {
+            service,
+            node,
+            config: manager_config(options),
+            lookup_timeout: options.connect_timeout * 2 + options.response_timeout * 2,
+            // Well inside the response timeout, which bounds the WAIT command itself.
+            confirm_within: options.response_timeout / 2,
+            resolver: Mutex::new(Resolver {
+                sentinel,
+                last: None,
+            }),
+            master: RwLock::new(None),
+        })
+    }
+
+    fn current(&self) -> Option<ConnectionManager> {
+        let master = self.master.read().unwrap_or_else(PoisonError::into_inner);
+        master.as_ref().map(|m| m.conn.clone())
+    }
+
+    async fn conn(&self) -> RedisResult<ConnectionManager> {
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        let mut resolver = self.resolver.lock().await;
+        // Another caller may have found the master while this one waited for the lock.
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        self.resolve(&mut resolver).await
+    }
+
+    async fn recover(&self) {
+        // A lookup already running will see the same state this one would.
+        let Ok(mut resolver) = self.resolver.try_lock() else {
+            return;
+        };
+        if resolver
+            .last
+            .is_some_and(|t| t.elapsed() < RESOLVE_INTERVAL)
+        {
+            return;
+        }
+        // On failure the current connection stays: the next failed command tries again.
+        let r = self.resolve(&mut resolver).await;
+        eprintln!("DEBUG resolve {:?}", r.err());
+    }
+
+    async fn resolve(&self, resolver: &mut Resolver) -> RedisResult<ConnectionManager> {
+        resolver.last = Some(Instant::now());
+        let lookup = resolver
+            .sentinel
+            .async_master_for(&self.service, Some(&self.node));
+        let client = tokio::time::timeout(self.lookup_timeout, lookup)
+            .await
+            .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        let addr = client.get_connection_info().addr().clone();
+        eprintln!("DEBUG resolved {addr:?}");
+        let mut master = self.master.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(same) = master.as_ref().filter(|m| m.addr == addr) {
+            // Same master: its manager reconnects by itself.
+            return Ok(same.conn.clone());
+        }
+        let conn = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
+        *master = Some(Master {
+            addr,
+            conn: conn.clone(),
+        });
+        Ok(conn)
+    }
+}
+
+impl RedisStore {
+    /// Prepares the connections for `topology`. Fails only on invalid settings; Redis
+    /// itself is first contacted by the first operation.
+    pub async fn connect(
+        topology: Topology,
+        options: RedisOptions,
+        settings: StoreSettings,
+    ) -> Result<RedisStore, StoreError> {
+        let link = match topology {
+            Topology::Standalone { url } => Link::Standalone(standalone(&url, &options)?),
+            Topology::Sentinel { master, nodes } => {
+                Link::Sentinel(SentinelLink::new(master, &nodes, &options)?)
+            }
+            Topology::Cluster { nodes } => Link::Cluster(cluster(&nodes, &options)?),
+        };
+        Ok(RedisStore {
+            link,
+            keys: Keys {
+                prefix: options.key_prefix,
+            },
+            settings,
+        })
+    }
+
+    /// Runs one operation and reports its failure.
+    async fn run<T>(&self, op: impl Future<Output = Result<T, Failure>>) -> Result<T, StoreError> {
+        match op.await {
+            Ok(value) => Ok(value),
+            Err(Failure::Store(e)) => Err(e),
+            Err(Failure::Redis(e)) => {
+                self.link.recover().await;
+                Err(StoreError::Unavailable(describe(&e)))
+            }
+            Err(Failure::Unconfirmed) => {
+                self.link.recover().await;
+                Err(StoreError::Unavailable(
+                    "no Redis replica acknowledged the write in time".into(),
+                ))
+            }
+        }
+    }
+
+    /// Runs a script that changes a session. Under Sentinel it succeeds only once a
+    /// replica holds the change; the `WAIT` goes in one pipeline with the script, so that
+    /// it runs on the same connection, after it.
+    async fn commit<T: FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+        call: &ScriptInvocation<'_>,
+    ) -> Result<T, Failure> {
+        let Some(within) = self.link.confirm_within() else {
+            return Ok(call.invoke_async(conn).await?);
+        };
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(call)
+            .cmd("WAIT")
+            .arg(1)
+            .arg(millis(within));
+        let (value, replicas): (T, u64) = match pipe.query_async(conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                call.load_async(conn).await?;
+                pipe.query_async(conn).await?
+            }
+            reply => reply?,
+        };
+        if replicas == 0 {
+            return Err(Failure::Unconfirmed);
+        }
+        Ok(value)
+    }
+
+    /// Indexes a session under its user, before the session itself is written.
+    async fn index(
+        &self,
+        conn: &Conn,
+        user: &str,
+        id: &SessionId,
+        now: Duration,
+    ) -> Result<(), Failure> {
+        // No write or renewal can make the session outlive this.
+        let expires = millis(now + self.settings.max_age);
+        let mut call = INDEX.key(self.keys.user(user));
+        call.arg(id.as_str()).arg(expires).arg(millis(now));
+        let mut by_user = conn.clone();
+        let mut by_handle = conn.clone();
+        let handle = redis::cmd("SET")
+            .arg(self.keys.handle(&id.handle()))
+            .arg(user)
+            .arg("PXAT")
+            .arg(expires)
+            .clone();
+        try_join(
+            call.invoke_async::<()>(&mut by_user),
+            handle.query_async::<()>(&mut by_handle),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Takes a deleted session out of its user's index. Best effort: reading the index
+    /// drops what this misses.
+    async fn unindex(&self, conn: &Conn, user: &str, id: &SessionId) {
+        let mut by_user = conn.clone();
+        let mut by_handle = conn.clone();
+        let _ = try_join(
+            redis::cmd("ZREM")
+                .arg(self.keys.user(user))
+                .arg(id.as_str())
+                .query_async::<()>(&mut by_user),
+            redis::cmd("DEL")
+                .arg(self.keys.handle(&id.handle()))
+                .query_async::<()>(&mut by_handle),
+        )
+        .await;
+    }
+
+    /// The IDs in a user's index, as stored, after dropping the expired ones.
+    async fn indexed(&self, conn: &mut Conn, user: &str) -> Result<Vec<String>, Failure> {
+        let now = millis(unix_now());
+        let (members,): (Vec<String>,) = redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(self.keys.user(user))
+            .arg("-inf")
+            .arg(format!("({now}"))
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(self.keys.user(user))
+            .arg(0)
+            .arg(-1)
+            .query_async(conn)
+            .await?;
+        Ok(members)
+    }
+
+    /// Stores a session under a key that must be free.
+    async fn insert(
+        &self,
+        conn: &mut Conn,
+        id: &SessionId,
+        session: &NewSession,
+        user: Option<&str>,
+        ttl: Duration,
+        now: Duration,
+    ) -> Result<(), Failure> {
+        let mut call = CREATE.key(self.keys.session(id));
+        call.arg(millis(ttl))
+            .arg(&session.data[..])
+            .arg(session.created)
+            .arg(now.as_secs())
+            .arg(session.ends.map(|e| e.to_string()).unwrap_or_default())
+            .arg(user.unwrap_or(""));
+        let created: i64 = self.commit(conn, &call).await?;
+        if created == 0 {
+            // Only with a broken random number generator.
+            return Err(StoreError::Unavailable(
+                "a session already exists under a newly generated ID".into(),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Writes new data into a session; with `ver`, only if the session is at that version.
+    async fn write(
+        &self,
+        conn: &mut Conn,
+        id: &SessionId,
+        data: &[u8],
+        ver: Option<&str>,
+        now: Duration,
+    ) -> Result<Written, Failure> {
+        let user = self.settings.user_of(data);
+        if let Some(user) = &user {
+            self.index(conn, user, id, now).await?;
+        }
+        let mut call = WRITE.key(self.keys.session(id));
+        call.arg(millis(now))
+            .arg(millis(self.settings.max_age))
+            .arg(now.as_secs())
+            .arg(data)
+            .arg(user.as_deref().unwrap_or(""))
+            .arg(ver.unwrap_or(""));
+        Ok(Written::from_reply(self.commit(conn, &call).await?))
+    }
+
+    /// Deletes a session; with `ver`, only at that version; with `user`, only if theirs.
+    async fn remove(
+        &self,
+        conn: &mut Conn,
+        id: &SessionId,
+        ver: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<Written, Failure> {
+        let mut call = DELETE.key(self.keys.session(id));
+        call.arg(ver.unwrap_or("")).arg(user.unwrap_or(""));
+        let removed = Written::from_reply(self.commit(conn, &call).await?);
+        if let Written::Done(Some(owner)) = &removed {
+            self.unindex(conn, owner, id).await;
+        }
+        Ok(removed)
+    }
+
+    async fn load_session(&self, id: &SessionId, renew: bool) -> Result<Option<Record>, Failure> {
+        let mut conn = self.link.conn().await?;
+        let key = self.keys.session(id);
+        if !renew {
+            let (data, created): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("data")
+                .arg("created")
+                .query_async(&mut conn)
+                .await?;
+            return Ok(record(data, created));
+        }
+        let now = unix_now();
+        let mut call = RENEW.key(&key);
+        call.arg(millis(now))
+            .arg(millis(self.settings.max_age))
+            .arg(now.as_secs());
+        let renewed: Option<(Vec<u8>, String, String)> = call.invoke_async(&mut conn).await?;
+        let Some((data, created, user)) = renewed else {
+            return Ok(None);
+        };
+        if !user.is_empty() {
+            // The index entry must not expire before the session it names.
+            self.index(&conn, &user, id, now).await?;
+        }
+        Ok(record(Some(data), Some(created)))
+    }
+
+    async fn create_session(&self, id: &SessionId, session: NewSession) -> Result<(), Failure> {
+        let now = unix_now();
+        let Some(ttl) = self.settings.ttl(session.ends, now) else {
+            // Already past its end: nothing to store.
+            return Ok(());
+        };
+        let mut conn = self.link.conn().await?;
+        let user = self.settings.user_of(&session.data);
+        if let Some(user) = &user {
+            self.index(&conn, user, id, now).await?;
+        }
+        self.insert(&mut conn, id, &session, user.as_deref(), ttl, now)
+            .await
+    }
+
+    async fn replace_session(&self, id: &SessionId, data: Bytes) -> Result<bool, Failure> {
+        let mut conn = self.link.conn().await?;
+        let written = self.write(&mut conn, id, &data, None, unix_now()).await?;
+        Ok(matches!(written, Written::Done(_)))
+    }
+
+    async fn patch_session(&self, id: &SessionId, patch: &Json) -> Result<PatchOutcome, Failure> {
+        let mut conn = self.link.conn().await?;
+        let (data, ver): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.keys.session(id))
+            .arg("data")
+            .arg("ver")
+            .query_async(&mut conn)
+            .await?;
+        let Some(mut data) = data else {
+            return Ok(PatchOutcome::Missing);
+        };
+        let mut ver = ver.unwrap_or_else(|| "0".into());
+        for attempt in 0..PATCH_ATTEMPTS {
+            if attempt > 0 {
+                // Writers that lost the same race spread out instead of colliding again.
+                let jitter = rand::random_range(0..=50 * u64::from(attempt.min(40)));
+                tokio::time::sleep(Duration::from_micros(jitter)).await;
+            }
+            let written = match self.settings.merge(Some(&data), patch)? {
+                Merged::Data(merged) => {
+                    match self
+                        .write(&mut conn, id, &merged, Some(&ver), unix_now())
+                        .await?
+                    {
+                        Written::Done(_) => return Ok(PatchOutcome::Updated(merged)),
+                        other => other,
+                    }
+                }
+                Merged::Empty => match self.remove(&mut conn, id, Some(&ver), None).await? {
+                    Written::Done(_) => return Ok(PatchOutcome::Destroyed),
+                    other => other,
+                },
+            };
+            match written {
+                Written::Changed { data: now, ver: at } => (data, ver) = (now, at),
+                Written::Missing | Written::Done(_) => return Ok(PatchOutcome::Missing),
+            }
+        }
+        Err(StoreError::Contended.into())
+    }
+
+    async fn delete_session(&self, id: &SessionId) -> Result<(), Failure> {
+        let mut conn = self.link.conn().await?;
+        self.remove(&mut conn, id, None, None).await?;
+        Ok(())
+    }
+
+    async fn rotate_session(
+        &self,
+        old: &SessionId,
+        new: &SessionId,
+        grace: Duration,
+    ) -> Result<bool, Failure> {
+        let mut conn = self.link.conn().await?;
+        let now = unix_now();
+        let peeked: Option<(Vec<u8>, String, String, String, i64)> = PEEK
+            .key(self.keys.session(old))
+            .invoke_async(&mut conn)
+            .await?;
+        let Some((data, created, ends, user, pttl)) = peeked else {
+            return Ok(false);
+        };
+        let Ok(created) = created.parse() else {
+            return Ok(false);
+        };
+        let ends = ends.parse().ok();
+        // The new ID keeps what is left of the old one's lifetime.
+        let ttl = match u64::try_from(pttl) {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            _ if pttl == -1 => match self.settings.ttl(ends, now) {
+                Some(ttl) => ttl,
+                None => return Ok(false),
+            },
+            _ => return Ok(false),
+        };
+        let user = (!user.is_empty()).then_some(user);
+        if let Some(user) = &user {
+            self.index(&conn, user, new, now).await?;
+        }
+        let moved = NewSession {
+            data: data.into(),
+            created,
+            ends,
+        };
+        self.insert(&mut conn, new, &moved, user.as_deref(), ttl, now)
+            .await?;
+        let mut call = SHORTEN.key(self.keys.session(old));
+        call.arg((now + grace).as_secs()).arg(millis(grace));
+        let _: i64 = self.commit(&mut conn, &call).await?;
+        Ok(true)
+    }
+
+    async fn list_user(&self, user: &str) -> Result<Vec<SessionInfo>, Failure> {
+        let mut conn = self.link.conn().await?;
+        let members = self.indexed(&mut conn, user).await?;
+        let ids: Vec<Option<SessionId>> = members.iter().map(|m| stored_id(m)).collect();
+        let fields = try_join_all(ids.iter().map(|id| {
+            let mut conn = conn.clone();
+            async move {
+                let Some(id) = id else {
+                    return Ok(None);
+                };
+                redis::cmd("HMGET")
+                    .arg(self.keys.session(id))
+                    .arg("created")
+                    .arg("seen")
+                    .arg("user")
+                    .query_async::<(Option<String>, Option<String>, Option<String>)>(&mut conn)
+                    .await
+                    .map(Some)
+            }
+        }))
+        .await?;
+        let mut sessions = Vec::new();
+        let mut stale = Vec::new();
+        for ((member, id), fields) in members.iter().zip(&ids).zip(fields) {
+            let info = id.as_ref().zip(fields).and_then(|(id, fields)| {
+                let (created, seen, owner) = fields;
+                (owner.as_deref() == Some(user)).then_some(())?;
+                Some(SessionInfo {
+                    handle: id.handle(),
+                    created: created?.parse().ok()?,
+                    last_seen: seen?.parse().ok()?,
+                })
+            });
+            match info {
+                Some(info) => sessions.push(info),
+                None => stale.push(member),
+            }
+        }
+        if !stale.is_empty() {
+            // Best effort, as in `unindex`: the next reading tries again.
+            let _: RedisResult<()> = redis::cmd("ZREM")
+                .arg(self.keys.user(user))
+                .arg(stale)
+                .query_async(&mut conn)
+                .await;
+        }
+        Ok(sessions)
+    }
+
+    async fn revoke_user_sessions(&self, user: &str) -> Result<usize, Failure> {
+        let mut conn = self.link.conn().await?;
+        let members = self.indexed(&mut conn, user).await?;
+        let ids: Vec<SessionId> = members.iter().filter_map(|m| stored_id(m)).collect();
+        let removed = try_join_all(ids.iter().map(|id| {
+            let mut conn = conn.clone();
+            // Only sessions that still belong to the user: one may have changed hands.
+            async move { self.remove(&mut conn, id, None, Some(user)).await }
+        }))
+        .await?;
+        if !members.is_empty() {
+            // Only the entries read above: a session indexed meanwhile stays indexed.
+            redis::cmd("ZREM")
+                .arg(self.keys.user(user))
+                .arg(&members)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        Ok(removed
+            .iter()
+            .filter(|w| matches!(w, Written::Done(_)))
+            .count())
+    }
+
+    async fn revoke_by_handle(&self, handle: &str) -> Result<bool, Failure> {
+        let mut conn = self.link.conn().await?;
+        let user: Option<String> = redis::cmd("GET")
+            .arg(self.keys.handle(handle))
+            .query_async(&mut conn)
+            .await?;
+        let Some(user) = user else {
+            return Ok(false);
+        };
+        let members = self.indexed(&mut conn, &user).await?;
+        let Some(id) = members
+            .iter()
+            .filter_map(|m| stored_id(m))
+            .find(|id| id.handle() == handle)
+        else {
+            return Ok(false);
+        };
+        let removed = self.remove(&mut conn, &id, None, None).await?;
+        Ok(matches!(removed, Written::Done(_)))
+    }
+
+    async fn ping_redis(&self) -> Result<(), Failure> {
+        let mut conn = self.link.conn().await?;
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+}
+
+/// A session as read from its hash; one without a readable `created` was not written by
+/// the proxy and counts as absent.
+fn record(data: Option<Vec<u8>>, created: Option<String>) -> Option<Record> {
+    Some(Record {
+        data: Bytes::from(data?),
+        created: created?.parse().ok()?,
+    })
+}
+
+impl Store for RedisStore {
+    fn load<'a>(&'a self, id: &'a SessionId, renew: bool) -> StoreFuture<'a, Option<Record>> {
+        Box::pin(self.run(self.load_session(id, renew)))
+    }
+
+    fn create<'a>(&'a self, id: &'a SessionId, session: NewSession) -> StoreFuture<'a, ()> {
+        Box::pin(self.run(self.create_session(id, session)))
+    }
+
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, bool> {
+        Box::pin(self.run(self.replace_session(id, data)))
+    }
+
+    fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Json) -> StoreFuture<'a, PatchOutcome> {
+        Box::pin(self.run(self.patch_session(id, patch)))
+    }
+
+    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()> {
+        Box::pin(self.run(self.delete_session(id)))
+    }
+
+    fn rotate<'a>(
+        &'a self,
+        old: &'a SessionId,
+        new: &'a SessionId,
+        grace: Duration,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(self.run(self.rotate_session(old, new, grace)))
+    }
+
+    fn user_sessions<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<SessionInfo>> {
+        Box::pin(self.run(self.list_user(user)))
+    }
+
+    fn revoke_user<'a>(&'a self, user: &'a str) -> StoreFuture<'a, usize> {
+        Box::pin(self.run(self.revoke_user_sessions(user)))
+    }
+
+    fn revoke_handle<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(self.run(self.revoke_by_handle(handle)))
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.run(self.ping_redis()))
+    }
+}

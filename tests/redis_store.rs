@@ -1,0 +1,808 @@
+//! The Redis store against real Redis: standalone, Sentinel and Cluster, through the
+//! `Store` trait, with the stored form checked by a plain Redis client.
+
+#[path = "support/redis.rs"]
+mod redis_harness;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis_harness::{RedisCluster, RedisSentinel, RedisServer, SENTINEL_MASTER};
+use serde_json::{Value, json};
+use session_proxy::session::id::{IdShape, SessionId};
+use session_proxy::store::redis::{RedisOptions, RedisStore, Topology};
+use session_proxy::store::{NewSession, PatchOutcome, Store, StoreError, StoreSettings, unix_now};
+
+const PREFIX: &str = "session:";
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn settings(max_age: Duration) -> StoreSettings {
+    StoreSettings {
+        max_age,
+        user_key: Some("user".into()),
+        max_bytes: 4096,
+    }
+}
+
+fn options(key_prefix: &str) -> RedisOptions {
+    RedisOptions {
+        key_prefix: key_prefix.into(),
+        connect_timeout: Duration::from_millis(500),
+        response_timeout: Duration::from_secs(1),
+    }
+}
+
+async fn connect(topology: Topology, max_age: Duration) -> RedisStore {
+    RedisStore::connect(topology, options(PREFIX), settings(max_age))
+        .await
+        .expect("connect")
+}
+
+async fn standalone(server: &RedisServer, max_age: Duration) -> RedisStore {
+    connect(Topology::Standalone { url: server.url() }, max_age).await
+}
+
+fn new_id() -> SessionId {
+    SessionId::generate(IdShape::default())
+}
+
+fn key(id: &SessionId) -> String {
+    format!("{PREFIX}{}", id.as_str())
+}
+
+fn session(json: &str) -> NewSession {
+    NewSession {
+        data: Bytes::copy_from_slice(json.as_bytes()),
+        created: unix_now().as_secs(),
+        ends: None,
+    }
+}
+
+fn bytes(json: &str) -> Bytes {
+    Bytes::copy_from_slice(json.as_bytes())
+}
+
+fn patch(json: &str) -> Value {
+    serde_json::from_str(json).expect("patch JSON")
+}
+
+async fn data(store: &RedisStore, id: &SessionId) -> Option<String> {
+    let record = store.load(id, false).await.expect("load")?;
+    Some(String::from_utf8(record.data.to_vec()).expect("UTF-8"))
+}
+
+/// Polls `check` every 20 ms until it holds; panics after `limit`. Returns the time taken.
+async fn eventually<F: Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> Duration {
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+fn unavailable<T: std::fmt::Debug>(result: Result<T, StoreError>) -> String {
+    match result {
+        Err(StoreError::Unavailable(why)) => why,
+        other => panic!("expected StoreError::Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_are_created_read_replaced_and_deleted() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let id = new_id();
+    assert_eq!(store.load(&id, false).await.unwrap(), None);
+    store.create(&id, session(r#"{"a":1}"#)).await.unwrap();
+    assert_eq!(data(&store, &id).await.as_deref(), Some(r#"{"a":1}"#));
+    assert!(store.replace(&id, bytes(r#"{"a":2}"#)).await.unwrap());
+    assert_eq!(data(&store, &id).await.as_deref(), Some(r#"{"a":2}"#));
+    store.delete(&id).await.unwrap();
+    store.delete(&id).await.unwrap();
+    assert_eq!(store.load(&id, false).await.unwrap(), None);
+    assert!(!store.replace(&id, bytes(r#"{"a":3}"#)).await.unwrap());
+    assert_eq!(
+        server.cli::<i64>(&["EXISTS", &key(&id)]),
+        0,
+        "replace must not recreate a deleted session"
+    );
+    store.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_is_one_readable_hash_under_the_key_prefix_with_its_ttl() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(
+        Topology::Standalone { url: server.url() },
+        options("app:sess:"),
+        settings(MINUTE),
+    )
+    .await
+    .unwrap();
+    let id = new_id();
+    let json = r#"{"user":"ann","cart":[1,2],"n":12345678901234567890123}"#;
+    let now = unix_now().as_secs();
+    let ends = now + 3600;
+    store
+        .create(
+            &id,
+            NewSession {
+                data: bytes(json),
+                created: now - 5,
+                ends: Some(ends),
+            },
+        )
+        .await
+        .unwrap();
+
+    let key = format!("app:sess:{}", id.as_str());
+    let keys: Vec<String> = server.cli(&["KEYS", "app:sess:*"]);
+    assert!(keys.contains(&key), "{keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with("app:sess:")), "{keys:?}");
+    assert_eq!(server.cli::<String>(&["TYPE", &key]), "hash");
+    let fields: HashMap<String, String> = server.cli(&["HGETALL", &key]);
+    assert_eq!(fields["data"], json);
+    let _: Value = serde_json::from_str(&fields["data"]).expect("data is readable JSON");
+    assert_eq!(fields["created"], (now - 5).to_string());
+    assert_eq!(fields["ends"], ends.to_string());
+    assert_eq!(fields["ver"], "1");
+    assert_eq!(fields["user"], "ann");
+    let seen: u64 = fields["seen"].parse().unwrap();
+    assert!((now..=now + 2).contains(&seen));
+    let pttl: i64 = server.cli(&["PTTL", &key]);
+    assert!((55_000..=60_000).contains(&pttl), "TTL is max_age: {pttl}");
+
+    // A session without a user or an end has neither field.
+    let plain = new_id();
+    store.create(&plain, session(r#"{"a":1}"#)).await.unwrap();
+    let fields: HashMap<String, String> =
+        server.cli(&["HGETALL", &format!("app:sess:{}", plain.as_str())]);
+    assert!(
+        !fields.contains_key("user") && !fields.contains_key("ends"),
+        "{fields:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_expire_after_max_age_in_real_time() {
+    let server = RedisServer::start();
+    let store = standalone(&server, Duration::from_secs(1)).await;
+    let id = new_id();
+    let start = Instant::now();
+    store.create(&id, session(r#"{"a":1}"#)).await.unwrap();
+    assert!(store.load(&id, false).await.unwrap().is_some());
+    eventually("the session to expire", Duration::from_secs(5), || async {
+        store.load(&id, false).await.unwrap().is_none()
+    })
+    .await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "expired early: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(server.cli::<i64>(&["EXISTS", &key(&id)]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renewal_resets_the_ttl_without_rewriting_the_data() {
+    let server = RedisServer::start();
+    let store = standalone(&server, Duration::from_secs(10)).await;
+    let id = new_id();
+    // What a round trip through Lua's cjson would have changed.
+    let json = r#"{"big":12345678901234567890123,"empty":[],"f":0.1}"#;
+    store.create(&id, session(json)).await.unwrap();
+    let seen_before: u64 = server.cli(&["HGET", &key(&id), "seen"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // A plain read leaves the TTL running down.
+    assert!(store.load(&id, false).await.unwrap().is_some());
+    let pttl: i64 = server.cli(&["PTTL", &key(&id)]);
+    assert!(pttl < 8_700, "a read without renewal reset the TTL: {pttl}");
+
+    let record = store.load(&id, true).await.unwrap().expect("session");
+    assert_eq!(&record.data[..], json.as_bytes());
+    let pttl: i64 = server.cli(&["PTTL", &key(&id)]);
+    assert!(pttl > 9_500, "renewal did not reset the TTL: {pttl}");
+    let stored: Vec<u8> = server.cli(&["HGET", &key(&id), "data"]);
+    assert_eq!(stored, json.as_bytes(), "renewal changed the stored bytes");
+    assert_eq!(
+        server.cli::<String>(&["HGET", &key(&id), "ver"]),
+        "1",
+        "renewal rewrote the data"
+    );
+    let seen_after: u64 = server.cli(&["HGET", &key(&id), "seen"]);
+    assert!(seen_after > seen_before, "renewal did not update `seen`");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_absolute_end_caps_every_ttl_and_an_ended_session_is_not_stored() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let id = new_id();
+    let now = unix_now().as_secs();
+    let ends = Some(now + 3);
+    store
+        .create(
+            &id,
+            NewSession {
+                data: bytes(r#"{"a":1}"#),
+                created: now,
+                ends,
+            },
+        )
+        .await
+        .unwrap();
+    let capped = |pttl: i64| (0..=3_000).contains(&pttl);
+    assert!(capped(server.cli(&["PTTL", &key(&id)])));
+    assert!(store.replace(&id, bytes(r#"{"a":2}"#)).await.unwrap());
+    assert!(capped(server.cli(&["PTTL", &key(&id)])));
+    assert!(store.load(&id, true).await.unwrap().is_some());
+    assert!(capped(server.cli(&["PTTL", &key(&id)])));
+    let patched = store.patch(&id, &patch(r#"{"b":1}"#)).await.unwrap();
+    assert!(matches!(patched, PatchOutcome::Updated(_)));
+    assert!(capped(server.cli(&["PTTL", &key(&id)])));
+
+    let ended = new_id();
+    let past = NewSession {
+        data: bytes(r#"{"a":1}"#),
+        created: now - 10,
+        ends: Some(now - 1),
+    };
+    store.create(&ended, past).await.unwrap();
+    assert_eq!(server.cli::<i64>(&["EXISTS", &key(&ended)]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_merges_into_the_stored_session_keeping_numbers_and_arrays() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let id = new_id();
+    store
+        .create(
+            &id,
+            session(r#"{"a":1,"n":12345678901234567890123,"l":[],"o":{"x":1,"y":2}}"#),
+        )
+        .await
+        .unwrap();
+    let outcome = store
+        .patch(&id, &patch(r#"{"a":null,"b":[],"o":{"y":null}}"#))
+        .await
+        .unwrap();
+    let expected = r#"{"n":12345678901234567890123,"l":[],"o":{"x":1},"b":[]}"#;
+    assert_eq!(outcome, PatchOutcome::Updated(bytes(expected)));
+    assert_eq!(server.cli::<String>(&["HGET", &key(&id), "data"]), expected);
+    assert_eq!(server.cli::<String>(&["HGET", &key(&id), "ver"]), "2");
+
+    // Too large: refused, and the stored session stays as it was.
+    let big = json!({ "big": "x".repeat(5000) });
+    assert!(matches!(
+        store.patch(&id, &big).await,
+        Err(StoreError::TooLarge(_))
+    ));
+    assert_eq!(server.cli::<String>(&["HGET", &key(&id), "data"]), expected);
+
+    // A patch that leaves `{}` destroys the session.
+    let emptying = patch(r#"{"n":null,"l":null,"o":null,"b":null}"#);
+    assert_eq!(
+        store.patch(&id, &emptying).await.unwrap(),
+        PatchOutcome::Destroyed
+    );
+    assert_eq!(server.cli::<i64>(&["EXISTS", &key(&id)]), 0);
+
+    // No session: nothing is written.
+    assert_eq!(
+        store.patch(&id, &patch(r#"{"a":1}"#)).await.unwrap(),
+        PatchOutcome::Missing
+    );
+    assert_eq!(server.cli::<i64>(&["EXISTS", &key(&id)]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_patches_of_different_keys_all_land() {
+    let server = RedisServer::start();
+    let store = Arc::new(standalone(&server, MINUTE).await);
+    let id = new_id();
+    store
+        .create(&id, session(r#"{"start":true}"#))
+        .await
+        .unwrap();
+    let patches = (0..50).map(|i| {
+        let (store, id) = (store.clone(), id.clone());
+        tokio::spawn(async move { store.patch(&id, &json!({ format!("k{i}"): i })).await })
+    });
+    for outcome in futures_util::future::join_all(patches).await {
+        assert!(matches!(outcome.unwrap(), Ok(PatchOutcome::Updated(_))));
+    }
+    let stored: Value = serde_json::from_str(&data(&store, &id).await.unwrap()).unwrap();
+    for i in 0..50 {
+        assert_eq!(
+            stored[format!("k{i}")],
+            json!(i),
+            "patch {i} was lost: {stored}"
+        );
+    }
+    assert_eq!(stored["start"], json!(true));
+    assert_eq!(server.cli::<String>(&["HGET", &key(&id), "ver"]), "51");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_moves_the_session_and_the_old_id_lasts_only_the_grace_period() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let (old, new) = (new_id(), new_id());
+    let now = unix_now().as_secs();
+    let json = r#"{"user":"ann","role":"admin"}"#;
+    let ends = now + 3600;
+    store
+        .create(
+            &old,
+            NewSession {
+                data: bytes(json),
+                created: now - 50,
+                ends: Some(ends),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .rotate(&old, &new, Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+
+    let moved = store.load(&new, false).await.unwrap().expect("new ID");
+    assert_eq!(
+        (&moved.data[..], moved.created),
+        (json.as_bytes(), now - 50)
+    );
+    let fields: HashMap<String, String> = server.cli(&["HGETALL", &key(&new)]);
+    assert_eq!(fields["ends"], ends.to_string());
+    assert_eq!(fields["user"], "ann");
+    let handles: Vec<String> = store
+        .user_sessions("ann")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.handle)
+        .collect();
+    assert!(handles.contains(&new.handle()), "the new ID is indexed");
+
+    // The old ID: still readable, but ends within the grace period.
+    assert!(store.load(&old, false).await.unwrap().is_some());
+    let pttl: i64 = server.cli(&["PTTL", &key(&old)]);
+    assert!((0..=1_000).contains(&pttl), "old TTL not shortened: {pttl}");
+    let old_ends: u64 = server.cli(&["HGET", &key(&old), "ends"]);
+    assert!(old_ends <= unix_now().as_secs() + 1);
+    eventually(
+        "the old ID to disappear",
+        Duration::from_secs(5),
+        || async { store.load(&old, false).await.unwrap().is_none() },
+    )
+    .await;
+    assert!(store.load(&new, false).await.unwrap().is_some());
+    // Renewing the old ID within the grace period could not have extended it either.
+
+    let (gone, target) = (new_id(), new_id());
+    assert!(
+        !store
+            .rotate(&gone, &target, Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(server.cli::<i64>(&["EXISTS", &key(&target)]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_user_index_lists_and_revokes_sessions_by_user_and_handle() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let (a, b, c) = (new_id(), new_id(), new_id());
+    let created = unix_now().as_secs() - 7;
+    let ann = NewSession {
+        data: bytes(r#"{"user":"ann"}"#),
+        created,
+        ends: None,
+    };
+    store.create(&a, ann.clone()).await.unwrap();
+    store.create(&b, ann).await.unwrap();
+    store
+        .create(&c, session(r#"{"user":"bob"}"#))
+        .await
+        .unwrap();
+
+    let mut listed = store.user_sessions("ann").await.unwrap();
+    listed.sort_by(|x, y| x.handle.cmp(&y.handle));
+    let mut handles = vec![a.handle(), b.handle()];
+    handles.sort();
+    assert_eq!(
+        listed.iter().map(|s| s.handle.clone()).collect::<Vec<_>>(),
+        handles
+    );
+    assert!(listed.iter().all(|s| s.created == created));
+    assert!(listed.iter().all(|s| s.last_seen >= created + 7));
+    // The index and handle keys expire no later than a session could.
+    let index_ttl: i64 = server.cli(&["PTTL", &format!("{PREFIX}user:ann")]);
+    assert!((55_000..=60_000).contains(&index_ttl), "{index_ttl}");
+    let handle_key = format!("{PREFIX}handle:{}", a.handle());
+    assert_eq!(server.cli::<String>(&["GET", &handle_key]), "ann");
+    assert!(server.cli::<i64>(&["PTTL", &handle_key]) > 55_000);
+
+    assert!(store.revoke_handle(&b.handle()).await.unwrap());
+    assert!(!store.revoke_handle(&b.handle()).await.unwrap());
+    assert!(!store.revoke_handle("no-such-handle").await.unwrap());
+    assert!(store.load(&b, false).await.unwrap().is_none());
+    assert_eq!(store.revoke_user("ann").await.unwrap(), 1);
+    assert!(store.load(&a, false).await.unwrap().is_none());
+    assert!(store.user_sessions("ann").await.unwrap().is_empty());
+    assert_eq!(
+        server.cli::<i64>(&["EXISTS", &format!("{PREFIX}user:ann")]),
+        0
+    );
+    assert!(
+        store.load(&c, false).await.unwrap().is_some(),
+        "bob's session survives"
+    );
+
+    // A session that changes hands is listed, and revoked, only under its current user.
+    assert!(store.replace(&c, bytes(r#"{"user":"ann"}"#)).await.unwrap());
+    assert!(store.user_sessions("bob").await.unwrap().is_empty());
+    assert_eq!(store.user_sessions("ann").await.unwrap().len(), 1);
+    assert_eq!(store.revoke_user("bob").await.unwrap(), 0);
+    assert!(store.load(&c, false).await.unwrap().is_some());
+    assert!(store.revoke_handle(&c.handle()).await.unwrap());
+
+    // Deleting a session takes it out of the index.
+    let d = new_id();
+    store
+        .create(&d, session(r#"{"user":"cat"}"#))
+        .await
+        .unwrap();
+    store.delete(&d).await.unwrap();
+    assert_eq!(
+        server.cli::<i64>(&["EXISTS", &format!("{PREFIX}user:cat")]),
+        0
+    );
+    assert_eq!(
+        server.cli::<i64>(&["EXISTS", &format!("{PREFIX}handle:{}", d.handle())]),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_user_index_forgets_expired_sessions() {
+    let server = RedisServer::start();
+    let store = standalone(&server, Duration::from_secs(1)).await;
+    let id = new_id();
+    store
+        .create(&id, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    assert_eq!(store.user_sessions("ann").await.unwrap().len(), 1);
+    eventually(
+        "the index to forget the expired session",
+        Duration::from_secs(5),
+        || async { store.user_sessions("ann").await.unwrap().is_empty() },
+    )
+    .await;
+    assert_eq!(store.revoke_user("ann").await.unwrap(), 0);
+    eventually(
+        "the index keys to expire",
+        Duration::from_secs(5),
+        || async {
+            let index: i64 = server.cli(&["EXISTS", &format!("{PREFIX}user:ann")]);
+            let handle: i64 = server.cli(&["EXISTS", &format!("{PREFIX}handle:{}", id.handle())]);
+            index + handle == 0
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operations_fail_as_unavailable_while_redis_is_down_and_recover_within_two_seconds() {
+    let mut server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let id = new_id();
+    let secret = r#"{"user":"ann","secret":"hunter2"}"#;
+    store.create(&id, session(secret)).await.unwrap();
+    server.stop();
+
+    let errors = [
+        unavailable(store.load(&id, false).await),
+        unavailable(store.load(&id, true).await),
+        unavailable(store.create(&new_id(), session(secret)).await),
+        unavailable(store.replace(&id, bytes(secret)).await),
+        unavailable(store.patch(&id, &patch(r#"{"a":1}"#)).await),
+        unavailable(store.delete(&id).await),
+        unavailable(store.rotate(&id, &new_id(), Duration::from_secs(1)).await),
+        unavailable(store.user_sessions("ann").await),
+        unavailable(store.revoke_user("ann").await),
+        unavailable(store.revoke_handle(&id.handle()).await),
+        unavailable(store.ping().await),
+    ];
+    for why in &errors {
+        assert!(
+            !why.contains(id.as_str()) && !why.contains("hunter2"),
+            "leaks: {why}"
+        );
+    }
+    eprintln!("while Redis is down: {}", errors[0]);
+
+    server.restart();
+    let recovered = eventually(
+        "the store to answer again",
+        Duration::from_secs(10),
+        || async { store.ping().await.is_ok() },
+    )
+    .await;
+    eprintln!("store answered again {recovered:?} after Redis came back");
+    assert!(
+        recovered < Duration::from_secs(2),
+        "recovery took {recovered:?}"
+    );
+    // Redis came back empty: the old session is gone, new ones work.
+    assert_eq!(store.load(&id, false).await.unwrap(), None);
+    let fresh = new_id();
+    store.create(&fresh, session(r#"{"a":1}"#)).await.unwrap();
+    assert_eq!(data(&store, &fresh).await.as_deref(), Some(r#"{"a":1}"#));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_store_starts_while_redis_is_down_and_connects_once_it_is_up() {
+    let mut server = RedisServer::start();
+    server.stop();
+    let store = standalone(&server, MINUTE).await;
+    unavailable(store.ping().await);
+    unavailable(store.load(&new_id(), false).await);
+    server.restart();
+    let recovered = eventually("the store to answer", Duration::from_secs(10), || async {
+        store.ping().await.is_ok()
+    })
+    .await;
+    assert!(recovered < Duration::from_secs(2), "took {recovered:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_urls_are_refused_without_echoing_them() {
+    for url in ["http://127.0.0.1:6379", "redis://user:s3cret@[bad", ""] {
+        let result = RedisStore::connect(
+            Topology::Standalone { url: url.into() },
+            options(PREFIX),
+            settings(MINUTE),
+        )
+        .await;
+        let why = unavailable(result.map(|_| ()));
+        assert!(
+            why.contains("store.url") && !why.contains("s3cret"),
+            "{why}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sentinel_failover_loses_no_acknowledged_write() {
+    let setup = Arc::new(
+        tokio::task::spawn_blocking(RedisSentinel::start)
+            .await
+            .unwrap(),
+    );
+    let store = Arc::new(
+        connect(
+            Topology::Sentinel {
+                master: SENTINEL_MASTER.into(),
+                nodes: setup.sentinel_urls(),
+            },
+            MINUTE,
+        )
+        .await,
+    );
+    let counter = new_id();
+    store
+        .create(&counter, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    assert!(store.load(&counter, true).await.unwrap().is_some());
+    assert_eq!(store.user_sessions("ann").await.unwrap().len(), 1);
+
+    // A stream of writes: a new session each time, and a patch of one shared session.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (store, stop, counter) = (store.clone(), stop.clone(), counter.clone());
+        async move {
+            let mut created = Vec::new();
+            let mut patched = Vec::new();
+            let mut failures = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let id = new_id();
+                let json = format!(r#"{{"n":{n}}}"#);
+                match store.create(&id, session(&json)).await {
+                    Ok(()) => created.push((id, json, Instant::now())),
+                    Err(StoreError::Unavailable(w)) => {eprintln!("DEBUG create {w} {:?}", Instant::now()); failures.push(Instant::now())},
+                    Err(e) => panic!("unexpected {e}"),
+                }
+                match store.patch(&counter, &json!({ format!("p{n}"): n })).await {
+                    Ok(PatchOutcome::Updated(_)) => patched.push(n),
+                    Ok(other) => panic!("patch: {other:?}"),
+                    Err(StoreError::Unavailable(_)) => failures.push(Instant::now()),
+                    Err(e) => panic!("unexpected {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (created, patched, failures)
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let old_master = setup.master_port();
+    let started = Instant::now();
+    let new_master = tokio::task::spawn_blocking({
+        let setup = setup.clone();
+        move || setup.failover()
+    })
+    .await
+    .unwrap();
+    let switched = started.elapsed();
+    assert_ne!(new_master, old_master);
+    // Keep writing until writes have gone through for a while after the switch.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (created, patched, failures) = writer.await.unwrap();
+
+    let resumed = created
+        .iter()
+        .map(|(_, _, at)| *at)
+        .find(|at| failures.last().is_none_or(|last| at > last));
+    let after_switch = created
+        .iter()
+        .filter(|(_, _, at)| *at > started + switched)
+        .count();
+    eprintln!(
+        "DEBUG created={} patched={} failures={} switched={switched:?}",
+        created.len(),
+        patched.len(),
+        failures.len()
+    );
+    assert!(after_switch > 0, "no write succeeded after the failover");
+
+    // Every acknowledged write is on the new master.
+    let master = setup.server(new_master);
+    let lost_creates = created
+        .iter()
+        .filter(|(id, json, _)| {
+            master
+                .try_cli::<Option<String>>(&["HGET", &key(id), "data"])
+                .ok()
+                .flatten()
+                .as_deref()
+                != Some(json.as_str())
+        })
+        .count();
+    let stored: Value =
+        serde_json::from_str(&master.cli::<String>(&["HGET", &key(&counter), "data"])).unwrap();
+    let lost_patches = patched
+        .iter()
+        .filter(|n| stored[format!("p{n}")] != json!(n))
+        .count();
+    let outage = match (failures.first(), resumed) {
+        (Some(first), Some(resumed)) => resumed.duration_since(*first),
+        _ => Duration::ZERO,
+    };
+    eprintln!(
+        "sentinel failover: Sentinels switched {switched:?} after SENTINEL FAILOVER; \
+         writes failed for {outage:?}; {} creates and {} patches acknowledged, \
+         {} refused as unavailable, {lost_creates} creates and {lost_patches} patches lost",
+        created.len(),
+        patched.len(),
+        failures.len()
+    );
+    assert_eq!((lost_creates, lost_patches), (0, 0));
+    assert!(
+        outage < Duration::from_secs(10),
+        "writes failed for {outage:?}"
+    );
+    // And the store keeps working on the new master.
+    let id = new_id();
+    store
+        .create(&id, session(r#"{"after":true}"#))
+        .await
+        .unwrap();
+    assert!(master.cli::<i64>(&["EXISTS", &key(&id)]) == 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_spreads_sessions_over_its_nodes_and_every_operation_works() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let store = connect(
+        Topology::Cluster {
+            nodes: cluster.urls(),
+        },
+        MINUTE,
+    )
+    .await;
+    store.ping().await.unwrap();
+
+    let ids: Vec<SessionId> = (0..30).map(|_| new_id()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let json = if i % 3 == 0 {
+            r#"{"user":"ann"}"#.to_string()
+        } else {
+            format!(r#"{{"i":{i}}}"#)
+        };
+        store.create(id, session(&json)).await.unwrap();
+    }
+    let sizes: Vec<i64> = cluster.nodes().iter().map(|n| n.cli(&["DBSIZE"])).collect();
+    assert!(
+        sizes.iter().all(|&n| n > 0),
+        "sessions not spread over the nodes: {sizes:?}"
+    );
+    let slots: std::collections::HashSet<i64> = ids
+        .iter()
+        .map(|id| cluster.cli(&["CLUSTER", "KEYSLOT", &key(id)]))
+        .collect();
+    assert!(slots.len() > 1);
+
+    for (i, id) in ids.iter().enumerate() {
+        assert!(store.load(id, i % 2 == 0).await.unwrap().is_some());
+    }
+    assert!(
+        store
+            .replace(&ids[1], bytes(r#"{"i":"replaced"}"#))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        cluster.cli::<String>(&["HGET", &key(&ids[1]), "data"]),
+        r#"{"i":"replaced"}"#
+    );
+    let patched = store.patch(&ids[2], &patch(r#"{"j":2}"#)).await.unwrap();
+    assert_eq!(patched, PatchOutcome::Updated(bytes(r#"{"i":2,"j":2}"#)));
+    assert_eq!(
+        store.patch(&ids[4], &patch(r#"{"i":null}"#)).await.unwrap(),
+        PatchOutcome::Destroyed
+    );
+    let rotated = new_id();
+    assert!(
+        store
+            .rotate(&ids[5], &rotated, Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(data(&store, &rotated).await.as_deref(), Some(r#"{"i":5}"#));
+    store.delete(&ids[7]).await.unwrap();
+    assert!(store.load(&ids[7], false).await.unwrap().is_none());
+
+    let ann: Vec<&SessionId> = ids.iter().step_by(3).collect();
+    assert_eq!(store.user_sessions("ann").await.unwrap().len(), ann.len());
+    assert!(store.revoke_handle(&ann[0].handle()).await.unwrap());
+    assert_eq!(store.revoke_user("ann").await.unwrap(), ann.len() - 1);
+    for id in ann {
+        assert!(store.load(id, false).await.unwrap().is_none());
+    }
+    assert!(store.load(&ids[8], false).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rediss_urls_connect_over_tls() {
+    let server = RedisServer::start_tls();
+    let ca = server.ca_path().unwrap().display().to_string();
+    eprintln!("TLS server at {} with CA {ca}", server.url());
+    let store = standalone(&server, MINUTE).await;
+    let result = store.ping().await;
+    eprintln!("ping over TLS: {result:?}");
+    result.unwrap();
+}

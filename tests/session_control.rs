@@ -1,0 +1,461 @@
+//! Session control beyond replacement (SPEC §8): atomic patches, rotation, absolute
+//! timeout, signed cookies, the per-user index and revocation — each rule run against
+//! the memory store and against a real redis-server.
+
+mod support;
+
+#[path = "support/redis.rs"]
+#[allow(dead_code)]
+mod redis_harness;
+
+use std::time::Duration;
+
+use serde_json::json;
+use session_proxy::config::{Config, StoreType};
+use support::{App, Browser, Client, Proxy, q};
+
+/// Where the proxy under test keeps its sessions.
+enum Backend {
+    Memory,
+    Redis(redis_harness::RedisServer),
+}
+
+impl Backend {
+    fn memory() -> Backend {
+        Backend::Memory
+    }
+
+    fn redis() -> Backend {
+        Backend::Redis(redis_harness::RedisServer::start())
+    }
+
+    fn apply(&self, c: &mut Config) {
+        if let Backend::Redis(server) = self {
+            c.store.kind = StoreType::Redis;
+            c.store.url = Some(server.url());
+        }
+    }
+
+    async fn proxy(&self, app: &App, tweak: impl FnOnce(&mut Config)) -> Proxy {
+        Proxy::with(app, |c| {
+            self.apply(c);
+            tweak(c);
+        })
+        .await
+    }
+}
+
+/// Runs each listed test body against both stores.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::Backend::memory()).await } )*
+        }
+        mod redis {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { super::$name(super::Backend::redis()).await } )*
+        }
+    };
+}
+
+on_both_stores!(
+    concurrent_patches_of_different_keys_all_land,
+    concurrent_full_updates_are_last_write_wins,
+    patch_without_a_session_creates_one_and_empty_result_destroys,
+    rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period,
+    rotation_on_its_own_moves_the_session,
+    absolute_timeout_ends_a_session_whatever_its_activity,
+    forged_or_truncated_signed_cookies_cost_no_store_access,
+    fallback_signed_cookies_are_accepted_and_resigned,
+    revoke_all_ends_every_session_of_the_user_and_no_other,
+    revoke_by_handle_ends_one_session,
+    admin_token_guards_sessions_but_not_probes,
+);
+
+async fn concurrent_patches_of_different_keys_all_land(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |_| {}).await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"start":true}"#))))
+        .await;
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let client = Client::new();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let (client, cookie) = (client.clone(), cookie.clone());
+            let url = proxy.url(&format!(
+                "/?delay_ms=20&patch={}",
+                q(&format!(r#"{{"k{i}":{i}}}"#))
+            ));
+            tokio::spawn(async move { client.get(&url, &[("cookie", &cookie)]).await.status })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    let session = browser.get(&proxy.url("/")).await.session_seen();
+    let object = session.as_object().unwrap();
+    assert_eq!(object.len(), 51, "{session}");
+    for i in 0..50 {
+        assert_eq!(session[format!("k{i}")], i, "k{i} lost: {session}");
+    }
+}
+
+async fn concurrent_full_updates_are_last_write_wins(backend: Backend) {
+    // Documents why Patch exists: full replacements from concurrent requests overwrite
+    // each other, so only one writer's key survives.
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |_| {}).await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"start":true}"#))))
+        .await;
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let client = Client::new();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let (client, cookie) = (client.clone(), cookie.clone());
+            let url = proxy.url(&format!(
+                "/?delay_ms=20&update={}",
+                q(&format!(r#"{{"k{i}":{i}}}"#))
+            ));
+            tokio::spawn(async move { client.get(&url, &[("cookie", &cookie)]).await.status })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    let session = browser.get(&proxy.url("/")).await.session_seen();
+    assert_eq!(session.as_object().unwrap().len(), 1, "{session}");
+}
+
+async fn patch_without_a_session_creates_one_and_empty_result_destroys(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |_| {}).await;
+    let r = Client::new()
+        .get(
+            &proxy.url(&format!("/?patch={}", q(r#"{"gone":null}"#))),
+            &[],
+        )
+        .await;
+    assert!(
+        r.set_cookies().is_empty(),
+        "an empty result creates nothing"
+    );
+    let mut browser = Browser::new();
+    let r = browser
+        .get(&proxy.url(&format!(
+            "/?patch={}",
+            q(r#"{"cart":[1,2],"n":12345678901234567890}"#)
+        )))
+        .await;
+    assert!(r.session_cookie().is_some());
+    let r = browser.get(&proxy.url("/")).await;
+    assert!(String::from_utf8_lossy(&r.body).contains("12345678901234567890"));
+    assert_eq!(r.session_seen()["cart"], json!([1, 2]));
+    let r = browser
+        .get(&proxy.url(&format!("/?patch={}", q(r#"{"cart":null,"n":null}"#))))
+        .await;
+    assert!(r.clears_session_cookie());
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen(), json!({}));
+}
+
+async fn rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |c| c.session.rotate_grace = 1).await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"cart":1}"#))))
+        .await;
+    let old = browser.cookie.clone().unwrap();
+    let old_cookie = format!("session={old}");
+    // A slow request on the old ID is in flight while the login rotates the session.
+    let slow_url = proxy.url("/slow?delay_ms=500");
+    let slow = {
+        let cookie = old_cookie.clone();
+        tokio::spawn(async move { Client::new().get(&slow_url, &[("cookie", &cookie)]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = browser
+        .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#))))
+        .await;
+    let new = r.session_cookie().expect("rotation sends the new cookie");
+    assert_ne!(new, old);
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 200);
+    assert_eq!(slow.session_seen(), json!({"cart": 1}));
+    assert!(
+        slow.set_cookies().is_empty(),
+        "the old ID's request must not clear or move the cookie"
+    );
+    // Within the grace period the old ID still reads; the new one has the login.
+    let r = Client::new()
+        .get(&proxy.url("/"), &[("cookie", &old_cookie)])
+        .await;
+    assert_eq!(r.session_seen()["cart"], 1);
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen(), json!({"cart": 1, "user": "ann"}));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = Client::new()
+        .get(&proxy.url("/"), &[("cookie", &old_cookie)])
+        .await;
+    assert_eq!(
+        r.session_seen(),
+        json!({}),
+        "old ID gone after the grace period"
+    );
+    assert!(r.clears_session_cookie());
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen()["user"], "ann");
+}
+
+async fn rotation_on_its_own_moves_the_session(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |_| {}).await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
+        .await;
+    let old = browser.cookie.clone().unwrap();
+    let r = browser.get(&proxy.url("/privilege?rotate=1")).await;
+    let new = r.session_cookie().expect("new cookie");
+    assert_ne!(new, old);
+    assert_eq!(
+        browser.get(&proxy.url("/")).await.session_seen(),
+        json!({"a": 1})
+    );
+}
+
+async fn absolute_timeout_ends_a_session_whatever_its_activity(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| {
+            c.session.absolute_timeout = Some(3);
+            c.session.renew_on_access = true;
+            c.session.max_age = 60;
+        })
+        .await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
+        .await;
+    let started = std::time::Instant::now();
+    // Activity and a rotation do not extend it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let r = browser.get(&proxy.url("/?rotate=1")).await;
+    assert!(r.session_cookie().is_some());
+    while started.elapsed() < Duration::from_millis(2000) {
+        let r = browser.get(&proxy.url("/")).await;
+        assert_eq!(r.session_seen(), json!({"a": 1}));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(4200).saturating_sub(started.elapsed())).await;
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen(), json!({}), "ended after absolute_timeout");
+}
+
+const SECRET: &str = "current-secret-0123456789abcdef";
+const OLD_SECRET: &str = "previous-secret-0123456789abcdef";
+
+async fn forged_or_truncated_signed_cookies_cost_no_store_access(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| c.session.secret = Some(SECRET.into()))
+        .await;
+    let mut browser = Browser::new();
+    let r = browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
+        .await;
+    let signed = r.session_cookie().unwrap();
+    let (id, mac) = signed.split_once('.').expect("<id>.<mac>");
+    assert_eq!((id.len(), mac.len()), (43, 43));
+    assert_eq!(
+        browser.get(&proxy.url("/")).await.session_seen(),
+        json!({"a": 1})
+    );
+    let loads = proxy
+        .metric("session_proxy_store_operations_total{op=\"load\"}")
+        .await;
+    let forged_mac = format!("{id}.{}", "A".repeat(43));
+    let other_id = format!("{}.{mac}", "B".repeat(42) + "A");
+    for value in [
+        forged_mac.as_str(),
+        &signed[..signed.len() - 3],
+        id,
+        &other_id,
+    ] {
+        let r = Client::new()
+            .get(&proxy.url("/"), &[("cookie", &format!("session={value}"))])
+            .await;
+        assert_eq!(r.session_seen(), json!({}), "{value}");
+        assert!(r.set_cookies().is_empty(), "{value}");
+    }
+    assert_eq!(
+        proxy
+            .metric("session_proxy_store_operations_total{op=\"load\"}")
+            .await,
+        loads
+    );
+}
+
+async fn fallback_signed_cookies_are_accepted_and_resigned(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| {
+            c.session.secret = Some(SECRET.into());
+            c.session.secret_fallbacks = vec![OLD_SECRET.into()];
+        })
+        .await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
+        .await;
+    let current = browser.cookie.clone().unwrap();
+    let id = current.split_once('.').unwrap().0.to_string();
+    assert_eq!(current, sign_with(SECRET, &id));
+    // The cookie as a proxy still on the previous secret signed it.
+    let presented = sign_with(OLD_SECRET, &id);
+    browser.cookie = Some(presented.clone());
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(
+        r.session_seen(),
+        json!({"a": 1}),
+        "fallback-signed cookie accepted"
+    );
+    let resigned = r
+        .session_cookie()
+        .expect("re-signed with the current secret");
+    assert_eq!(resigned, sign_with(SECRET, &id));
+    // Once re-signed, reads send no cookie again.
+    let r = browser.get(&proxy.url("/")).await;
+    assert!(r.set_cookies().is_empty());
+}
+
+fn sign_with(secret: &str, id: &str) -> String {
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(id.as_bytes());
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{id}.{tag}")
+}
+
+async fn login(proxy: &Proxy, user: &str) -> Browser {
+    let mut b = Browser::new();
+    b.get(&proxy.url(&format!(
+        "/login?rotate=1&update={}",
+        q(&format!(r#"{{"user_id":"{user}"}}"#))
+    )))
+    .await;
+    assert!(b.cookie.is_some());
+    b
+}
+
+async fn admin(proxy: &Proxy, method: &str, path: &str, token: Option<&str>) -> support::Reply {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    Client::new()
+        .request(
+            method,
+            &format!("http://{}{path}", proxy.admin.unwrap()),
+            &headers,
+            bytes::Bytes::new(),
+        )
+        .await
+}
+
+async fn revoke_all_ends_every_session_of_the_user_and_no_other(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| c.session.user_key = Some("user_id".into()))
+        .await;
+    let mut ann_laptop = login(&proxy, "ann").await;
+    let mut ann_phone = login(&proxy, "ann").await;
+    let mut bob = login(&proxy, "bob").await;
+    let handle = ann_laptop
+        .get(&proxy.url("/"))
+        .await
+        .header_seen("x-session-handle");
+    assert_eq!(handle.len(), 1, "the app gets the session's handle");
+
+    let listed = admin(&proxy, "GET", "/sessions?user=ann", None).await;
+    assert_eq!(listed.status, 200);
+    let sessions = listed.json()["sessions"].as_array().unwrap().clone();
+    assert_eq!(sessions.len(), 2, "{}", listed.json());
+    assert!(sessions.iter().any(|s| s["handle"] == handle[0].as_str()));
+    for s in &sessions {
+        assert!(s["created"].as_u64().unwrap() > 1_700_000_000);
+        assert!(s["last_seen"].as_u64().unwrap() >= s["created"].as_u64().unwrap());
+    }
+
+    let revoked = admin(&proxy, "DELETE", "/sessions?user=ann", None).await;
+    assert_eq!(revoked.json()["revoked"], 2);
+    for browser in [&mut ann_laptop, &mut ann_phone] {
+        assert_eq!(browser.get(&proxy.url("/")).await.session_seen(), json!({}));
+    }
+    assert_eq!(
+        bob.get(&proxy.url("/")).await.session_seen(),
+        json!({"user_id": "bob"})
+    );
+    let listed = admin(&proxy, "GET", "/sessions?user=ann", None).await;
+    assert_eq!(listed.json()["sessions"], json!([]));
+}
+
+async fn revoke_by_handle_ends_one_session(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| c.session.user_key = Some("user_id".into()))
+        .await;
+    let mut a = login(&proxy, "ann").await;
+    let mut b = login(&proxy, "ann").await;
+    let handle = a
+        .get(&proxy.url("/"))
+        .await
+        .header_seen("x-session-handle")
+        .remove(0);
+    let r = admin(&proxy, "DELETE", &format!("/sessions/{handle}"), None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(a.get(&proxy.url("/")).await.session_seen(), json!({}));
+    assert_eq!(
+        b.get(&proxy.url("/")).await.session_seen(),
+        json!({"user_id": "ann"})
+    );
+    let r = admin(&proxy, "DELETE", &format!("/sessions/{handle}"), None).await;
+    assert_eq!(r.status, 404);
+}
+
+async fn admin_token_guards_sessions_but_not_probes(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| {
+            c.session.user_key = Some("user_id".into());
+            c.admin_token = Some("s3cret-token".into());
+        })
+        .await;
+    login(&proxy, "ann").await;
+    assert_eq!(
+        admin(&proxy, "GET", "/sessions?user=ann", None)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        admin(&proxy, "GET", "/sessions?user=ann", Some("wrong"))
+            .await
+            .status,
+        401
+    );
+    let ok = admin(&proxy, "GET", "/sessions?user=ann", Some("s3cret-token")).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["sessions"].as_array().unwrap().len(), 1);
+    for probe in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            admin(&proxy, "GET", probe, None).await.status,
+            200,
+            "{probe}"
+        );
+    }
+}
