@@ -630,7 +630,10 @@ async fn a_sentinel_failover_loses_no_acknowledged_write() {
                 let json = format!(r#"{{"n":{n}}}"#);
                 match store.create(&id, session(&json)).await {
                     Ok(()) => created.push((id, json, Instant::now())),
-                    Err(StoreError::Unavailable(w)) => {eprintln!("DEBUG create {w} {:?}", Instant::now()); failures.push(Instant::now())},
+                    Err(StoreError::Unavailable(w)) => {
+                        eprintln!("DEBUG create {w} {:?}", Instant::now());
+                        failures.push(Instant::now())
+                    }
                     Err(e) => panic!("unexpected {e}"),
                 }
                 match store.patch(&counter, &json!({ format!("p{n}"): n })).await {

@@ -124,7 +124,8 @@ pub fn query(req: &Request<Incoming>) -> HashMap<String, String> {
         .collect()
 }
 
-async fn scripted(req: Request<Incoming>) -> Response<AppBody> {
+/// The scripted app's handler, for apps that wrap it.
+pub async fn scripted(req: Request<Incoming>) -> Response<AppBody> {
     let q = query(&req);
     if let Some(ms) = q.get("delay_ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -1,0 +1,222 @@
+//! The proxy over real Redis: stored form, fail-closed behaviour when Redis goes away,
+//! recovery, and each topology (standalone, Sentinel, Cluster) end to end.
+
+mod support;
+
+#[path = "support/redis.rs"]
+#[allow(dead_code)]
+mod redis_harness;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use redis_harness::{RedisCluster, RedisSentinel, RedisServer};
+use serde_json::json;
+use session_proxy::config::{ClusterConfig, Config, SentinelConfig, StoreType};
+use support::{App, Browser, Client, Proxy, q};
+
+fn standalone(server: &RedisServer) -> impl FnOnce(&mut Config) + '_ {
+    move |c| {
+        c.store.kind = StoreType::Redis;
+        c.store.url = Some(server.url());
+        c.store.response_timeout = 0.5;
+        c.store.connect_timeout = 0.5;
+        c.session.exclude = vec!["/static/**".into()];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_is_stored_under_prefix_and_id_as_readable_json_with_its_ttl() {
+    let server = RedisServer::start();
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| {
+        standalone(&server)(c);
+        c.store.key_prefix = "shop:".into();
+        c.session.max_age = 300;
+    })
+    .await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"user":"ann","cart":[]}"#))))
+        .await;
+    let id = browser.cookie.clone().unwrap();
+    let key = format!("shop:{id}");
+    let data: String = server.cli(&["HGET", &key, "data"]);
+    assert_eq!(data, r#"{"user":"ann","cart":[]}"#);
+    let ttl: i64 = server.cli(&["TTL", &key]);
+    assert!((295..=300).contains(&ttl), "TTL {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_on_access_resets_the_ttl_without_rewriting_the_data() {
+    let server = RedisServer::start();
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| {
+        standalone(&server)(c);
+        c.session.max_age = 100;
+        c.session.renew_on_access = true;
+    })
+    .await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
+        .await;
+    let key = format!("session:{}", browser.cookie.clone().unwrap());
+    let _: () = server.cli(&["PEXPIRE", &key, "5000"]);
+    let _: () = server.cli(&["HSET", &key, "data", r#"{"a":1}"#]);
+    let version: i64 = server.cli(&["HGET", &key, "ver"]);
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen(), json!({"a": 1}));
+    let ttl: i64 = server.cli(&["PTTL", &key]);
+    assert!(ttl > 90_000, "TTL not reset: {ttl} ms");
+    let after: i64 = server.cli(&["HGET", &key, "ver"]);
+    assert_eq!(after, version, "renewal rewrote the data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed_then_recovers_by_itself() {
+    let mut server = RedisServer::start();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let app = App::start(Arc::new(move |req| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Box::pin(support::scripted(req))
+    }))
+    .await;
+    let proxy = Proxy::with(&app, standalone(&server)).await;
+    let client = Client::new();
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
+        .await;
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let before = seen.load(Ordering::SeqCst);
+
+    server.stop();
+    let r = client
+        .get(&proxy.url("/account"), &[("cookie", &cookie)])
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert!(
+        r.set_cookies().is_empty(),
+        "cookie cleared because of a store error"
+    );
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        before,
+        "request forwarded without its session"
+    );
+    let admin = format!("http://{}/readyz", proxy.admin.unwrap());
+    assert_eq!(client.get(&admin, &[]).await.status, 503);
+    let r = client
+        .get(&proxy.url("/static/app.css"), &[("cookie", &cookie)])
+        .await;
+    assert_eq!(r.status, 200, "excluded routes keep working");
+    assert!(r.header_seen("x-session").is_empty());
+
+    server.restart();
+    let back = Instant::now();
+    loop {
+        let r = client
+            .get(&proxy.url("/account"), &[("cookie", &cookie)])
+            .await;
+        // Redis runs without persistence here, so the session itself is gone: the
+        // store answering again (200, empty session, stale cookie cleared) is recovery.
+        if r.status == 200 {
+            assert_eq!(r.session_seen(), json!({}));
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(2),
+            "no recovery within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        back.elapsed() < Duration::from_secs(2),
+        "recovered after {:?}",
+        back.elapsed()
+    );
+    assert_eq!(client.get(&admin, &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_did_not_persist_is_never_answered_with_success() {
+    let mut server = RedisServer::start();
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, standalone(&server)).await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
+        .await;
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    // The app takes its time; Redis dies after the session was read, before the write.
+    let url = proxy.url(&format!("/?delay_ms=600&update={}", q(r#"{"a":2}"#)));
+    let pending =
+        tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.stop();
+    let r = pending.await.unwrap();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.set_cookies().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_work_through_sentinel() {
+    let sentinel = RedisSentinel::start();
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.store.kind = StoreType::Redis;
+        c.store.sentinel = Some(SentinelConfig {
+            master: redis_harness::SENTINEL_MASTER.to_string(),
+            nodes: sentinel.sentinel_urls(),
+        });
+    })
+    .await;
+    let mut browser = Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"via":"sentinel"}"#))))
+        .await;
+    let key = format!("session:{}", browser.cookie.clone().unwrap());
+    let data: String = sentinel.master().cli(&["HGET", &key, "data"]);
+    assert_eq!(data, r#"{"via":"sentinel"}"#);
+    assert_eq!(
+        browser.get(&proxy.url("/")).await.session_seen(),
+        json!({"via": "sentinel"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_over_cluster_nodes() {
+    let cluster = RedisCluster::start();
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.store.kind = StoreType::Redis;
+        c.store.cluster = Some(ClusterConfig {
+            nodes: cluster.urls(),
+        });
+    })
+    .await;
+    let mut browsers = Vec::new();
+    for i in 0..30 {
+        let mut b = Browser::new();
+        b.get(&proxy.url(&format!("/?update={}", q(&format!(r#"{{"n":{i}}}"#)))))
+            .await;
+        browsers.push(b);
+    }
+    for (i, b) in browsers.iter_mut().enumerate() {
+        assert_eq!(b.get(&proxy.url("/")).await.session_seen(), json!({"n": i}));
+    }
+    let per_node: Vec<i64> = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.cli::<i64>(&["DBSIZE"]))
+        .collect();
+    assert_eq!(per_node.iter().sum::<i64>(), 30, "{per_node:?}");
+    assert!(
+        per_node.iter().all(|n| *n > 0),
+        "keys not spread over the nodes: {per_node:?}"
+    );
+}
