@@ -660,6 +660,9 @@ fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
             },
         }
     };
+    if raw.trim() == "null" {
+        return Value::Null;
+    }
     match default {
         Some(Value::String(_)) => Value::String(raw.to_string()),
         Some(Value::Array(_)) => Value::Array(
@@ -669,7 +672,7 @@ fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
                 .map(|s| Value::String(s.to_string()))
                 .collect(),
         ),
-        Some(Value::Null) if matches!(raw.trim(), "" | "null" | "off") => Value::Null,
+        Some(Value::Null) if raw.trim().is_empty() => Value::Null,
         Some(Value::Null) => scalar(raw),
         _ if path.last() == Some(&"nodes") => env_value(&Value::Array(vec![]), &[], raw),
         _ => scalar(raw),

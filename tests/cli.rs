@@ -181,6 +181,7 @@ struct Running {
     child: Child,
     addr: String,
     admin: String,
+    config: PathBuf,
 }
 
 impl Drop for Running {
@@ -197,6 +198,7 @@ impl Running {
             "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin_port}\nupstream: {upstream}\n{extra}"
         );
         let path = write_config(&yaml);
+        let config = path.clone();
         let child = Command::new(BIN)
             .args(["--config", path.to_str().unwrap()])
             .env("RUST_LOG", "warn")
@@ -208,6 +210,7 @@ impl Running {
             child,
             addr: format!("127.0.0.1:{port}"),
             admin: format!("127.0.0.1:{admin_port}"),
+            config,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(&running.admin)
@@ -473,4 +476,63 @@ async fn demo_serves_a_working_session_app() {
     assert_eq!(r.json()["user"], "ann");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test]
+async fn sessions_command_lists_and_revokes_through_the_admin_port() {
+    let app = App::scripted().await;
+    let proxy = Running::start(
+        &app.url(),
+        "admin_token: token-for-tests\nsession:\n  user_key: user_id\n",
+    )
+    .await;
+    let mut ann = support::Browser::new();
+    ann.get(&format!(
+        "http://{}/login?update={}",
+        proxy.addr,
+        q(r#"{"user_id":"ann"}"#)
+    ))
+    .await;
+    let mut ann2 = support::Browser::new();
+    ann2.get(&format!(
+        "http://{}/login?update={}",
+        proxy.addr,
+        q(r#"{"user_id":"ann"}"#)
+    ))
+    .await;
+    let config = proxy.config.to_str().unwrap().to_string();
+    let sessions = |args: &[&str]| {
+        let mut all = vec!["sessions"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--config", &config]);
+        let out = Command::new(BIN).args(&all).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, listed, err) = sessions(&["list", "--user", "ann"]);
+    assert_eq!(code, Some(0), "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let handles: Vec<String> = listed["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["handle"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(handles.len(), 2);
+    let (code, out, err) = sessions(&["revoke", "--handle", &handles[0]]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"revoked\":1"), "{out}");
+    let (code, out, err) = sessions(&["revoke", "--user", "ann"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"revoked\":1"), "{out}");
+    for b in [&mut ann, &mut ann2] {
+        let r = b.get(&format!("http://{}/", proxy.addr)).await;
+        assert_eq!(r.session_seen(), serde_json::json!({}));
+    }
+    let (code, _, err) = sessions(&["revoke", "--handle", &handles[0]]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("404"), "{err}");
 }

@@ -108,6 +108,12 @@ async fn redis_down_fails_closed_then_recovers_by_itself() {
         before,
         "request forwarded without its session"
     );
+    assert!(
+        proxy
+            .metric("session_proxy_store_errors_total{op=\"load\",kind=\"unavailable\"}")
+            .await
+            >= 1.0
+    );
     let admin = format!("http://{}/readyz", proxy.admin.unwrap());
     assert_eq!(client.get(&admin, &[]).await.status, 503);
     let r = client

@@ -22,8 +22,9 @@
 //! always *before* the session: the index may name sessions that are gone or changed user,
 //! never miss one. Reading the index drops the entries that no longer match.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{LazyLock, PoisonError, RwLock};
+use std::sync::{Arc, LazyLock, Mutex as StdMutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -34,9 +35,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::TcpSettings;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{
-    Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
-    Pipeline, RedisError, RedisFuture, RedisResult, Script, ScriptInvocation, ServerErrorKind,
-    TlsMode, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
+    IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Script, ScriptInvocation,
+    ServerErrorKind, TlsMode, Value,
 };
 use serde_json::Value as Json;
 use tokio::sync::Mutex;
@@ -54,6 +55,9 @@ const PATCH_ATTEMPTS: u32 = 200;
 /// Sentinel lookups after failed commands are at least this far apart, so that a burst
 /// of failures during a failover does not turn into a burst of lookups.
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long the Sentinels' word that a master has no healthy replica is trusted.
+const ALONE_FOR: Duration = Duration::from_secs(1);
 
 /// How the proxy reaches Redis.
 pub enum Topology {
@@ -361,7 +365,7 @@ impl Link {
     async fn conn(&self) -> RedisResult<Conn> {
         match self {
             Link::Standalone(conn) => Ok(Conn::Node(conn.clone())),
-            Link::Sentinel(link) => link.conn().await.map(Conn::Node),
+            Link::Sentinel(link) => link.conn().await.map(Conn::Master),
             Link::Cluster(conn) => Ok(Conn::Cluster(conn.clone())),
         }
     }
@@ -372,27 +376,21 @@ impl Link {
             link.recover().await;
         }
     }
-
-    /// How long a write waits for a replica to acknowledge it, when it must.
-    fn confirm_within(&self) -> Option<Duration> {
-        match self {
-            Link::Sentinel(link) => Some(link.confirm_within),
-            Link::Standalone(_) | Link::Cluster(_) => None,
-        }
-    }
 }
 
 /// A connection to the node (or, for a cluster, the nodes) a command goes to.
 #[derive(Clone)]
 enum Conn {
     Node(ConnectionManager),
+    /// The master the Sentinels named when the operation started.
+    Master(Master),
     Cluster(ClusterConnection),
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Node(conn) => conn.req_packed_command(cmd),
+            Conn::Node(conn) | Conn::Master(Master { conn, .. }) => conn.req_packed_command(cmd),
             Conn::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
@@ -404,14 +402,16 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Node(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Node(conn) | Conn::Master(Master { conn, .. }) => {
+                conn.req_packed_commands(pipeline, offset, count)
+            }
             Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Node(conn) => conn.get_db(),
+            Conn::Node(conn) | Conn::Master(Master { conn, .. }) => conn.get_db(),
             Conn::Cluster(conn) => conn.get_db(),
         }
     }
@@ -421,20 +421,32 @@ impl ConnectionLike for Conn {
 ///
 /// A `ConnectionManager` reconnects to the address it was made with and never learns that
 /// the Sentinels promoted another server. So after a failed command the master is looked
-/// up again, and when it has moved the connection is replaced. Writes also wait until a
-/// replica holds them (`WAIT`): a write acknowledged by a master that is being demoted
-/// would otherwise vanish when it resynchronises from the promoted replica.
+/// up again, and when it has moved the connection is replaced.
+///
+/// Writes are acknowledged only once a replica holds them (`WAIT 1`). During a failover
+/// the old master goes on accepting writes for seconds after its replica was promoted,
+/// and drops them when it is turned into a replica; `WAIT` finds no replica for those, so
+/// they fail instead of being lost. A master may also legitimately have no replica, right
+/// after a failover or while its replica is down: then nothing could be promoted over it
+/// and nothing lost, so when the Sentinels name it as master and know no healthy replica,
+/// its writes are accepted without one, for `ALONE_FOR` before the Sentinels are asked again.
 struct SentinelLink {
     service: String,
     /// How to connect to the master once found.
     node: SentinelNodeConnectionInfo,
     config: ConnectionManagerConfig,
+    /// The Sentinels, for the one question `Sentinel` has no method for.
+    sentinels: Vec<Client>,
+    sentinel_config: AsyncConnectionConfig,
     /// Upper bound for one lookup through the Sentinels.
     lookup_timeout: Duration,
+    /// How long a write waits for a replica.
     confirm_within: Duration,
     /// Held during a lookup, so that only one runs at a time.
     resolver: Mutex<Resolver>,
     master: RwLock<Option<Master>>,
+    /// A master found without a healthy replica, and until when that answer holds.
+    alone: StdMutex<Option<(Arc<ConnectionAddr>, Instant)>>,
 }
 
 struct Resolver {
@@ -444,9 +456,12 @@ struct Resolver {
 
 #[derive(Clone)]
 struct Master {
-    addr: ConnectionAddr,
+    addr: Arc<ConnectionAddr>,
     conn: ConnectionManager,
 }
+
+/// One replica as `SENTINEL REPLICAS` describes it.
+type ReplicaInfo = HashMap<String, String>;
 
 impl SentinelLink {
     fn new(service: String, nodes: &[String], options: &RedisOptions) -> Result<Self, StoreError> {
@@ -475,12 +490,21 @@ impl SentinelLink {
             let redis = info.redis_settings().clone().set_db(0);
             *info = info.clone().set_redis_settings(redis);
         }
+        let sentinels = infos
+            .iter()
+            .map(|info| Client::open(info.clone()))
+            .collect::<RedisResult<Vec<_>>>()
+            .map_err(|e| StoreError::Unavailable(format!("store.sentinel: {}", describe(&e))))?;
         let sentinel = Sentinel::build(infos)
             .map_err(|e| StoreError::Unavailable(format!("store.sentinel: {}", describe(&e))))?;
         Ok(SentinelLink {
             service,
             node,
             config: manager_config(options),
+            sentinels,
+            sentinel_config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(options.connect_timeout))
+                .set_response_timeout(Some(options.response_timeout)),
             lookup_timeout: options.connect_timeout * 2 + options.response_timeout * 2,
             // Well inside the response timeout, which bounds the WAIT command itself.
             confirm_within: options.response_timeout / 2,
@@ -489,22 +513,25 @@ impl SentinelLink {
                 last: None,
             }),
             master: RwLock::new(None),
+            alone: StdMutex::new(None),
         })
     }
 
-    fn current(&self) -> Option<ConnectionManager> {
-        let master = self.master.read().unwrap_or_else(PoisonError::into_inner);
-        master.as_ref().map(|m| m.conn.clone())
+    fn current(&self) -> Option<Master> {
+        self.master
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
-    async fn conn(&self) -> RedisResult<ConnectionManager> {
-        if let Some(conn) = self.current() {
-            return Ok(conn);
+    async fn conn(&self) -> RedisResult<Master> {
+        if let Some(master) = self.current() {
+            return Ok(master);
         }
         let mut resolver = self.resolver.lock().await;
         // Another caller may have found the master while this one waited for the lock.
-        if let Some(conn) = self.current() {
-            return Ok(conn);
+        if let Some(master) = self.current() {
+            return Ok(master);
         }
         self.resolve(&mut resolver).await
     }
@@ -521,32 +548,94 @@ impl SentinelLink {
             return;
         }
         // On failure the current connection stays: the next failed command tries again.
-        let r = self.resolve(&mut resolver).await;
-        eprintln!("DEBUG resolve {:?}", r.err());
+        let _ = self.resolve(&mut resolver).await;
     }
 
-    async fn resolve(&self, resolver: &mut Resolver) -> RedisResult<ConnectionManager> {
+    async fn resolve(&self, resolver: &mut Resolver) -> RedisResult<Master> {
         resolver.last = Some(Instant::now());
         let lookup = resolver
             .sentinel
             .async_master_for(&self.service, Some(&self.node));
         let client = tokio::time::timeout(self.lookup_timeout, lookup)
             .await
-            .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+            .map_err(|_| timed_out())??;
         let addr = client.get_connection_info().addr().clone();
-        eprintln!("DEBUG resolved {addr:?}");
         let mut master = self.master.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(same) = master.as_ref().filter(|m| m.addr == addr) {
+        if let Some(same) = master.as_ref().filter(|m| *m.addr == addr) {
             // Same master: its manager reconnects by itself.
-            return Ok(same.conn.clone());
+            return Ok(same.clone());
         }
-        let conn = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
-        *master = Some(Master {
-            addr,
-            conn: conn.clone(),
-        });
-        Ok(conn)
+        let found = Master {
+            addr: Arc::new(addr),
+            conn: ConnectionManager::new_lazy_with_config(client, self.config.clone())?,
+        };
+        *master = Some(found.clone());
+        Ok(found)
     }
+
+    /// Whether writes to `master` currently go without a replica's acknowledgement.
+    fn known_alone(&self, master: &ConnectionAddr) -> bool {
+        let alone = self.alone.lock().unwrap_or_else(PoisonError::into_inner);
+        alone
+            .as_ref()
+            .is_some_and(|(addr, until)| **addr == *master && Instant::now() < *until)
+    }
+
+    /// Asks the Sentinels whether `master` is theirs and has no healthy replica, in which
+    /// case a write it took without one stands. Any doubt counts as no.
+    async fn is_alone(&self, master: &Arc<ConnectionAddr>) -> bool {
+        let (ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. }) =
+            &**master
+        else {
+            return false;
+        };
+        for sentinel in &self.sentinels {
+            let answer = tokio::time::timeout(self.lookup_timeout, self.ask(sentinel)).await;
+            let Ok(Ok((Some((named_host, named_port)), replicas))) = answer else {
+                continue;
+            };
+            let alone = named_host == *host
+                && named_port == *port
+                && !replicas.iter().any(replica_is_healthy);
+            if alone {
+                let mut cached = self.alone.lock().unwrap_or_else(PoisonError::into_inner);
+                *cached = Some((master.clone(), Instant::now() + ALONE_FOR));
+            }
+            return alone;
+        }
+        false
+    }
+
+    async fn ask(
+        &self,
+        sentinel: &Client,
+    ) -> RedisResult<(Option<(String, u16)>, Vec<ReplicaInfo>)> {
+        let mut conn = sentinel
+            .get_multiplexed_async_connection_with_config(&self.sentinel_config)
+            .await?;
+        redis::pipe()
+            .cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(&self.service)
+            .cmd("SENTINEL")
+            .arg("REPLICAS")
+            .arg(&self.service)
+            .query_async(&mut conn)
+            .await
+    }
+}
+
+/// A replica the Sentinels could promote: reachable and in sync with its master.
+fn replica_is_healthy(replica: &ReplicaInfo) -> bool {
+    let flags = replica.get("flags").map(String::as_str).unwrap_or("");
+    let down = ["s_down", "o_down", "disconnected"]
+        .iter()
+        .any(|flag| flags.split(',').any(|f| f == *flag));
+    !down && replica.get("master-link-status").map(String::as_str) == Some("ok")
+}
+
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
 
 impl RedisStore {
@@ -592,21 +681,25 @@ impl RedisStore {
     }
 
     /// Runs a script that changes a session. Under Sentinel it succeeds only once a
-    /// replica holds the change; the `WAIT` goes in one pipeline with the script, so that
-    /// it runs on the same connection, after it.
+    /// replica holds the change (see `SentinelLink`); the `WAIT` goes in one pipeline with
+    /// the script, so that it runs on the same connection, after it.
     async fn commit<T: FromRedisValue>(
         &self,
         conn: &mut Conn,
         call: &ScriptInvocation<'_>,
     ) -> Result<T, Failure> {
-        let Some(within) = self.link.confirm_within() else {
+        let (Link::Sentinel(link), Conn::Master(master)) = (&self.link, &*conn) else {
             return Ok(call.invoke_async(conn).await?);
         };
+        let addr = master.addr.clone();
+        if link.known_alone(&addr) {
+            return Ok(call.invoke_async(conn).await?);
+        }
         let mut pipe = redis::pipe();
         pipe.invoke_script(call)
             .cmd("WAIT")
             .arg(1)
-            .arg(millis(within));
+            .arg(millis(link.confirm_within));
         let (value, replicas): (T, u64) = match pipe.query_async(conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 call.load_async(conn).await?;
@@ -614,7 +707,7 @@ impl RedisStore {
             }
             reply => reply?,
         };
-        if replicas == 0 {
+        if replicas == 0 && !link.is_alone(&addr).await {
             return Err(Failure::Unconfirmed);
         }
         Ok(value)
