@@ -738,6 +738,34 @@ mod tests {
         Config::load_from(&flags, env)
     }
 
+    fn key_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+        if let Value::Object(map) = v {
+            for (k, v) in map {
+                let path = format!("{prefix}{k}");
+                key_paths(v, &format!("{path}."), out);
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn example_file_shows_every_key_with_its_default() {
+        let text = include_str!("../proxy.yaml.example");
+        let example: Value = serde_saphyr::from_str(text).unwrap();
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let (mut shown, mut known) = (vec![], vec![]);
+        key_paths(&example, "", &mut shown);
+        key_paths(&defaults, "", &mut known);
+        shown.sort();
+        known.sort();
+        assert_eq!(shown, known);
+        let loaded = load(Some(text), &[]).unwrap();
+        assert_eq!(
+            serde_json::to_string(&loaded).unwrap(),
+            serde_json::to_string(&Config::default()).unwrap()
+        );
+    }
+
     #[test]
     fn defaults_apply_without_a_file() {
         let c = load(None, &[]).unwrap();
