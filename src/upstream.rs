@@ -129,11 +129,6 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_11;
 
         let headers = req.headers_mut();
-        // A chunked body's length is set by its chunks: a Content-Length beside it must
-        // not reach the upstream, which might frame the body by it instead.
-        if headers.contains_key(header::TRANSFER_ENCODING) {
-            headers.remove(header::CONTENT_LENGTH);
-        }
         remove_hop_by_hop(headers);
         if let Some(host) = host {
             headers.insert(header::HOST, host.clone());

@@ -357,7 +357,7 @@ fn cluster(nodes: &[String], options: &RedisOptions) -> Result<ClusterConnection
 /// The way to Redis for one topology.
 enum Link {
     Standalone(ConnectionManager),
-    Sentinel(SentinelLink),
+    Sentinel(Box<SentinelLink>),
     Cluster(ClusterConnection),
 }
 
@@ -649,7 +649,7 @@ impl RedisStore {
         let link = match topology {
             Topology::Standalone { url } => Link::Standalone(standalone(&url, &options)?),
             Topology::Sentinel { master, nodes } => {
-                Link::Sentinel(SentinelLink::new(master, &nodes, &options)?)
+                Link::Sentinel(Box::new(SentinelLink::new(master, &nodes, &options)?))
             }
             Topology::Cluster { nodes } => Link::Cluster(cluster(&nodes, &options)?),
         };

@@ -2,10 +2,9 @@
 //! with a replica watched by three Sentinels. Each runs `redis-server` on free loopback
 //! ports in its own temporary directory, without persistence, and is killed on drop.
 //!
-//! Include it with `#[path = "support/redis.rs"] mod redis_harness;`: it depends on
-//! nothing else under `tests/support`.
-
-#![allow(dead_code)]
+//! Include it with `#[path = "support/redis.rs"] #[allow(dead_code)] mod redis_harness;`
+//! (each test binary uses a different part of it); it depends on nothing else under
+//! `tests/support`.
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};

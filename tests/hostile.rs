@@ -1,0 +1,365 @@
+//! Hostile clients and broken upstreams: nothing a peer sends breaks the proxy, tricks
+//! it into forwarding something ambiguous, or costs a session.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Response;
+use http_body_util::BodyExt;
+use support::{App, Browser, Client, Proxy, q};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+/// Sends raw bytes and reads what comes back until the peer closes or `wait` passes.
+async fn raw(addr: std::net::SocketAddr, request: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(response: &str) -> Option<u16> {
+    response.split(' ').nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn hostile_cookie_headers_are_survived_without_store_access() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let many: String = (0..400).map(|i| format!("c{i}=v{i}; ")).collect();
+    let id_like = "A".repeat(43);
+    let cases: Vec<Vec<u8>> = vec![
+        b"session".to_vec(),
+        b"session=".to_vec(),
+        b";;;;=;=;session==;".to_vec(),
+        format!("session=\"{id_like}\"").into_bytes(),
+        format!("session={}", "x".repeat(8000)).into_bytes(),
+        format!("session={id_like}; session={id_like}").into_bytes(),
+        "session=ñññññññññññññññññññññññññññññññññññññññññññ"
+            .as_bytes()
+            .to_vec(),
+        vec![
+            b's', b'e', b's', b's', b'i', b'o', b'n', b'=', 0xff, 0xfe, 0x80,
+        ],
+        format!("{many}session={}", "B".repeat(43)).into_bytes(),
+        format!("session={}", "A".repeat(42) + "=").into_bytes(),
+        format!("session = {id_like} ").into_bytes(),
+    ];
+    for cookie in &cases {
+        let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: ".to_vec();
+        request.extend_from_slice(cookie);
+        request.extend_from_slice(b"\r\n\r\n");
+        let response = raw(proxy.addr, &request, Duration::from_secs(5)).await;
+        let status = status_of(&response);
+        assert!(
+            matches!(status, Some(200) | Some(400) | Some(431)),
+            "{:?}: {response}",
+            String::from_utf8_lossy(cookie)
+        );
+        // A stale-looking cookie may be cleared; none is ever set from client input.
+        let lower = response.to_ascii_lowercase();
+        assert!(
+            !lower.contains("set-cookie: session=") || lower.contains("set-cookie: session=;"),
+            "{response}"
+        );
+    }
+    // Well-formed but unknown IDs are looked up (and answered as stale); nothing else is.
+    let loads = proxy
+        .metric("session_proxy_store_operations_total{op=\"load\"}")
+        .await;
+    assert!(loads <= 3.0, "store read for malformed cookies: {loads}");
+    let r = Client::new().get(&proxy.url("/"), &[]).await;
+    assert_eq!(r.status, 200, "proxy still healthy");
+}
+
+#[tokio::test]
+async fn control_characters_in_header_values_are_rejected() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rInjected: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nCookie: session=\0\r\n\r\n",
+        b"GET /\0 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let response = raw(proxy.addr, bad, Duration::from_secs(5)).await;
+        assert_eq!(
+            status_of(&response),
+            Some(400),
+            "{:?}: {response}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+#[tokio::test]
+async fn oversized_header_sections_get_431() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.limits.max_header_bytes = 8192).await;
+    let many: String = (0..300).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let request = format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{many}\r\n");
+    let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&response), Some(431), "{response}");
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "v".repeat(100_000)
+    );
+    let response = raw(proxy.addr, huge.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&response), Some(431), "{response}");
+}
+
+/// An upstream that records every request exactly as it arrived on the wire.
+async fn recording_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // Read until the connection goes quiet: enough to see what was framed.
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                record.lock().await.push(got);
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn request_smuggling_shapes_are_rejected_or_reframed_unambiguously() {
+    let (upstream, seen) = recording_upstream().await;
+    let proxy = Proxy::start(support::config(&format!("http://{upstream}"))).await;
+    let shapes: [&[u8]; 6] = [
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\tchunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ];
+    for shape in shapes {
+        seen.lock().await.clear();
+        let response = raw(proxy.addr, shape, Duration::from_secs(3)).await;
+        let status = status_of(&response);
+        let forwarded = seen.lock().await.clone();
+        let label = String::from_utf8_lossy(shape).to_string();
+        eprintln!(
+            "{status:?} <- {}",
+            label
+                .lines()
+                .skip(2)
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        match status {
+            Some(400) | Some(501) => {
+                assert!(forwarded.is_empty(), "{label}: rejected but forwarded")
+            }
+            Some(200) => {
+                assert_eq!(forwarded.len(), 1, "{label}");
+                let wire = String::from_utf8_lossy(&forwarded[0]).to_ascii_lowercase();
+                let head = wire.split("\r\n\r\n").next().unwrap();
+                let framings = head.matches("content-length:").count()
+                    + head.matches("transfer-encoding:").count();
+                assert_eq!(
+                    framings, 1,
+                    "{label}: forwarded with ambiguous framing:\n{wire}"
+                );
+                assert!(wire.contains("hello"), "{label}: body lost:\n{wire}");
+                // RFC 9112 §6.3: after a request framed both ways, the connection closes.
+                assert!(
+                    response.to_ascii_lowercase().contains("connection: close"),
+                    "{label}: {response}"
+                );
+            }
+            other => panic!("{label}: unexpected answer {other:?}: {response}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_header_clients_are_cut_off() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.timeouts.header_read = 0.5).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            // Trickle a header byte now and then, never finishing the head.
+            let mut buf = [0u8; 512];
+            tokio::select! {
+                n = s.read(&mut buf) => match n { Ok(0) | Err(_) => break, Ok(n) => out.extend_from_slice(&buf[..n]) },
+                _ = tokio::time::sleep(Duration::from_millis(100)) => { let _ = s.write_all(b"X").await; }
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "slow client still connected after 5 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+    let r = Client::new().get(&proxy.url("/"), &[]).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_until_one_closes() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.limits.max_connections = 2).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    let url = proxy.url("/third");
+    let third = tokio::spawn(async move { Client::new().get(&url, &[]).await.status });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served beyond the cap"
+    );
+    drop(held.pop());
+    let status = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served once a slot freed");
+    assert_eq!(status.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn upstream_reset_mid_body_is_visible_to_the_client_and_the_proxy_stays_healthy() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if String::from_utf8_lossy(&buf[..n]).starts_with("GET /ok") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                    return;
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nX-Session-Update: {}\r\n\r\n",
+                    support::b64(r#"{"partial":true}"#)
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&[b'x'; 100]).await;
+                // Close early: the promised 1000 bytes never come.
+                drop(s);
+            });
+        }
+    });
+    let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let req = http::Request::get(proxy.url("/broken"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "the head arrived whole");
+    // The update in that head was applied: the cookie is set.
+    assert!(resp.headers().get("set-cookie").is_some());
+    let body = resp.into_body().collect().await;
+    assert!(body.is_err(), "a truncated body must not look complete");
+    let r = Client::new().get(&proxy.url("/ok"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"ok");
+}
+
+#[tokio::test]
+async fn oversized_or_non_object_updates_never_touch_the_session() {
+    // Covered rule by rule in tests/protocol.rs; here a hostile upstream sends them all
+    // at once and in bulk, and the session survives every one.
+    let app = App::start(Arc::new(|req| {
+        Box::pin(async move {
+            let q = support::query(&req);
+            let session = req
+                .headers()
+                .get("x-session")
+                .map(|v| v.to_str().unwrap().to_string());
+            let mut r = Response::new(support::full(session.unwrap_or_default()));
+            if let Some(v) = q.get("h") {
+                for value in v.split('|') {
+                    r.headers_mut().append(
+                        "x-session-update",
+                        http::HeaderValue::try_from(value).unwrap(),
+                    );
+                }
+            }
+            if q.contains_key("set") {
+                r.headers_mut().insert(
+                    "x-session-update",
+                    http::HeaderValue::try_from(support::b64(r#"{"keep":1}"#)).unwrap(),
+                );
+            }
+            r
+        })
+    }))
+    .await;
+    let proxy = Proxy::with(&app, |c| c.session.max_bytes = 32).await;
+    let mut browser = Browser::new();
+    browser.get(&proxy.url("/?set=1")).await;
+    let id = browser.cookie.clone().unwrap();
+    let big = support::b64(&format!(r#"{{"a":"{}"}}"#, "z".repeat(64)));
+    let bad = [
+        big.as_str(),
+        "e30",
+        "W10=",
+        "bnVsbA==",
+        "MTIz",
+        "e30=|e30=",
+        "////",
+        "e30=e30=",
+        &support::b64(r#"{"a":1}"#).replace('=', ""),
+    ];
+    for value in bad {
+        let r = browser.get(&proxy.url(&format!("/?h={}", q(value)))).await;
+        assert_eq!(r.status, 502, "{value}");
+        assert_eq!(browser.cookie.as_deref(), Some(id.as_str()));
+    }
+    let r = Client::new()
+        .get(&format!("http://{}/metrics", proxy.admin.unwrap()), &[])
+        .await;
+    assert!(String::from_utf8_lossy(&r.body).contains("session_proxy_protocol_violations_total 9"));
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, support::b64(r#"{"keep":1}"#), "the session changed");
+    let store_writes = proxy
+        .metric("session_proxy_store_operations_total{op=\"replace\"}")
+        .await;
+    assert_eq!(store_writes, 0.0);
+}
