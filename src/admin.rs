@@ -146,7 +146,8 @@ impl Admin {
                     "use DELETE /sessions/HANDLE",
                 );
             }
-            return match self.store.revoke_handle(handle).await {
+            let handle = percent_decode_str(handle).decode_utf8_lossy();
+            return match self.store.revoke_handle(&handle).await {
                 Ok(true) => json_response(StatusCode::OK, json!({"revoked": 1})),
                 Ok(false) => problem(StatusCode::NOT_FOUND, "no live session has this handle"),
                 Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),

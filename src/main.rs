@@ -220,5 +220,10 @@ async fn sessions(config: Config, action: SessionsAction) -> Result<(), String> 
 }
 
 fn encode(value: &str) -> String {
-    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC).to_string()
+    // Handles are base64url: `-` and `_` stay as they are.
+    const QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.');
+    percent_encoding::utf8_percent_encode(value, QUERY).to_string()
 }
