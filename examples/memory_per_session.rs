@@ -44,8 +44,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let json = format!(
             r#"{{"user_id":"u-{n:07}","roles":["reader","editor"],"cart":[17,42,99],"theme":"dark","n":{n}}}"#
         );
-        let Update::Replace(data) = codec::decode_update(&codec::encode(json.as_bytes()), 4096)?
-        else {
+        let update = codec::decode_update(&codec::encode(json.as_bytes()), 4096)
+            .map_err(|v| v.to_string())?;
+        let Update::Replace(data) = update else {
             return Err("the session decoded as a destroy".into());
         };
         data_bytes += data.len() as u64;

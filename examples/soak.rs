@@ -7,7 +7,8 @@
 //! ```
 //!
 //! The driver starts a small HTTP/1.1 application in-process and the proxy binary as a
-//! child (memory store, `/static/**` excluded, log level warn, free loopback ports).
+//! child (memory store, or the Redis URL in `SOAK_STORE`; `/static/**` excluded, the
+//! per-user index on, log level warn, free loopback ports).
 //! Then, until the time is up, HTTP clients, each with its own session, send about 50%
 //! session reads, 20% writes (a counter in `X-Session-Patch`, every tenth one with
 //! `X-Session-Rotate`), 20% excluded requests, 5% anonymous reads and 5% logouts
@@ -375,14 +376,18 @@ impl ProxyProcess {
         let dir = std::env::temp_dir().join(format!("session-proxy-soak-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let config = dir.join("proxy.yaml");
+        let store = match std::env::var("SOAK_STORE") {
+            Ok(url) if url != "memory" => format!("  type: redis\n  url: \"{url}\"\n"),
+            _ => "  type: memory\n".to_string(),
+        };
         std::fs::write(
             &config,
             format!(
                 "listen: {listen}\n\
                  upstream: http://{app}\n\
                  admin_listen: {admin}\n\
-                 session:\n  exclude: [\"/static/**\"]\n\
-                 store:\n  type: memory\n\
+                 session:\n  exclude: [\"/static/**\"]\n  user_key: client\n\
+                 store:\n{store}\
                  shutdown:\n  drain_delay: 0\n  timeout: 5\n\
                  log:\n  level: warn\n"
             ),

@@ -226,3 +226,98 @@ async fn sessions_spread_over_cluster_nodes() {
         "keys not spread over the nodes: {per_node:?}"
     );
 }
+
+/// The proxy binary with `--store URL`, its CA store replaced by `ca` (rediss://
+/// certificates are verified against the system roots, which `SSL_CERT_FILE` replaces).
+struct TlsProxy {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TlsProxy {
+    async fn start(app: &App, store: &str, ca: &std::path::Path) -> TlsProxy {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_session-proxy"))
+            .args([
+                "--listen",
+                &addr,
+                "--upstream",
+                &app.url(),
+                "--store",
+                store,
+                "--admin-listen",
+                "null",
+            ])
+            .env("SSL_CERT_FILE", ca)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            assert!(Instant::now() < deadline, "proxy did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        TlsProxy { child, addr }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_connects_over_tls_and_verifies_the_certificate() {
+    let server = RedisServer::start_tls();
+    let app = App::scripted().await;
+    let proxy = TlsProxy::start(&app, &server.url(), server.ca_path().unwrap()).await;
+    let mut browser = Browser::new();
+    let r = browser
+        .get(&format!(
+            "http://{}/?update={}",
+            proxy.addr,
+            q(r#"{"tls":true}"#)
+        ))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let key = format!("session:{}", browser.cookie.clone().unwrap());
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "--tls",
+            "--cacert",
+            server.ca_path().unwrap().to_str().unwrap(),
+        ])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.port().to_string(),
+            "HGET",
+            &key,
+            "data",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"tls":true}"#
+    );
+
+    // A server whose certificate comes from a CA the proxy does not trust is refused.
+    let stranger = RedisServer::start_tls();
+    let proxy = TlsProxy::start(&app, &server.url(), stranger.ca_path().unwrap()).await;
+    let r = Client::new()
+        .get(
+            &format!("http://{}/?update={}", proxy.addr, q(r#"{"a":1}"#)),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+}

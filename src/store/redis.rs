@@ -21,6 +21,12 @@
 //! Both live in other cluster slots than the session, so separate commands write them,
 //! always *before* the session: the index may name sessions that are gone or changed user,
 //! never miss one. Reading the index drops the entries that no longer match.
+//!
+//! Connecting never waits for Redis, and no operation waits past the configured timeouts:
+//! while Redis is away every operation fails with `StoreError::Unavailable`, and the first
+//! one after it is back reconnects. Under Sentinel the store follows failovers and writes
+//! are confirmed by a replica (see `SentinelLink`); under Cluster, redirections are
+//! followed by the cluster client.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -80,16 +86,16 @@ pub struct RedisOptions {
     pub response_timeout: Duration,
 }
 
-/// The Redis store. Connecting never waits for Redis: while it is unreachable, every
-/// operation fails with `StoreError::Unavailable`, and the first operation after it is
-/// back reconnects.
+/// The Redis store: sessions in one Redis deployment, shared by every proxy in front of it.
+/// Its connections multiplex concurrent operations; share the store itself in an `Arc`.
 pub struct RedisStore {
     link: Link,
     keys: Keys,
     settings: StoreSettings,
 }
 
-/// The names of the keys the store writes.
+/// The names of the keys the store writes. Session IDs are base64url, without `:`, so a
+/// session key never collides with an index key.
 struct Keys {
     prefix: String,
 }
@@ -449,11 +455,13 @@ struct SentinelLink {
     alone: StdMutex<Option<(Arc<ConnectionAddr>, Instant)>>,
 }
 
+/// Finds the master through the Sentinels, and remembers when it last did.
 struct Resolver {
     sentinel: Sentinel,
     last: Option<Instant>,
 }
 
+/// The master as last found, and the connection to it.
 #[derive(Clone)]
 struct Master {
     addr: Arc<ConnectionAddr>,
@@ -725,14 +733,13 @@ impl RedisStore {
         let expires = millis(now + self.settings.max_age);
         let mut call = INDEX.key(self.keys.user(user));
         call.arg(id.as_str()).arg(expires).arg(millis(now));
-        let mut by_user = conn.clone();
-        let mut by_handle = conn.clone();
-        let handle = redis::cmd("SET")
+        let mut handle = redis::cmd("SET");
+        handle
             .arg(self.keys.handle(&id.handle()))
             .arg(user)
             .arg("PXAT")
-            .arg(expires)
-            .clone();
+            .arg(expires);
+        let (mut by_user, mut by_handle) = (conn.clone(), conn.clone());
         try_join(
             call.invoke_async::<()>(&mut by_user),
             handle.query_async::<()>(&mut by_handle),
@@ -744,8 +751,7 @@ impl RedisStore {
     /// Takes a deleted session out of its user's index. Best effort: reading the index
     /// drops what this misses.
     async fn unindex(&self, conn: &Conn, user: &str, id: &SessionId) {
-        let mut by_user = conn.clone();
-        let mut by_handle = conn.clone();
+        let (mut by_user, mut by_handle) = (conn.clone(), conn.clone());
         let _ = try_join(
             redis::cmd("ZREM")
                 .arg(self.keys.user(user))
@@ -776,7 +782,7 @@ impl RedisStore {
         Ok(members)
     }
 
-    /// Stores a session under a key that must be free.
+    /// Stores a session under a key that must be free, indexed under `user` first.
     async fn insert(
         &self,
         conn: &mut Conn,
@@ -786,6 +792,9 @@ impl RedisStore {
         ttl: Duration,
         now: Duration,
     ) -> Result<(), Failure> {
+        if let Some(user) = user {
+            self.index(conn, user, id, now).await?;
+        }
         let mut call = CREATE.key(self.keys.session(id));
         call.arg(millis(ttl))
             .arg(&session.data[..])
@@ -804,7 +813,8 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Writes new data into a session; with `ver`, only if the session is at that version.
+    /// Writes new data into a session, indexed under its user first; with `ver`, only if
+    /// the session is at that version.
     async fn write(
         &self,
         conn: &mut Conn,
@@ -880,9 +890,6 @@ impl RedisStore {
         };
         let mut conn = self.link.conn().await?;
         let user = self.settings.user_of(&session.data);
-        if let Some(user) = &user {
-            self.index(&conn, user, id, now).await?;
-        }
         self.insert(&mut conn, id, &session, user.as_deref(), ttl, now)
             .await
     }
@@ -911,24 +918,22 @@ impl RedisStore {
                 let jitter = rand::random_range(0..=50 * u64::from(attempt.min(40)));
                 tokio::time::sleep(Duration::from_micros(jitter)).await;
             }
-            let written = match self.settings.merge(Some(&data), patch)? {
-                Merged::Data(merged) => {
-                    match self
-                        .write(&mut conn, id, &merged, Some(&ver), unix_now())
-                        .await?
-                    {
-                        Written::Done(_) => return Ok(PatchOutcome::Updated(merged)),
-                        other => other,
-                    }
-                }
-                Merged::Empty => match self.remove(&mut conn, id, Some(&ver), None).await? {
-                    Written::Done(_) => return Ok(PatchOutcome::Destroyed),
-                    other => other,
-                },
+            let (written, done) = match self.settings.merge(Some(&data), patch)? {
+                Merged::Data(merged) => (
+                    self.write(&mut conn, id, &merged, Some(&ver), unix_now())
+                        .await?,
+                    PatchOutcome::Updated(merged),
+                ),
+                Merged::Empty => (
+                    self.remove(&mut conn, id, Some(&ver), None).await?,
+                    PatchOutcome::Destroyed,
+                ),
             };
             match written {
+                Written::Done(_) => return Ok(done),
+                Written::Missing => return Ok(PatchOutcome::Missing),
+                // Someone wrote in between: merge into what they wrote.
                 Written::Changed { data: now, ver: at } => (data, ver) = (now, at),
-                Written::Missing | Written::Done(_) => return Ok(PatchOutcome::Missing),
             }
         }
         Err(StoreError::Contended.into())
@@ -969,9 +974,6 @@ impl RedisStore {
             _ => return Ok(false),
         };
         let user = (!user.is_empty()).then_some(user);
-        if let Some(user) = &user {
-            self.index(&conn, user, new, now).await?;
-        }
         let moved = NewSession {
             data: data.into(),
             created,
@@ -1009,15 +1011,20 @@ impl RedisStore {
         let mut sessions = Vec::new();
         let mut stale = Vec::new();
         for ((member, id), fields) in members.iter().zip(&ids).zip(fields) {
-            let info = id.as_ref().zip(fields).and_then(|(id, fields)| {
-                let (created, seen, owner) = fields;
-                (owner.as_deref() == Some(user)).then_some(())?;
-                Some(SessionInfo {
-                    handle: id.handle(),
-                    created: created?.parse().ok()?,
-                    last_seen: seen?.parse().ok()?,
-                })
-            });
+            // Gone, or no longer this user's: a stale entry.
+            let info = id
+                .as_ref()
+                .zip(fields)
+                .and_then(|(id, (created, seen, owner))| {
+                    if owner.as_deref() != Some(user) {
+                        return None;
+                    }
+                    Some(SessionInfo {
+                        handle: id.handle(),
+                        created: created?.parse().ok()?,
+                        last_seen: seen?.parse().ok()?,
+                    })
+                });
             match info {
                 Some(info) => sessions.push(info),
                 None => stale.push(member),

@@ -498,6 +498,22 @@ impl RedisSentinel {
                 .try_cli::<String>(&["SENTINEL", "FAILOVER", SENTINEL_MASTER])
                 .is_ok()
         });
+        self.wait_for_new_master(old)
+    }
+
+    /// Kills the master (SIGKILL) and waits until the Sentinels have promoted the replica,
+    /// which is left without a replica of its own. Returns its port.
+    pub fn crash_master(&mut self) -> u16 {
+        let old = self.master_port();
+        if let Some(master) = self.data.iter_mut().find(|s| s.port() == old) {
+            master.stop();
+        }
+        self.wait_for_new_master(old)
+    }
+
+    /// Waits until every Sentinel names a master other than `old`, and that server acts as
+    /// master. Returns its port.
+    fn wait_for_new_master(&self, old: u16) -> u16 {
         let mut new = old;
         wait_until("every Sentinel to report the new master", STARTUP, || {
             let ports: Vec<Option<u16>> = self
