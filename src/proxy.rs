@@ -146,6 +146,8 @@ impl Proxy {
     ) -> Result<Served, (Problem, Option<String>)> {
         self.headers.strip(req.headers_mut());
         if self.exclusions.matches(req.uri().path()) {
+            // No session here, but the application still never sees the session ID.
+            self.cookie.strip(req.headers_mut());
             let mut response = self.forward(req, client).await.map_err(|p| (p, None))?;
             self.headers.strip(response.headers_mut());
             return Ok(Served {
@@ -390,7 +392,10 @@ impl Proxy {
 
 /// Bytes of the request head as the client sent it (for HTTP/2, as it would be in HTTP/1.1).
 fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     req.headers().iter().fold(line, |n, (name, value)| {
         n + name.as_str().len() + value.len() + 4
     })
