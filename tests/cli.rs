@@ -212,14 +212,7 @@ impl Running {
             admin: format!("127.0.0.1:{admin_port}"),
             config,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(&running.admin)
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "proxy did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        support::wait_for_listener(&running.admin).await;
         running
     }
 
@@ -308,45 +301,10 @@ async fn second_signal_exits_at_once() {
 
 #[tokio::test]
 async fn websocket_tunnel_survives_the_drain_and_ends_the_shutdown_when_closed() {
-    let app = App::start(std::sync::Arc::new(|mut req| {
-        Box::pin(async move {
-            let key = req.headers().get("sec-websocket-key").cloned().unwrap();
-            let upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                let upgraded = upgrade.await.unwrap();
-                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                    hyper_util::rt::TokioIo::new(upgraded),
-                    tokio_tungstenite::tungstenite::protocol::Role::Server,
-                    None,
-                )
-                .await;
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            let accept =
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-            let mut r = http::Response::new(support::full(""));
-            *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-            r.headers_mut()
-                .insert("connection", http::HeaderValue::from_static("upgrade"));
-            r.headers_mut()
-                .insert("upgrade", http::HeaderValue::from_static("websocket"));
-            r.headers_mut().insert(
-                "sec-websocket-accept",
-                http::HeaderValue::try_from(accept).unwrap(),
-            );
-            r
-        })
-    }))
-    .await;
+    let app = App::websocket().await;
     let mut proxy =
         Running::start(&app.url(), "shutdown:\n  drain_delay: 0.5\n  timeout: 20\n").await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.addr))
-        .await
-        .unwrap();
+    let mut ws = support::websocket(&proxy.addr).await;
     proxy.signal("-TERM");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // The listener has closed by now; the tunnel still works.
@@ -435,14 +393,7 @@ async fn demo_serves_a_working_session_app() {
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "demo did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_for_listener(&format!("127.0.0.1:{port}")).await;
     let mut browser = support::Browser::new();
     let page = browser.get(&format!("{base}/")).await;
     assert_eq!(page.status, 200);

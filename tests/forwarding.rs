@@ -8,16 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use support::{App, AppBody, Client, Proxy, full, q};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::Role;
 
 fn stream_body(rx: mpsc::Receiver<Bytes>) -> AppBody {
     let stream = tokio_stream_from(rx).map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
@@ -246,64 +244,9 @@ async fn http2_clients_are_served_and_their_cookie_fields_joined() {
     assert_eq!(seen["version"], "HTTP/1.1");
 }
 
-/// An app that accepts WebSocket upgrades on any path and echoes messages; the 101
-/// carries whatever session update the query asks for.
-async fn websocket_app() -> App {
-    App::start(Arc::new(|mut req| {
-        Box::pin(async move {
-            let q = support::query(&req);
-            let session = req.headers().get("x-session").cloned();
-            let key = req.headers().get("sec-websocket-key").cloned();
-            let Some(key) = key else {
-                return Response::new(full("not a websocket request"));
-            };
-            let upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                let Ok(upgraded) = upgrade.await else { return };
-                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    None,
-                )
-                .await;
-                let hello = session
-                    .map(|s| s.to_str().unwrap_or("").to_string())
-                    .unwrap_or_default();
-                ws.send(Message::text(format!("session:{hello}")))
-                    .await
-                    .ok();
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            let accept =
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-            let mut r = Response::new(full(""));
-            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let h = r.headers_mut();
-            h.insert("connection", HeaderValue::from_static("upgrade"));
-            h.insert("upgrade", HeaderValue::from_static("websocket"));
-            h.insert(
-                "sec-websocket-accept",
-                HeaderValue::try_from(accept).unwrap(),
-            );
-            if let Some(update) = q.get("update") {
-                h.insert(
-                    "x-session-update",
-                    HeaderValue::try_from(support::b64(update)).unwrap(),
-                );
-            }
-            r
-        })
-    }))
-    .await
-}
-
 #[tokio::test]
 async fn websocket_echoes_through_the_proxy_with_the_session_on_the_handshake() {
-    let app = websocket_app().await;
+    let app = App::websocket().await;
     let proxy = Proxy::with(&app, |_| {}).await;
     let url = format!("ws://{}/ws?update={}", proxy.addr, q(r#"{"ws":1}"#));
     let (mut ws, resp) = tokio_tungstenite::connect_async(url)

@@ -118,44 +118,9 @@ async fn metrics_move_as_requests_flow() {
 
 #[tokio::test]
 async fn websocket_tunnels_are_counted_while_open() {
-    let app = App::start(std::sync::Arc::new(|mut req| {
-        Box::pin(async move {
-            let key = req.headers().get("sec-websocket-key").cloned().unwrap();
-            let upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                let upgraded = upgrade.await.unwrap();
-                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                    hyper_util::rt::TokioIo::new(upgraded),
-                    tokio_tungstenite::tungstenite::protocol::Role::Server,
-                    None,
-                )
-                .await;
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            let accept =
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-            let mut r = http::Response::new(support::full(""));
-            *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-            r.headers_mut()
-                .insert("connection", http::HeaderValue::from_static("upgrade"));
-            r.headers_mut()
-                .insert("upgrade", http::HeaderValue::from_static("websocket"));
-            r.headers_mut().insert(
-                "sec-websocket-accept",
-                http::HeaderValue::try_from(accept).unwrap(),
-            );
-            r
-        })
-    }))
-    .await;
+    let app = App::websocket().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.addr))
-        .await
-        .unwrap();
+    let mut ws = support::websocket(&proxy.addr.to_string()).await;
     ws.send(Message::text("hi")).await.unwrap();
     ws.next().await.unwrap().unwrap();
     assert_eq!(
@@ -198,14 +163,7 @@ async fn access_log_has_one_json_line_per_request_without_ids_or_data() {
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "proxy did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::wait_for_listener(&format!("127.0.0.1:{port}")).await;
     let secret_data = r#"{"card":"4111-1111"}"#;
     let mut b = Browser::new();
     b.get(&format!("{base}/login?update={}", q(secret_data)))

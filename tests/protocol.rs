@@ -549,7 +549,11 @@ async fn excluded_path_gets_no_session_header_cookie_or_store_access() {
         assert!(r.header_seen("x-session").is_empty(), "{path}");
         assert!(r.set_cookies().is_empty(), "{path}");
         // Even here the application never sees the session ID.
-        assert!(r.header_seen("cookie").is_empty(), "{path}: {:?}", r.header_seen("cookie"));
+        assert!(
+            r.header_seen("cookie").is_empty(),
+            "{path}: {:?}",
+            r.header_seen("cookie")
+        );
     }
     assert_eq!(
         proxy.metric("session_proxy_store_operations_total").await,

@@ -264,11 +264,7 @@ impl TlsProxy {
             .env("RUST_LOG", "warn")
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(&addr).await.is_err() {
-            assert!(Instant::now() < deadline, "proxy did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        support::wait_for_listener(&addr).await;
         TlsProxy { child, addr }
     }
 }

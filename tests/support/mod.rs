@@ -22,6 +22,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -34,6 +35,10 @@ use session_proxy::config::Config;
 use session_proxy::server::Server;
 use session_proxy::shutdown::Shutdown;
 use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
 
 pub type AppBody = BoxBody<Bytes, std::io::Error>;
 pub type Handler = Arc<
@@ -101,6 +106,60 @@ impl App {
             connections,
             task,
         }
+    }
+
+    /// An app that accepts WebSocket upgrades on any path: it greets with
+    /// `session:<X-Session of the handshake>`, then echoes text messages. The 101 carries
+    /// the session update `?update=<json>` asks for.
+    pub async fn websocket() -> App {
+        App::start(Arc::new(|mut req| {
+            Box::pin(async move {
+                let q = query(&req);
+                let session = req.headers().get("x-session").cloned();
+                let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+                    return Response::new(full("not a websocket request"));
+                };
+                let upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    let Ok(upgraded) = upgrade.await else { return };
+                    let mut ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        None,
+                    )
+                    .await;
+                    let hello = session
+                        .map(|s| s.to_str().unwrap_or("").to_string())
+                        .unwrap_or_default();
+                    ws.send(Message::text(format!("session:{hello}")))
+                        .await
+                        .ok();
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if msg.is_text() && ws.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let accept = derive_accept_key(key.as_bytes());
+                let mut r = Response::new(full(""));
+                *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                let h = r.headers_mut();
+                h.insert("connection", HeaderValue::from_static("upgrade"));
+                h.insert("upgrade", HeaderValue::from_static("websocket"));
+                h.insert(
+                    "sec-websocket-accept",
+                    HeaderValue::try_from(accept).unwrap(),
+                );
+                if let Some(update) = q.get("update") {
+                    h.insert(
+                        "x-session-update",
+                        HeaderValue::try_from(b64(update)).unwrap(),
+                    );
+                }
+                r
+            })
+        }))
+        .await
     }
 
     pub fn url(&self) -> String {
@@ -406,6 +465,30 @@ impl Browser {
         }
         reply
     }
+}
+
+/// Waits until something listens on `addr`; panics after 10 s.
+pub async fn wait_for_listener(addr: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A WebSocket through the proxy to `App::websocket`, its greeting read.
+pub async fn websocket(
+    proxy: &str,
+) -> WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{proxy}/ws"))
+        .await
+        .expect("upgrade");
+    let hello = ws.next().await.expect("greeting").expect("greeting");
+    assert!(hello.into_text().unwrap().starts_with("session:"));
+    ws
 }
 
 /// Percent-encodes a query value.
