@@ -69,7 +69,8 @@ enum CookieAction {
 struct Served {
     response: Response<ProxyBody>,
     outcome: Outcome,
-    tag: Option<String>,
+    /// The session the request ended with, for the access log's tag.
+    session: Option<SessionId>,
 }
 
 impl Proxy {
@@ -110,16 +111,16 @@ impl Proxy {
         };
         let served = match outcome {
             Ok(served) => served,
-            Err((problem, tag)) => {
+            Err((problem, session)) => {
                 if problem.kind == "session-protocol-violation" {
                     self.metrics.protocol_violation();
                 }
-                tracing::warn!(status = problem.status.as_u16(), session = tag.as_deref().unwrap_or("-"),
+                tracing::warn!(status = problem.status.as_u16(), session_tag = %tag_of(&session),
                     %method, %path, "{}: {}", problem.title, problem.detail);
                 Served {
                     response: problem.into_response(),
                     outcome: Outcome::None,
-                    tag,
+                    session,
                 }
             }
         };
@@ -133,7 +134,7 @@ impl Proxy {
             status = status.as_u16(),
             duration_ms = took.as_secs_f64() * 1000.0,
             session = served.outcome.as_str(),
-            session_tag = served.tag.as_deref().unwrap_or("-"),
+            session_tag = %tag_of(&served.session),
         );
         served.response
     }
@@ -143,7 +144,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
-    ) -> Result<Served, (Problem, Option<String>)> {
+    ) -> Result<Served, (Problem, Option<SessionId>)> {
         self.headers.strip(req.headers_mut());
         if self.exclusions.matches(req.uri().path()) {
             // No session here, but the application still never sees the session ID.
@@ -153,13 +154,13 @@ impl Proxy {
             return Ok(Served {
                 response: response.map(Either::Left),
                 outcome: Outcome::Excluded,
-                tag: None,
+                session: None,
             });
         }
 
         let presented = self.cookie.find(req.headers());
-        let tag = presented.as_ref().map(|p| p.id.log_tag());
-        let fail = |problem: Problem| (problem, tag.clone());
+        let presented_id = presented.as_ref().map(|p| p.id.clone());
+        let fail = |problem: Problem| (problem, presented_id.clone());
         self.cookie.strip(req.headers_mut());
         let current = self.load(presented).await.map_err(fail)?;
         self.hand_session_to_app(&current, req.headers_mut());
@@ -178,9 +179,9 @@ impl Proxy {
             .apply(current, answer.change, answer.rotate)
             .await
             .map_err(fail)?;
-        let tag = match &action {
-            CookieAction::Set(id) => Some(id.log_tag()),
-            _ => tag,
+        let session = match &action {
+            CookieAction::Set(id) => Some(id.clone()),
+            _ => presented_id,
         };
         self.set_cookie(response.headers_mut(), action);
         if let Some(client_upgrade) = client_upgrade {
@@ -189,7 +190,7 @@ impl Proxy {
         Ok(Served {
             response: response.map(Either::Left),
             outcome,
-            tag,
+            session,
         })
     }
 
@@ -388,6 +389,20 @@ impl Proxy {
             metrics.tunnels().dec();
         });
     }
+}
+
+/// The access log's tag for a session, computed only when a log line is written.
+fn tag_of(session: &Option<SessionId>) -> impl std::fmt::Display + '_ {
+    struct Tag<'a>(&'a Option<SessionId>);
+    impl std::fmt::Display for Tag<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.0 {
+                Some(id) => f.write_str(&id.log_tag()),
+                None => f.write_str("-"),
+            }
+        }
+    }
+    Tag(session)
 }
 
 /// Bytes of the request head as the client sent it (for HTTP/2, as it would be in HTTP/1.1).
