@@ -64,7 +64,16 @@ pub fn decode_update(value: &HeaderValue, max_bytes: usize) -> Result<Update, Vi
     if object.is_empty() {
         return Ok(Update::Destroy);
     }
-    Ok(Update::Replace(compact(&object)))
+    // What is stored is the compact form, which can be longer than what was sent
+    // (`1E5` is written `1e+5`): the limit holds for the stored bytes.
+    let data = compact(&object);
+    if data.len() > max_bytes {
+        return Err(Violation::TooLarge {
+            bytes: data.len(),
+            max: max_bytes,
+        });
+    }
+    Ok(Update::Replace(data))
 }
 
 /// Decodes an `X-Session-Patch` value: a JSON merge patch, which must be an object.
@@ -209,6 +218,18 @@ mod tests {
             decode_update(&header(&format!(r#"{{"a":"{}"}}"#, "x".repeat(200))), 100),
             Err(Violation::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn the_limit_holds_for_the_stored_form() {
+        // 16 bytes as sent, 17 once compacted (`1E400` → `1e+400`).
+        let sent = r#"{"id":12371E400}"#;
+        assert_eq!(sent.len(), 16);
+        assert!(matches!(
+            decode_update(&header(sent), 16),
+            Err(Violation::TooLarge { bytes: 17, .. })
+        ));
+        assert!(decode_update(&header(sent), 17).is_ok());
     }
 
     #[test]
