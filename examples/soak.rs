@@ -14,14 +14,16 @@
 //! `X-Session-Rotate`), 20% excluded requests, 5% anonymous reads and 5% logouts
 //! (`X-Session-Update: {}`), while a few WebSocket clients connect, exchange messages
 //! and close in a loop. Every answer is checked (status, session content, counter,
-//! cookie, echo); a mismatch or a failed request counts as lost.
+//! cookie, echo), and the application answers 500 when it sees what it must not (the
+//! session cookie anywhere, `X-Session` on an excluded path or none on a session path);
+//! a mismatch or a failed request counts as lost.
 //!
 //! Every 10 s it samples the proxy's RSS (`VmRSS`) and open descriptors
 //! (`/proc/PID/fd`). At the end it closes every connection, stops the proxy with
 //! SIGTERM and prints a summary. RSS is flat when the last minute's average is within
 //! 10% + 4 MiB of the second minute's; descriptors are flat when, under load, the last
-//! minute's average is within 5 of the second minute's and, once the connections are
-//! closed, the count is back within 5 of the count before any traffic. (Runs shorter
+//! minute's average is within 10% + 5 of the second minute's and, once the connections
+//! are closed, the count is back within 5 of the count before any traffic. (Runs shorter
 //! than five minutes compare the second and last fifths instead of minutes.) The exit
 //! status is non-zero when anything was lost or something is not flat.
 
@@ -107,8 +109,6 @@ struct Tally {
     logouts: AtomicU64,
     ws_sessions: AtomicU64,
     ws_messages: AtomicU64,
-    /// Excluded requests on which the application received the session cookie.
-    excluded_with_cookie: AtomicU64,
     lost: AtomicU64,
     /// The first few losses, for the summary.
     examples: Mutex<Vec<String>>,
@@ -172,7 +172,6 @@ async fn soak(duration: Duration, binary: PathBuf) -> Result<bool, String> {
     let app_addr = app_listener.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(serve_app(
         app_listener,
-        tally.clone(),
         app_connections.clone(),
         app_stop.clone(),
     ));
@@ -289,10 +288,6 @@ fn summarize(
             println!("  lost: {e}");
         }
     }
-    println!(
-        "excluded requests on which the application saw the session cookie: {}",
-        n(&tally.excluded_with_cookie)
-    );
 
     let Some((first, last)) = samples.first().zip(samples.last()) else {
         println!("verdict: NOT FLAT (no samples)");
@@ -328,8 +323,11 @@ fn summarize(
     );
     let (fds_early, fds_late) = (avg(&early, |s| s.fds as f64), avg(&late, |s| s.fds as f64));
     let rss_flat = !early.is_empty() && rss_late <= rss_early * 1.10 + 4096.0;
-    let fds_flat =
-        !early.is_empty() && fds_late <= fds_early + 5.0 && after.fds.abs_diff(before.fds) <= 5;
+    // Under load the count moves with the connections open at that instant (WebSocket
+    // rounds, the upstream pool); the leak check proper is the count once they are closed.
+    let fds_flat = !early.is_empty()
+        && fds_late <= fds_early * 1.10 + 5.0
+        && after.fds.abs_diff(before.fds) <= 5;
     println!(
         "rss average: early window {:.0} KiB, last window {:.0} KiB ({:+.1}%) -> {}",
         rss_early,
@@ -469,12 +467,7 @@ fn free_port() -> Result<SocketAddr, String> {
 
 // ---------------------------------------------------------------- the application
 
-async fn serve_app(
-    listener: TcpListener,
-    tally: Arc<Tally>,
-    connections: TaskTracker,
-    stop: CancellationToken,
-) {
+async fn serve_app(listener: TcpListener, connections: TaskTracker, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -486,12 +479,9 @@ async fn serve_app(
             },
             _ = stop.cancelled() => return,
         };
-        let (tally, stop) = (tally.clone(), stop.clone());
+        let stop = stop.clone();
         connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let tally = tally.clone();
-                async move { Ok::<_, Infallible>(app(req, &tally)) }
-            });
+            let service = service_fn(|req| async move { Ok::<_, Infallible>(app(req)) });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
@@ -529,7 +519,7 @@ fn carries_session_cookie(req: &Request<Incoming>) -> bool {
 /// The application: `/read` echoes the session, `/write` patches a counter into it,
 /// `/logout` destroys it, `/static/…` is excluded, `/ws` echoes WebSocket messages.
 /// Anything unexpected is answered with 500, which the client counts as lost.
-fn app(mut req: Request<Incoming>, tally: &Tally) -> AppResponse {
+fn app(mut req: Request<Incoming>) -> AppResponse {
     let path = req.uri().path().to_owned();
     if path.starts_with("/static/") {
         if req.headers().contains_key("x-session") {
@@ -539,7 +529,10 @@ fn app(mut req: Request<Incoming>, tally: &Tally) -> AppResponse {
             );
         }
         if carries_session_cookie(&req) {
-            Tally::count(&tally.excluded_with_cookie);
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the session cookie reached an excluded path",
+            );
         }
         return reply(StatusCode::OK, "static");
     }

@@ -43,7 +43,9 @@ for target in "${targets[@]}"; do
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     >"$log" 2>&1 || status=$?
   execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || true)
-  echo "   exit $status, executions ${execs:-?}, corpus $(find "corpus/$target" -type f | wc -l) files"
+  corpus=$(grep -o 'corp: [0-9]*/[0-9]*[a-zA-Z]*' "$log" | tail -n 1 || true)
+  echo "   exit $status, executions ${execs:-?}, ${corpus:-corp: ?} (units/bytes)," \
+    "$(find "corpus/$target" -type f | wc -l) files in fuzz/corpus/$target"
   if [ "$status" -ne 0 ]; then
     grep -E '^(==[0-9]+==ERROR|thread .* panicked|SUMMARY|artifact_prefix|Test unit written)' "$log" | head -n 20 || true
     failed+=("$target")

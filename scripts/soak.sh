@@ -5,6 +5,7 @@
 # a request was lost or memory or descriptors are not flat. See examples/soak.rs.
 #
 #   scripts/soak.sh [MINUTES]
+#   SOAK_STORE=redis://127.0.0.1:6379/0 scripts/soak.sh 5    # against Redis instead of memory
 #
 # Everything runs at the lowest CPU priority (nice 19) so that it can share the machine;
 # on a busy machine that lowers the request rate, not what the soak checks.

@@ -145,6 +145,9 @@ impl Proxy {
         mut req: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Served, (Problem, Option<SessionId>)> {
+        // First of all, so that no header the proxy adds can be named by the client's
+        // `Connection` and dropped on the way out.
+        upstream::remove_hop_by_hop(req.headers_mut(), true);
         self.headers.strip(req.headers_mut());
         if self.exclusions.matches(req.uri().path()) {
             // No session here, but the application still never sees the session ID.
@@ -258,13 +261,25 @@ impl Proxy {
         change: Change,
         rotate: bool,
     ) -> Result<(Outcome, CookieAction), Problem> {
-        let (id, resign) = match current {
+        let (mut id, resign) = match current {
             Current::Live { id, resign, .. } => (id, resign),
             Current::Stale => return self.without_session(change, CookieAction::Clear).await,
             Current::Absent => return self.without_session(change, CookieAction::Keep).await,
         };
-        let (outcome, id) = match change {
-            Change::Nothing => (Outcome::Read, id),
+        if rotate {
+            // Rotate before writing: the change lands on the fresh ID only, and the old ID
+            // keeps the session as it was before (not, say, a fresh login) for its grace
+            // period.
+            let fresh = SessionId::generate(self.shape);
+            let moved = self.store.rotate(&id, &fresh, self.rotate_grace);
+            if !moved.await.map_err(unavailable)? {
+                return self.without_session(change, CookieAction::Clear).await;
+            }
+            id = fresh;
+        }
+        let outcome = match change {
+            Change::Nothing if rotate => Outcome::Updated,
+            Change::Nothing => Outcome::Read,
             Change::Destroy => {
                 self.store.delete(&id).await.map_err(unavailable)?;
                 return Ok((Outcome::Destroyed, CookieAction::Clear));
@@ -278,46 +293,25 @@ impl Proxy {
                 {
                     // Ended while the application worked on it: store the data under a new
                     // ID rather than bring the old one back.
-                    return Ok((
-                        Outcome::Created,
-                        CookieAction::Set(self.create(data).await?),
-                    ));
+                    let fresh = self.create(data).await?;
+                    return Ok((Outcome::Created, CookieAction::Set(fresh)));
                 }
-                (Outcome::Updated, id)
+                Outcome::Updated
             }
             Change::Patch(patch) => {
                 match self.store.patch(&id, &patch).await.map_err(unavailable)? {
-                    PatchOutcome::Updated(_) => (Outcome::Updated, id),
+                    PatchOutcome::Updated(_) => Outcome::Updated,
                     PatchOutcome::Destroyed => {
                         return Ok((Outcome::Destroyed, CookieAction::Clear));
                     }
                     PatchOutcome::Missing => {
-                        return self
-                            .without_session(Change::Patch(patch), CookieAction::Clear)
-                            .await;
+                        let change = Change::Patch(patch);
+                        return self.without_session(change, CookieAction::Clear).await;
                     }
                 }
             }
         };
-        if rotate {
-            let fresh = SessionId::generate(self.shape);
-            if self
-                .store
-                .rotate(&id, &fresh, self.rotate_grace)
-                .await
-                .map_err(unavailable)?
-            {
-                let outcome = if outcome == Outcome::Read {
-                    Outcome::Updated
-                } else {
-                    outcome
-                };
-                return Ok((outcome, CookieAction::Set(fresh)));
-            }
-            return Ok((Outcome::None, CookieAction::Clear));
-        }
-        let wrote = outcome != Outcome::Read;
-        if wrote || self.renew_on_access || resign {
+        if outcome != Outcome::Read || self.renew_on_access || resign {
             Ok((outcome, CookieAction::Set(id)))
         } else {
             Ok((outcome, CookieAction::Keep))

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -111,6 +112,7 @@ impl Server {
         let slots = Arc::new(Semaphore::new(config.limits.max_connections));
         let closing = shutdown.closing();
         let drain_delay = secs(config.shutdown.drain_delay);
+        let header_read = secs(config.timeouts.header_read);
         let draining = {
             let shutdown = shutdown.clone();
             async move {
@@ -147,7 +149,7 @@ impl Server {
             );
             connections.spawn(async move {
                 metrics.connections().inc();
-                serve_connection(stream, peer, proxy, &builder, closing).await;
+                serve_connection(stream, peer, proxy, &builder, closing, header_read).await;
                 metrics.connections().dec();
                 drop(slot);
             });
@@ -192,29 +194,54 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Serves one client connection until it ends or the shutdown asks it to finish.
+///
+/// A connection must bring its first request within `timeouts.header_read`: hyper's
+/// header timeout starts only once bytes arrive, and the HTTP/1-or-2 detection before it
+/// waits for ever, so a client that connects and sends nothing would otherwise hold a
+/// connection slot indefinitely.
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
     closing: CancellationToken,
+    first_request_within: Duration,
 ) {
     let _ = stream.set_nodelay(true);
-    let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-    });
+    let started = Arc::new(AtomicBool::new(false));
+    let service = {
+        let started = started.clone();
+        service_fn(move |req| {
+            started.store(true, Ordering::Relaxed);
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        })
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(e) = result {
-                tracing::debug!(%peer, "connection ended: {e}");
+    let first_request = tokio::time::sleep(first_request_within);
+    tokio::pin!(first_request);
+    let mut waiting_for_first = true;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+                return;
             }
-            return;
+            _ = closing.cancelled() => break,
+            _ = &mut first_request, if waiting_for_first => {
+                if !started.load(Ordering::Relaxed) {
+                    tracing::debug!(%peer, "no request within timeouts.header_read: closing");
+                    return;
+                }
+                waiting_for_first = false;
+            }
         }
-        _ = closing.cancelled() => conn.as_mut().graceful_shutdown(),
     }
+    conn.as_mut().graceful_shutdown();
     let _ = conn.await;
 }
 

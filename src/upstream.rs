@@ -108,14 +108,14 @@ impl Upstream {
     }
 
     /// Sends `req` to the application and returns its response head, the body still
-    /// streaming. Hop-by-hop headers are removed both ways (an upgrade keeps its
-    /// `Upgrade` and `Connection: upgrade`), `X-Forwarded-*` are added, `Host` is kept.
+    /// streaming. The caller has removed the request's hop-by-hop headers (before adding
+    /// its own, which a client's `Connection` must not be able to name); the response's
+    /// are removed here. `X-Forwarded-*` are added, `Host` is kept.
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let upgrade = upgrade_protocol(req.headers());
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
@@ -129,17 +129,12 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_11;
 
         let headers = req.headers_mut();
-        remove_hop_by_hop(headers);
         if let Some(host) = host {
             headers.insert(header::HOST, host.clone());
             headers.insert(X_FORWARDED_HOST, host);
         }
         add_forwarded_for(headers, client);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        if let Some(protocol) = upgrade {
-            headers.insert(header::UPGRADE, protocol);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
 
         let sent = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
         let mut response = match sent {
@@ -148,13 +143,7 @@ impl Upstream {
             Ok(Ok(response)) => response,
         };
         let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-        let upgrade = upgrade_protocol(response.headers());
-        remove_hop_by_hop(response.headers_mut());
-        if switching && let Some(protocol) = upgrade {
-            let headers = response.headers_mut();
-            headers.insert(header::UPGRADE, protocol);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
+        remove_hop_by_hop(response.headers_mut(), switching);
         Ok(response)
     }
 }
@@ -215,8 +204,15 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == header::PROXY_AUTHORIZATION
 }
 
-/// Removes the hop-by-hop headers, including every header `Connection` names.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1), including every header
+/// `Connection` names. With `keep_upgrade`, a message that asks for an upgrade keeps
+/// `Upgrade` and `Connection: upgrade`, so that a WebSocket handshake passes.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = if keep_upgrade {
+        upgrade_protocol(headers)
+    } else {
+        None
+    };
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -231,6 +227,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::PROXY_AUTHORIZATION);
+    if let Some(protocol) = upgrade {
+        headers.insert(header::UPGRADE, protocol);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
 }
 
 #[cfg(test)]
@@ -260,7 +260,7 @@ mod tests {
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h);
+        remove_hop_by_hop(&mut h, true);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
     }

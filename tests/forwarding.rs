@@ -172,6 +172,29 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 }
 
 #[tokio::test]
+async fn client_connection_header_cannot_remove_the_session_headers() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let mut browser = support::Browser::new();
+    browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
+        .await;
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let r = Client::new()
+        .get(
+            &proxy.url("/"),
+            &[
+                ("cookie", &cookie),
+                ("connection", "x-session, x-session-handle, x-forwarded-for"),
+            ],
+        )
+        .await;
+    assert_eq!(r.session_seen(), serde_json::json!({"a": 1}));
+    assert_eq!(r.header_seen("x-session-handle").len(), 1);
+    assert_eq!(r.header_seen("x-forwarded-for"), vec!["127.0.0.1"]);
+}
+
+#[tokio::test]
 async fn forwarded_headers_are_added_and_host_is_kept() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;

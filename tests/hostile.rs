@@ -229,6 +229,38 @@ async fn slow_header_clients_are_cut_off() {
 }
 
 #[tokio::test]
+async fn silent_connections_are_closed_after_header_read() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.timeouts.header_read = 0.5;
+        c.limits.max_connections = 2;
+    })
+    .await;
+    // Connect and send nothing: not a byte to tell HTTP/1 from HTTP/2.
+    let mut silent: Vec<TcpStream> = Vec::new();
+    for _ in 0..2 {
+        silent.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    let started = Instant::now();
+    for s in &mut silent {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "silent connection still open"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // The slots they held are free again.
+    let r = Client::new().get(&proxy.url("/"), &[]).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
 async fn connections_beyond_the_cap_wait_until_one_closes() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |c| c.limits.max_connections = 2).await;

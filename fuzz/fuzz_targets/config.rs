@@ -17,7 +17,10 @@ use libfuzzer_sys::fuzz_target;
 use session_proxy::config::{Config, Overrides};
 
 static PATH: LazyLock<PathBuf> = LazyLock::new(|| {
-    std::env::temp_dir().join(format!("session-proxy-fuzz-config-{}.yaml", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "session-proxy-fuzz-config-{}.yaml",
+        std::process::id()
+    ))
 });
 
 fn load(text: &[u8]) -> Result<Config, String> {
@@ -35,8 +38,14 @@ fn masks_something(config: &Config) -> bool {
         || !config.session.secret_fallbacks.is_empty()
         || config.admin_token.is_some()
         || s.url.iter().any(|u| u.contains('@'))
-        || s.sentinel.iter().flat_map(|x| &x.nodes).any(|u| u.contains('@'))
-        || s.cluster.iter().flat_map(|x| &x.nodes).any(|u| u.contains('@'))
+        || s.sentinel
+            .iter()
+            .flat_map(|x| &x.nodes)
+            .any(|u| u.contains('@'))
+        || s.cluster
+            .iter()
+            .flat_map(|x| &x.nodes)
+            .any(|u| u.contains('@'))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -92,7 +92,11 @@ fuzz_target!(|data: &[u8]| {
     for (name, cookie) in COOKIES.iter() {
         if let Some(found) = cookie.find(&headers) {
             let again = cookie.shape().parse(found.id.as_str());
-            assert_eq!(again.as_ref(), Some(&found.id), "found ID does not re-parse");
+            assert_eq!(
+                again.as_ref(),
+                Some(&found.id),
+                "found ID does not re-parse"
+            );
         }
 
         let mut stripped = headers.clone();

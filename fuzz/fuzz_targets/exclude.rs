@@ -30,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
 
     let once = exclude::normalize(path);
     if path.starts_with('/') {
-        assert!(once.starts_with('/'), "{path:?} -> {once:?} lost its leading /");
+        assert!(
+            once.starts_with('/'),
+            "{path:?} -> {once:?} lost its leading /"
+        );
     }
     assert!(
         once.split('/').all(|s| s != "." && s != ".."),
