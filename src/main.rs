@@ -12,6 +12,11 @@ use session_proxy::config::{Config, Overrides};
 use session_proxy::server::Server;
 use session_proxy::{demo, logging};
 
+/// mimalloc: the request path allocates a few dozen small buffers per request across
+/// threads, where it is measurably cheaper than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A reverse proxy that adds server-side sessions in front of any HTTP application.
 #[derive(Parser)]
 #[command(name = "session-proxy", version, about)]

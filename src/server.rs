@@ -175,7 +175,8 @@ impl Server {
 fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The proxy checks `limits.max_header_bytes` itself and answers 431 as problem+json;
-    // hyper's own limits sit above it as a backstop.
+    // hyper's own limits sit above it as a backstop (and its default of 100 header
+    // fields, answered 431 too: a larger array costs every request).
     let backstop = config
         .limits
         .max_header_bytes
@@ -185,8 +186,7 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(secs(config.timeouts.header_read))
-        .max_buf_size(backstop)
-        .max_headers(256);
+        .max_buf_size(backstop);
     builder
         .http2()
         .timer(TokioTimer::new())

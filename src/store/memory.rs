@@ -27,21 +27,32 @@ use crate::session::id::SessionId;
 const SHARDS: usize = 64;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// One stored session.
+/// One stored session, kept small: a million of these is a normal load.
 struct Entry {
-    data: Bytes,
-    created: u64,
-    ends: Option<u64>,
+    /// The JSON, exactly as long as it is (a read copies it out).
+    data: Box<[u8]>,
     /// Unix milliseconds after which the entry is gone.
     deadline: u64,
+    created: u64,
+    /// Unix seconds at which the session ends whatever its activity; 0: never.
+    ends: u32,
     /// Unix seconds of the last write or renewal.
-    last_seen: u64,
+    last_seen: u32,
     user: Option<Arc<str>>,
+}
+
+/// Unix seconds in the entry's compact form (valid until 2106; later saturates).
+fn secs32(secs: u64) -> u32 {
+    u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
 impl Entry {
     fn live(&self, now_ms: u64) -> bool {
         self.deadline > now_ms
+    }
+
+    fn ends(&self) -> Option<u64> {
+        (self.ends != 0).then_some(u64::from(self.ends))
     }
 }
 
@@ -125,13 +136,13 @@ impl MemoryStore {
 
     /// Stores `data` under an existing entry: new deadline, re-indexed if its user changed.
     fn write_entry(&self, id: &SessionId, entry: &mut Entry, data: Bytes, now: Duration) -> bool {
-        let Some(deadline) = self.deadline(entry.ends, now) else {
+        let Some(deadline) = self.deadline(entry.ends(), now) else {
             return false;
         };
         let user = self.settings.user_of(&data).map(Arc::<str>::from);
-        entry.data = data;
+        entry.data = Box::from(&data[..]);
         entry.deadline = deadline;
-        entry.last_seen = now.as_secs();
+        entry.last_seen = secs32(now.as_secs());
         if user != entry.user {
             self.unindex(id, entry.user.as_deref());
             if let Some(user) = &user {
@@ -198,11 +209,11 @@ impl MemoryStore {
         }
         if renew {
             // Only the deadline moves; the data is not rewritten.
-            entry.deadline = self.deadline(entry.ends, now)?;
-            entry.last_seen = now.as_secs();
+            entry.deadline = self.deadline(entry.ends(), now)?;
+            entry.last_seen = secs32(now.as_secs());
         }
         Some(Record {
-            data: entry.data.clone(),
+            data: Bytes::copy_from_slice(&entry.data),
             created: entry.created,
         })
     }
@@ -248,11 +259,16 @@ impl MemoryStore {
                 created: entry.created,
                 ends: entry.ends,
                 deadline: entry.deadline,
-                last_seen: now.as_secs(),
+                last_seen: secs32(now.as_secs()),
                 user: entry.user.clone(),
             };
             entry.deadline = entry.deadline.min(millis(grace_end));
-            entry.ends = Some(entry.ends.unwrap_or(u64::MAX).min(grace_end.as_secs()));
+            let grace_end = secs32(grace_end.as_secs());
+            entry.ends = if entry.ends == 0 {
+                grace_end
+            } else {
+                entry.ends.min(grace_end)
+            };
             moved
         };
         self.insert(new, moved, false)?;
@@ -269,7 +285,7 @@ impl MemoryStore {
                 Some(SessionInfo {
                     handle: id.handle(),
                     created: entry.created,
-                    last_seen: entry.last_seen,
+                    last_seen: u64::from(entry.last_seen),
                 })
             })
             .collect()
@@ -299,11 +315,11 @@ impl Store for MemoryStore {
             Some(deadline) => {
                 let entry = Entry {
                     user: self.settings.user_of(&session.data).map(Arc::from),
-                    data: session.data,
+                    data: Box::from(&session.data[..]),
                     created: session.created,
-                    ends: session.ends,
+                    ends: session.ends.map_or(0, secs32),
                     deadline,
-                    last_seen: now.as_secs(),
+                    last_seen: secs32(now.as_secs()),
                 };
                 self.insert(id, entry, true)
             }
