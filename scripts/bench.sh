@@ -13,19 +13,23 @@
 #   docs/benchmarks.md             its "Latest results" section, replaced in place
 #
 # Environment (all optional):
-#   BENCH_DURATION=10     seconds of measured load per scenario
-#   BENCH_WARMUP=2        seconds of unmeasured load before each measurement
+#   BENCH_ROUNDS=3        rounds; each runs every scenario once, and the report gives
+#                         each figure's median over the rounds (a shared machine's bursts
+#                         of slowness then spoil one round, not the result)
+#   BENCH_DURATION=5      seconds of measured load per scenario and round
+#   BENCH_WARMUP=1        seconds of unmeasured load before each measurement
 #   BENCH_CONNECTIONS=64  wrk keep-alive connections
 #   BENCH_THREADS=2       wrk threads
 #   BENCH_SESSIONS=1000000 sessions for the memory-per-session measurement
 #   BENCH_KEEP=1          keep the temporary directory (configs, logs, wrk output)
-# Takes about 3 minutes with the defaults once the release build is done.
+# Takes about 4 minutes with the defaults once the release build is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-DURATION=${BENCH_DURATION:-10}
-WARMUP=${BENCH_WARMUP:-2}
+ROUNDS=${BENCH_ROUNDS:-3}
+DURATION=${BENCH_DURATION:-5}
+WARMUP=${BENCH_WARMUP:-1}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 THREADS=${BENCH_THREADS:-2}
 SESSIONS=${BENCH_SESSIONS:-1000000}
@@ -52,6 +56,12 @@ need() { # need COMMAND DEBIAN-PACKAGE
 need wrk wrk
 need redis-server redis-server
 need python3 python3
+if ! python3 -c 'import matplotlib' >/dev/null 2>&1; then
+  log "installing matplotlib for the chart (pip, else Debian package python3-matplotlib)…"
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet matplotlib >/dev/null 2>&1 ||
+    apt_install python3-matplotlib ||
+    log "matplotlib is not available: docs/benchmarks/throughput.png will not be written"
+fi
 NGINX=$(command -v nginx || true)
 [ -n "$NGINX" ] || [ ! -x /usr/sbin/nginx ] || NGINX=/usr/sbin/nginx
 if [ -z "$NGINX" ]; then
@@ -198,7 +208,7 @@ cookie_header() {
 PLACEHOLDER_ID=$(printf 'A%.0s' $(seq 1 43))
 
 RESULTS=$WORK/results.tsv
-printf 'key\tscenario\trps\tp50_ms\tp99_ms\terrors\tidle_rss_kb\tpeak_rss_kb\tcpu_us_per_req\tcheck\n' >"$RESULTS"
+printf 'round\tkey\tscenario\trps\tp50_ms\tp99_ms\terrors\tidle_rss_kb\tpeak_rss_kb\tcpu_us_per_req\tcheck\n' >"$RESULTS"
 
 to_ms() { # wrk latency (e.g. 812.00us, 1.23ms, 1.01s) → milliseconds
   awk -v v="$1" 'BEGIN {
@@ -210,9 +220,9 @@ to_ms() { # wrk latency (e.g. 812.00us, 1.23ms, 1.01s) → milliseconds
 # run_wrk KEY LABEL URL COOKIE SERVER_PID [IDLE_RSS_KB] [METRICS_URL EXPECTED_OUTCOME]
 run_wrk() {
   local key=$1 label=$2 url=$3 cookie=$4 pid=$5 idle=${6:--} metrics=${7:-} outcome=${8:-}
-  local lua=$WORK/$key.lua out=$WORK/$key.wrk
+  local lua=$WORK/$key.lua out=$WORK/$key.$ROUND.wrk
   printf 'wrk.headers["Cookie"] = "%s"\n' "$cookie" >"$lua"
-  log "$label: warm-up ${WARMUP}s, then ${DURATION}s"
+  log "round $ROUND/$ROUNDS, $label: warm-up ${WARMUP}s, then ${DURATION}s"
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -s "$lua" "$url" >/dev/null
   local before_count=0 before_cpu
   [ -z "$metrics" ] || before_count=$(outcome_count "$metrics" "$outcome")
@@ -236,7 +246,7 @@ run_wrk() {
   cpu_us=$(awk -v t=$((after_cpu - before_cpu)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
   [ "$errors" = 0 ] || log "$label: $errors errors or non-2xx responses"
   [ "$check" = "ok" ] || [ "$check" = "-" ] || log "$label: $check"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$key" "$label" "$rps" "$p50" "$p99" "$errors" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$key" "$label" "$rps" "$p50" "$p99" "$errors" \
     "$idle" "$peak" "$cpu_us" "$check" >>"$RESULTS"
 }
 
@@ -289,11 +299,11 @@ proxy_scenario() {
     echo "shutdown: {drain_delay: 0, timeout: 2}"
     echo "log: {level: $level}"
   } >"$config"
-  env -u RUST_LOG "$PROXY_BIN" --config "$config" 2>"$WORK/$key.log" &
+  env -u RUST_LOG "$PROXY_BIN" --config "$config" 2>"$WORK/$key.$ROUND.log" &
   local pid=$!
   PIDS+=("$pid")
   wait_port "$port" "$pid"
-  sleep 1
+  sleep 0.5
   local idle id
   idle=$(tree_kb "$pid" VmRSS)
   id=$(session_cookie "$port")
@@ -302,27 +312,54 @@ proxy_scenario() {
   stop "$pid"
 }
 
+cpu_busy() { # cpu_busy SECONDS → % of all CPUs busy over that time (before the load: other work)
+  local a b
+  a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat)
+  sleep "$1"
+  b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat)
+  echo "$a $b" | awk '{ busy = $3 - $1; idle = $4 - $2; printf "%.0f", 100 * busy / (busy + idle) }'
+}
+cpu_jiffies() { # busy and total jiffies of all CPUs
+  awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat
+}
+own_ticks() { # CPU ticks of this script's process tree: itself, waited-for children, live servers
+  local t p
+  t=$(sed 's/.*) //' "/proc/$$/stat" | awk '{ print $12 + $13 + $14 + $15 }')
+  for p in "$UPSTREAM_PID" "$REDIS_PID" ${NGINX_PID:-}; do t=$((t + $(cpu_ticks "$p"))); done
+  echo "$t"
+}
+BUSY_BEFORE=$(cpu_busy 3)
 LOAD_START=$(cat /proc/loadavg)
-run_wrk direct "direct to upstream (ceiling)" "http://127.0.0.1:$UPSTREAM_PORT/read" \
-  "$(cookie_header "$PLACEHOLDER_ID")" "$UPSTREAM_PID"
-if [ -n "$NGINX_PORT" ]; then
-  run_wrk nginx "nginx proxy_pass (reference)" "http://127.0.0.1:$NGINX_PORT/read" \
-    "$(cookie_header "$PLACEHOLDER_ID")" "$NGINX_PID"
-fi
-proxy_scenario excluded "proxy, excluded path" /static/app.js memory false warn excluded
-proxy_scenario read_memory "proxy, session read, memory" /read memory false warn read
-proxy_scenario read_memory_renew "proxy, session read + renew_on_access, memory" /read memory true warn read
-proxy_scenario write_memory "proxy, session write every request, memory" /write memory false warn updated
-proxy_scenario read_redis "proxy, session read, Redis" /read redis false warn read
-proxy_scenario write_redis "proxy, session write every request, Redis" /write redis false warn updated
-proxy_scenario read_memory_info "proxy, session read, memory, access log at info" /read memory false info read
+read -r SYS_BUSY0 SYS_TOTAL0 <<<"$(cpu_jiffies)"
+OWN0=$(own_ticks)
+for ROUND in $(seq 1 "$ROUNDS"); do
+  run_wrk direct "direct to upstream (ceiling)" "http://127.0.0.1:$UPSTREAM_PORT/read" \
+    "$(cookie_header "$PLACEHOLDER_ID")" "$UPSTREAM_PID"
+  if [ -n "$NGINX_PORT" ]; then
+    run_wrk nginx "nginx proxy_pass (reference)" "http://127.0.0.1:$NGINX_PORT/read" \
+      "$(cookie_header "$PLACEHOLDER_ID")" "$NGINX_PID"
+  fi
+  proxy_scenario excluded "proxy, excluded path" /static/app.js memory false warn excluded
+  proxy_scenario read_memory "proxy, session read, memory" /read memory false warn read
+  proxy_scenario read_memory_renew "proxy, session read + renew_on_access, memory" /read memory true warn read
+  proxy_scenario write_memory "proxy, session write every request, memory" /write memory false warn updated
+  proxy_scenario read_redis "proxy, session read, Redis" /read redis false warn read
+  proxy_scenario write_redis "proxy, session write every request, Redis" /write redis false warn updated
+  proxy_scenario read_memory_info "proxy, session read, memory, access log at info" /read memory false info read
+done
 LOAD_END=$(cat /proc/loadavg)
+read -r SYS_BUSY1 SYS_TOTAL1 <<<"$(cpu_jiffies)"
+OWN1=$(own_ticks)
+# Share of all CPUs that processes outside this benchmark used while it ran.
+BUSY_OTHER=$(awk -v b=$((SYS_BUSY1 - SYS_BUSY0)) -v o=$((OWN1 - OWN0)) -v t=$((SYS_TOTAL1 - SYS_TOTAL0)) \
+  'BEGIN { x = 100 * (b - o) / t; if (x < 0) x = 0; printf "%.0f", x }')
+log "CPU ticks during the load runs: all CPUs busy $((SYS_BUSY1 - SYS_BUSY0)) of $((SYS_TOTAL1 - SYS_TOTAL0)), this benchmark $((OWN1 - OWN0))"
 
 log "memory per stored session: filling a memory store with $SESSIONS sessions…"
 "$MEMORY_BIN" "$SESSIONS" >"$WORK/memory.txt"
 
 # --- report -------------------------------------------------------------------------
-export RESULTS WORK ROOT DURATION WARMUP CONNECTIONS THREADS SESSIONS LOAD_START LOAD_END
+export RESULTS WORK ROOT ROUNDS DURATION WARMUP CONNECTIONS THREADS SESSIONS LOAD_START LOAD_END BUSY_BEFORE BUSY_OTHER
 export NGINX_VERSION=""
 [ -z "$NGINX_PORT" ] || NGINX_VERSION=$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')
 export WRK_VERSION REDIS_VERSION
@@ -333,7 +370,27 @@ python3 - <<'EOF'
 import csv, datetime, os, platform, re, subprocess
 
 env = os.environ
-rows = list(csv.DictReader(open(env["RESULTS"]), delimiter="\t"))
+import statistics
+
+# One row per scenario: the median of each figure over the rounds, the largest peak RSS,
+# every error counted, and the spread of req/s to show how steady the machine was.
+runs = list(csv.DictReader(open(env["RESULTS"]), delimiter="\t"))
+rows = []
+for key in dict.fromkeys(r["key"] for r in runs):
+    mine = [r for r in runs if r["key"] == key]
+    def median(field):
+        return f"{statistics.median(float(r[field]) for r in mine):.3f}"
+    rps = [float(r["rps"]) for r in mine]
+    rows.append({
+        "key": key, "scenario": mine[0]["scenario"], "rps": median("rps"),
+        "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
+        "errors": str(sum(int(r["errors"]) for r in mine)),
+        "idle_rss_kb": "-" if mine[0]["idle_rss_kb"] == "-" else str(int(float(median("idle_rss_kb")))),
+        "peak_rss_kb": str(max(int(r["peak_rss_kb"]) for r in mine)),
+        "cpu_us_per_req": f"{statistics.median(float(r['cpu_us_per_req']) for r in mine):.1f}",
+        "check": next((r["check"] for r in mine if r["check"] not in ("ok", "-")), mine[0]["check"]),
+        "spread": f"{min(rps):,.0f}–{max(rps):,.0f}",
+    })
 by_key = {r["key"]: r for r in rows}
 memory = dict(line.strip().split("=", 1) for line in open(os.path.join(env["WORK"], "memory.txt")) if "=" in line)
 nginx = by_key.get("nginx")
@@ -355,10 +412,10 @@ for r in rows:
     ]) + " |")
 
 proxy_rows = [r for r in rows if r["idle_rss_kb"] != "-"]
-resources = ["| scenario | idle RSS MB | peak RSS (VmHWM) MB | CPU µs/request | check | errors |", "|---|---|---|---|---|---|"]
+resources = ["| scenario | req/s, slowest–fastest round | idle RSS MB | peak RSS (VmHWM) MB | CPU µs/request | check | errors |", "|---|---|---|---|---|---|---|"]
 for r in rows:
     idle = "–" if r["idle_rss_kb"] == "-" else f'{int(r["idle_rss_kb"]) / 1024:.1f}'
-    resources.append(f'| {r["scenario"]} | {idle} | {int(r["peak_rss_kb"]) / 1024:.1f} | {r["cpu_us_per_req"]} | {r["check"]} | {r["errors"]} |')
+    resources.append(f'| {r["scenario"]} | {r["spread"]} | {idle} | {int(r["peak_rss_kb"]) / 1024:.1f} | {r["cpu_us_per_req"]} | {r["check"]} | {r["errors"]} |')
 
 idle_mb = max(int(r["idle_rss_kb"]) for r in proxy_rows) / 1024 if proxy_rows else None
 peak_mb = max(int(r["peak_rss_kb"]) for r in proxy_rows) / 1024 if proxy_rows else None
@@ -394,9 +451,12 @@ now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"
 machine = [
     f"- date: {now}",
     f"- machine: {sh('nproc')} CPUs ({cpu}), {mem_gb:.0f} GB RAM, kernel {platform.release()}",
-    f"- load average before / after the load runs: {env['LOAD_START'].split()[0]} / {env['LOAD_END'].split()[0]} "
-    "(1 min; much above 0 before the run means other work shared the CPUs)",
-    f"- command: `scripts/bench.sh` (BENCH_DURATION={env['DURATION']}): wrk {env['WRK_VERSION']} "
+    f"- code: `{sh('git rev-parse --short HEAD') or '?'}`"
+    + (" with uncommitted changes" if sh("git status --porcelain --untracked-files=no") else ""),
+    f"- quiet machine? other work kept the CPUs {env['BUSY_BEFORE']}% busy in the 3 s before the first scenario and used "
+    f"{env['BUSY_OTHER']}% of them during the load runs (0–5% is quiet); "
+    f"1-min load average {env['LOAD_START'].split()[0]} before and {env['LOAD_END'].split()[0]} after",
+    f"- command: `scripts/bench.sh` ({env['ROUNDS']} rounds of every scenario, medians shown): wrk {env['WRK_VERSION']} "
     f"`-t{env['THREADS']} -c{env['CONNECTIONS']} -d{env['DURATION']}s --latency` after a {env['WARMUP']} s warm-up, keep-alive, "
     "the same `Cookie` header (4 cookies) on every scenario",
     f"- nginx {env['NGINX_VERSION'] or '(not available)'} with `worker_processes auto` (one per CPU, as many as the proxy's "
@@ -408,13 +468,15 @@ mem = [
     f"- proxy idle RSS (after start, before load): {idle_mb:.1f} MB; peak RSS (VmHWM) under load: {peak_mb:.1f} MB" if proxy_rows else "",
     f"- memory store, {int(memory['sessions']):,} sessions of {float(memory['data_bytes_per_session']):.0f} bytes of JSON: "
     f"{float(memory['bytes_per_session']):.0f} bytes each, so **{overhead:.0f} bytes of overhead per stored session** beyond its data "
-    "(`examples/memory_per_session.rs`: RSS after − before, divided by the count, minus the data)",
+    "(`examples/memory_per_session.rs`: RSS after − before, divided by the count, minus the data); "
+    f"{float(memory['overhead_after_one_read_bytes_per_session']):.0f} bytes once every session has been read once",
 ]
 body = "\n".join([
     "## Throughput and latency", "", *table, "",
     "## Proxy process", "", *resources, "",
-    "`check`: the proxy's `/metrics` counted every measured request with the scenario's session outcome "
-    "(`excluded`, `read` or `updated`). CPU is user + system time of the server process(es) per request.", "",
+    f"Medians over {env['ROUNDS']} rounds. `check`: in every round the proxy's `/metrics` counted every measured request "
+    "with the scenario's session outcome (`excluded`, `read` or `updated`). CPU is user + system time of the server "
+    "process(es) per request. A wide req/s spread means the machine's speed changed between rounds.", "",
     "## Memory", "", *[m for m in mem if m], "",
     "## Targets", "", *targets, "",
     "## Machine and method", "", *machine, "",
@@ -445,10 +507,6 @@ print("\n".join(targets))
 # The chart.
 try:
     import matplotlib
-except ImportError:
-    subprocess.run(["python3", "-m", "pip", "install", "--quiet", "matplotlib"], check=False)
-try:
-    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 except ImportError:
@@ -468,7 +526,7 @@ else:
             ax.text(v, y, " " + fmt.format(v), va="center", fontsize=8)
         ax.margins(x=0.2)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"session-proxy vs nginx — wrk -c{env['CONNECTIONS']}, {env['DURATION']} s, {now}")
+    fig.suptitle(f"session-proxy vs nginx — wrk -c{env['CONNECTIONS']}, median of {env['ROUNDS']} × {env['DURATION']} s, {now}")
     fig.tight_layout()
     fig.savefig(chart, dpi=110)
     print(f"bench: wrote {chart}")
