@@ -28,6 +28,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const ALL: [Outcome; 6] = [
+        Outcome::None,
+        Outcome::Read,
+        Outcome::Created,
+        Outcome::Updated,
+        Outcome::Destroyed,
+        Outcome::Excluded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::None => "none",
@@ -57,6 +66,8 @@ struct ErrorLabels {
     kind: &'static str,
 }
 
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 fn latency_histogram() -> Histogram {
     // 50 µs … ~26 s.
     Histogram::new(exponential_buckets(0.00005, 2.0, 20))
@@ -66,6 +77,9 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    /// The counters of `requests`, by status class and outcome, looked up once: the
+    /// hot path indexes this table instead of hashing labels.
+    request_counters: Vec<Vec<Counter>>,
     request_duration: Histogram,
     upstream_duration: Histogram,
     store_ops: Family<OpLabels, Counter>,
@@ -88,6 +102,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("session_proxy");
         let m = Metrics {
             requests: Family::default(),
+            request_counters: Vec::new(),
             request_duration: latency_histogram(),
             upstream_duration: latency_histogram(),
             store_ops: Family::default(),
@@ -149,23 +164,37 @@ impl Metrics {
             "Client connections open",
             m.connections_open.clone(),
         );
-        Metrics { registry, ..m }
+        let request_counters = STATUS_CLASSES
+            .iter()
+            .map(|status| {
+                Outcome::ALL
+                    .iter()
+                    .map(|outcome| {
+                        m.requests.get_or_create_owned(&RequestLabels {
+                            status,
+                            session: outcome.as_str(),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        Metrics {
+            registry,
+            request_counters,
+            ..m
+        }
     }
 
     pub fn request(&self, status: http::StatusCode, outcome: Outcome, took: Duration) {
-        let status = match status.as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.requests
-            .get_or_create(&RequestLabels {
-                status,
-                session: outcome.as_str(),
-            })
-            .inc();
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        let column = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        if let Some(counter) = self
+            .request_counters
+            .get(class)
+            .and_then(|row| row.get(column))
+        {
+            counter.inc();
+        }
         self.request_duration.observe(took.as_secs_f64());
     }
 

@@ -4,13 +4,12 @@
 //! apply the application's answer → set cookie → respond. Each step lives in its own
 //! module; this file only strings them together.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::SET_COOKIE;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -100,14 +99,15 @@ impl Proxy {
     }
 
     /// Serves one request and records it in the metrics and the access log.
-    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    /// `client` is the client's IP address, as `X-Forwarded-For` carries it.
+    pub async fn handle(&self, req: Request<Incoming>, client: HeaderValue) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let outcome = if head_size(&req) > self.max_header_bytes {
             Err((Problem::headers_too_large(self.max_header_bytes), None))
         } else {
-            self.serve(req, client).await
+            self.serve(req, &client).await
         };
         let served = match outcome {
             Ok(served) => served,
@@ -143,7 +143,7 @@ impl Proxy {
     async fn serve(
         &self,
         mut req: Request<Incoming>,
-        client: SocketAddr,
+        client: &HeaderValue,
     ) -> Result<Served, (Problem, Option<SessionId>)> {
         // First of all, so that no header the proxy adds can be named by the client's
         // `Connection` and dropped on the way out.
@@ -200,7 +200,7 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        client: SocketAddr,
+        client: &HeaderValue,
     ) -> Result<Response<Incoming>, Problem> {
         let started = Instant::now();
         let result = self.upstream.forward(req, client).await;

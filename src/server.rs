@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -210,12 +211,15 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let started = Arc::new(AtomicBool::new(false));
+    // Formatted once per connection, not per request.
+    let client =
+        HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
     let service = {
         let started = started.clone();
         service_fn(move |req| {
             started.store(true, Ordering::Relaxed);
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let (proxy, client) = (proxy.clone(), client.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
         })
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);

@@ -1,7 +1,6 @@
 //! Forwarding to the application: the connection pool, hop-by-hop headers,
 //! `X-Forwarded-*`, and the upstream timeouts.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -114,7 +113,7 @@ impl Upstream {
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
-        client: SocketAddr,
+        client: &HeaderValue,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
@@ -164,16 +163,22 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-fn add_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
-    let ip = client.ip().to_string();
-    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {ip}"),
-        _ => ip,
+fn add_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
+    let previous = headers
+        .get(X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty());
+    let value = match previous {
+        None => client.clone(),
+        Some(previous) => {
+            let mut joined = Vec::with_capacity(previous.len() + 2 + client.len());
+            joined.extend_from_slice(previous.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.clone())
+        }
     };
-    headers.remove(X_FORWARDED_FOR);
-    if let Ok(value) = HeaderValue::try_from(value) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
+    headers.insert(X_FORWARDED_FOR, value);
 }
 
 /// The protocol a message asks to upgrade to (`Connection: upgrade` + `Upgrade: x`).
@@ -208,6 +213,10 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// `Connection` names. With `keep_upgrade`, a message that asks for an upgrade keeps
 /// `Upgrade` and `Connection: upgrade`, so that a WebSocket handshake passes.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one scan of the names is cheaper than a dozen removals.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let upgrade = if keep_upgrade {
         upgrade_protocol(headers)
     } else {

@@ -37,15 +37,27 @@ impl ProtocolHeaders {
     /// Removes every protocol header: from client requests (a client can never inject
     /// session data) and from responses (the client never sees them).
     pub fn strip(&self, headers: &mut HeaderMap) {
-        for name in [
+        if !self.any_in(headers) {
+            return;
+        }
+        for name in self.names() {
+            headers.remove(name);
+        }
+    }
+
+    fn names(&self) -> [&HeaderName; 5] {
+        [
             &self.request,
             &self.handle,
             &self.update,
             &self.patch,
             &self.rotate,
-        ] {
-            headers.remove(name);
-        }
+        ]
+    }
+
+    /// Usually none is there: one scan of the names is cheaper than five lookups.
+    fn any_in(&self, headers: &HeaderMap) -> bool {
+        headers.keys().any(|name| self.names().contains(&name))
     }
 
     /// Takes the application's session headers out of a response and checks them.
@@ -55,6 +67,12 @@ impl ProtocolHeaders {
         headers: &mut HeaderMap,
         max_bytes: usize,
     ) -> Result<Answer, Violation> {
+        if !self.any_in(headers) {
+            return Ok(Answer {
+                change: Change::Nothing,
+                rotate: false,
+            });
+        }
         let update = take_one(headers, &self.update, "update");
         let patch = take_one(headers, &self.patch, "patch");
         let rotate = take_one(headers, &self.rotate, "rotate");

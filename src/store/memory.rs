@@ -56,7 +56,9 @@ impl Entry {
     }
 }
 
-type Shard = HashMap<SessionId, Entry>;
+/// Entries are boxed: the table keeps spare slots as it grows, and a spare slot of a
+/// pointer costs far less than a spare slot of a whole entry.
+type Shard = HashMap<SessionId, Box<Entry>>;
 
 /// The memory store. Cheap to share: wrap it in an `Arc`.
 pub struct MemoryStore {
@@ -190,7 +192,7 @@ impl MemoryStore {
             return Err(StoreError::Full);
         }
         let user = entry.user.clone();
-        let previous = lock(self.shard(id)).insert(id.clone(), entry);
+        let previous = lock(self.shard(id)).insert(id.clone(), Box::new(entry));
         if previous.is_none() {
             self.count.fetch_add(1, Ordering::Relaxed);
         }
