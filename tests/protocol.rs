@@ -36,10 +36,7 @@ async fn update_stores_session_and_next_request_reads_it() {
 async fn session_id_has_the_generated_shape() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let id = browser.cookie.clone().unwrap();
     assert_eq!(id.len(), 43);
     assert!(
@@ -53,10 +50,7 @@ async fn session_id_has_the_generated_shape() {
 async fn session_id_is_stable_across_requests_and_updates() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let first = browser.cookie.clone().unwrap();
     let r = browser
         .get(&proxy.url(&format!("/?update={}", q(r#"{"a":2}"#))))
@@ -71,10 +65,7 @@ async fn session_id_is_stable_across_requests_and_updates() {
 async fn empty_update_destroys_session_and_clears_cookie() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let id = browser.cookie.clone().unwrap();
     let r = browser.get(&proxy.url("/logout?update=%7B%7D")).await;
     assert!(r.clears_session_cookie(), "{:?}", r.set_cookies());
@@ -90,10 +81,7 @@ async fn empty_update_destroys_session_and_clears_cookie() {
 async fn destroying_twice_is_harmless() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let id = browser.cookie.clone().unwrap();
     let cookie = format!("session={id}");
     for _ in 0..2 {
@@ -112,10 +100,7 @@ async fn destroying_twice_is_harmless() {
 async fn reads_do_not_write_the_store() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let replaces = "session_proxy_store_operations_total{op=\"replace\"}";
     let before = proxy.metric(replaces).await;
     for _ in 0..3 {
@@ -152,10 +137,7 @@ async fn anonymous_traffic_never_writes_the_store() {
 async fn assert_violation(update_query: &str) {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |c| c.session.max_bytes = 64).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"keep":true}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"keep":true}"#).await;
     let r = browser.get(&proxy.url(&format!("/?{update_query}"))).await;
     assert_eq!(r.status, 502, "{update_query}");
     assert_eq!(r.headers["content-type"], "application/problem+json");
@@ -273,10 +255,7 @@ async fn protocol_headers_never_reach_the_client() {
 async fn session_cookie_is_hidden_from_the_app_other_cookies_pass() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let id = browser.cookie.clone().unwrap();
     let cookie = format!("theme=dark; session={id}; lang=\"en gb\"");
     let r = Client::new()
@@ -338,10 +317,7 @@ async fn malformed_cookie_is_no_cookie_and_costs_no_store_access() {
 async fn first_well_formed_session_cookie_is_used() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let id = browser.cookie.clone().unwrap();
     let cookie = format!("session=junk; session={id}; session={}", "B".repeat(43));
     let r = Client::new()
@@ -387,10 +363,7 @@ async fn stale_cookie_is_replaced_when_the_app_creates_a_session() {
 async fn session_expires_after_max_age() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |c| c.session.max_age = 1).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     assert_eq!(
         browser.get(&proxy.url("/")).await.session_seen(),
         serde_json::json!({"a": 1})
@@ -409,10 +382,7 @@ async fn renew_on_access_keeps_a_session_alive_and_resends_the_cookie() {
         c.session.renew_on_access = true;
     })
     .await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(900)).await;
         let r = browser.get(&proxy.url("/")).await;
@@ -536,10 +506,7 @@ async fn excluded_path_gets_no_session_header_cookie_or_store_access() {
         c.session.exclude = vec!["/static/**".into(), "/health".into()]
     })
     .await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let ops = proxy.metric("session_proxy_store_operations_total").await;
     let id = browser.cookie.clone().unwrap();
     let cookie = format!("session={id}");

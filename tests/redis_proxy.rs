@@ -36,10 +36,7 @@ async fn session_is_stored_under_prefix_and_id_as_readable_json_with_its_ttl() {
         c.session.max_age = 300;
     })
     .await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"user":"ann","cart":[]}"#))))
-        .await;
+    let browser = Browser::with_session(&proxy, r#"{"user":"ann","cart":[]}"#).await;
     let id = browser.cookie.clone().unwrap();
     let key = format!("shop:{id}");
     let data: String = server.cli(&["HGET", &key, "data"]);
@@ -58,10 +55,7 @@ async fn renew_on_access_resets_the_ttl_without_rewriting_the_data() {
         c.session.renew_on_access = true;
     })
     .await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let key = format!("session:{}", browser.cookie.clone().unwrap());
     let _: () = server.cli(&["PEXPIRE", &key, "5000"]);
     let _: () = server.cli(&["HSET", &key, "data", r#"{"a":1}"#]);
@@ -86,10 +80,7 @@ async fn redis_down_fails_closed_then_recovers_by_itself() {
     .await;
     let proxy = Proxy::with(&app, standalone(&server)).await;
     let client = Client::new();
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let cookie = format!("session={}", browser.cookie.clone().unwrap());
     let before = seen.load(Ordering::SeqCst);
 
@@ -153,10 +144,7 @@ async fn a_write_that_did_not_persist_is_never_answered_with_success() {
     let mut server = RedisServer::start();
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, standalone(&server)).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let cookie = format!("session={}", browser.cookie.clone().unwrap());
     // The app takes its time; Redis dies after the session was read, before the write.
     let url = proxy.url(&format!("/?delay_ms=600&update={}", q(r#"{"a":2}"#)));
@@ -181,10 +169,7 @@ async fn sessions_work_through_sentinel() {
         });
     })
     .await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"via":"sentinel"}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"via":"sentinel"}"#).await;
     let key = format!("session:{}", browser.cookie.clone().unwrap());
     let data: String = sentinel.master().cli(&["HGET", &key, "data"]);
     assert_eq!(data, r#"{"via":"sentinel"}"#);

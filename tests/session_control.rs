@@ -73,20 +73,19 @@ on_both_stores!(
     admin_token_guards_sessions_but_not_probes,
 );
 
-async fn concurrent_patches_of_different_keys_all_land(backend: Backend) {
+/// 50 concurrent requests on one session, each answering with `header` (`patch` or
+/// `update`) setting its own key; returns the session afterwards.
+async fn fifty_concurrent_writes(backend: Backend, header: &str) -> serde_json::Value {
     let app = App::scripted().await;
     let proxy = backend.proxy(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"start":true}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"start":true}"#).await;
     let cookie = format!("session={}", browser.cookie.clone().unwrap());
     let client = Client::new();
     let tasks: Vec<_> = (0..50)
         .map(|i| {
             let (client, cookie) = (client.clone(), cookie.clone());
             let url = proxy.url(&format!(
-                "/?delay_ms=20&patch={}",
+                "/?delay_ms=20&{header}={}",
                 q(&format!(r#"{{"k{i}":{i}}}"#))
             ));
             tokio::spawn(async move { client.get(&url, &[("cookie", &cookie)]).await.status })
@@ -95,9 +94,12 @@ async fn concurrent_patches_of_different_keys_all_land(backend: Backend) {
     for task in tasks {
         assert_eq!(task.await.unwrap(), 200);
     }
-    let session = browser.get(&proxy.url("/")).await.session_seen();
-    let object = session.as_object().unwrap();
-    assert_eq!(object.len(), 51, "{session}");
+    browser.get(&proxy.url("/")).await.session_seen()
+}
+
+async fn concurrent_patches_of_different_keys_all_land(backend: Backend) {
+    let session = fifty_concurrent_writes(backend, "patch").await;
+    assert_eq!(session.as_object().unwrap().len(), 51, "{session}");
     for i in 0..50 {
         assert_eq!(session[format!("k{i}")], i, "k{i} lost: {session}");
     }
@@ -106,28 +108,7 @@ async fn concurrent_patches_of_different_keys_all_land(backend: Backend) {
 async fn concurrent_full_updates_are_last_write_wins(backend: Backend) {
     // Documents why Patch exists: full replacements from concurrent requests overwrite
     // each other, so only one writer's key survives.
-    let app = App::scripted().await;
-    let proxy = backend.proxy(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"start":true}"#))))
-        .await;
-    let cookie = format!("session={}", browser.cookie.clone().unwrap());
-    let client = Client::new();
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let (client, cookie) = (client.clone(), cookie.clone());
-            let url = proxy.url(&format!(
-                "/?delay_ms=20&update={}",
-                q(&format!(r#"{{"k{i}":{i}}}"#))
-            ));
-            tokio::spawn(async move { client.get(&url, &[("cookie", &cookie)]).await.status })
-        })
-        .collect();
-    for task in tasks {
-        assert_eq!(task.await.unwrap(), 200);
-    }
-    let session = browser.get(&proxy.url("/")).await.session_seen();
+    let session = fifty_concurrent_writes(backend, "update").await;
     assert_eq!(session.as_object().unwrap().len(), 1, "{session}");
 }
 
@@ -166,10 +147,7 @@ async fn patch_without_a_session_creates_one_and_empty_result_destroys(backend: 
 async fn rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period(backend: Backend) {
     let app = App::scripted().await;
     let proxy = backend.proxy(&app, |c| c.session.rotate_grace = 1).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"cart":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
     let old = browser.cookie.clone().unwrap();
     let old_cookie = format!("session={old}");
     // A slow request on the old ID is in flight while the login rotates the session.
@@ -216,10 +194,7 @@ async fn rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period(ba
 async fn rotation_on_its_own_moves_the_session(backend: Backend) {
     let app = App::scripted().await;
     let proxy = backend.proxy(&app, |_| {}).await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let old = browser.cookie.clone().unwrap();
     let r = browser.get(&proxy.url("/privilege?rotate=1")).await;
     let new = r.session_cookie().expect("new cookie");
@@ -239,10 +214,7 @@ async fn absolute_timeout_ends_a_session_whatever_its_activity(backend: Backend)
             c.session.max_age = 60;
         })
         .await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let started = std::time::Instant::now();
     // Activity and a rotation do not extend it.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -310,10 +282,7 @@ async fn fallback_signed_cookies_are_accepted_and_resigned(backend: Backend) {
             c.session.secret_fallbacks = vec![OLD_SECRET.into()];
         })
         .await;
-    let mut browser = Browser::new();
-    browser
-        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
-        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let current = browser.cookie.clone().unwrap();
     let id = current.split_once('.').unwrap().0.to_string();
     assert_eq!(current, sign_with(SECRET, &id));

@@ -454,6 +454,17 @@ impl Browser {
         }
     }
 
+    /// A browser that already holds a session with `json`, created by the app through
+    /// `proxy` with an `X-Session-Update`.
+    pub async fn with_session(proxy: &Proxy, json: &str) -> Browser {
+        let mut browser = Browser::new();
+        browser
+            .get(&proxy.url(&format!("/?update={}", q(json))))
+            .await;
+        assert!(browser.cookie.is_some(), "no session cookie for {json}");
+        browser
+    }
+
     pub async fn get(&mut self, url: &str) -> Reply {
         let cookie = self.cookie.as_ref().map(|c| format!("session={c}"));
         let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("cookie", c.as_str())).collect();
