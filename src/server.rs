@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -197,36 +197,40 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 
 /// Serves one client connection until it ends or the shutdown asks it to finish.
 ///
-/// A connection must bring its first request within `timeouts.header_read`: hyper's
-/// header timeout starts only once bytes arrive, and the HTTP/1-or-2 detection before it
-/// waits for ever, so a client that connects and sends nothing would otherwise hold a
-/// connection slot indefinitely.
+/// A connection must keep bringing requests: one within `timeouts.header_read` of
+/// connecting, then at least one per `header_read` period. hyper's header timeout starts
+/// only once bytes arrive (the HTTP/1-or-2 detection before it waits for ever) and does
+/// not apply to HTTP/2, so without this a client that connects and sends nothing, or
+/// keeps an HTTP/2 connection open without using it, would hold a connection slot
+/// indefinitely. A connection that brought none at all is dropped; one that went quiet
+/// is shut down gracefully, so responses still streaming (and HTTP/2 streams in flight)
+/// finish first.
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
     closing: CancellationToken,
-    first_request_within: Duration,
+    request_every: Duration,
 ) {
     let _ = stream.set_nodelay(true);
-    let started = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicU64::new(0));
     // Formatted once per connection, not per request.
     let client =
         HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
     let service = {
-        let started = started.clone();
+        let requests = requests.clone();
         service_fn(move |req| {
-            started.store(true, Ordering::Relaxed);
+            requests.fetch_add(1, Ordering::Relaxed);
             let (proxy, client) = (proxy.clone(), client.clone());
             async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
         })
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    let first_request = tokio::time::sleep(first_request_within);
-    tokio::pin!(first_request);
-    let mut waiting_for_first = true;
+    let mut period =
+        tokio::time::interval_at(tokio::time::Instant::now() + request_every, request_every);
+    let mut seen = 0;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -236,12 +240,17 @@ async fn serve_connection(
                 return;
             }
             _ = closing.cancelled() => break,
-            _ = &mut first_request, if waiting_for_first => {
-                if !started.load(Ordering::Relaxed) {
+            _ = period.tick() => {
+                let now = requests.load(Ordering::Relaxed);
+                if now == 0 {
                     tracing::debug!(%peer, "no request within timeouts.header_read: closing");
                     return;
                 }
-                waiting_for_first = false;
+                if now == seen {
+                    tracing::debug!(%peer, "idle for timeouts.header_read: closing");
+                    break;
+                }
+                seen = now;
             }
         }
     }

@@ -261,6 +261,54 @@ async fn silent_connections_are_closed_after_header_read() {
 }
 
 #[tokio::test]
+async fn idle_http2_connections_are_closed_after_header_read() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.timeouts.header_read = 0.4).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = http::Request::get(proxy.url("/"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    // No further request: the proxy ends the connection within two periods.
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(ended.is_ok(), "idle HTTP/2 connection still open after 5 s");
+    assert!(sender.is_closed());
+}
+
+#[tokio::test]
+async fn a_long_response_outlives_the_idle_rule() {
+    // One request whose body streams for well over two header_read periods: the
+    // connection goes quiet (no new request) but is closed only once the response is
+    // complete.
+    let app = App::start(Arc::new(|_req| {
+        Box::pin(async move {
+            let chunks = futures_util::stream::unfold(0, |i| async move {
+                if i == 6 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let frame = hyper::body::Frame::data(Bytes::from(format!("chunk {i}\n")));
+                Some((Ok::<_, std::io::Error>(frame), i + 1))
+            });
+            Response::new(BodyExt::boxed(http_body_util::StreamBody::new(chunks)))
+        })
+    }))
+    .await;
+    let proxy = Proxy::with(&app, |c| c.timeouts.header_read = 0.4).await;
+    let r = Client::new().get(&proxy.url("/stream"), &[]).await;
+    assert_eq!(r.status, 200);
+    let expected: String = (0..6).map(|i| format!("chunk {i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&r.body), expected);
+}
+
+#[tokio::test]
 async fn connections_beyond_the_cap_wait_until_one_closes() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |c| c.limits.max_connections = 2).await;
