@@ -423,6 +423,8 @@ fn merge_into_nothing(patch: &Value, max_bytes: usize) -> Result<Option<Bytes>, 
 fn unavailable(e: StoreError) -> Problem {
     match e {
         StoreError::TooLarge(_) => Problem::protocol_violation(e.to_string()),
+        // The title already says "session store unavailable".
+        StoreError::Unavailable(why) => Problem::store_unavailable(why),
         e => Problem::store_unavailable(e.to_string()),
     }
 }
