@@ -158,6 +158,11 @@ impl MemoryStore {
     /// Removes `id`; returns whether a live session was there.
     fn remove(&self, id: &SessionId) -> bool {
         let removed = lock(self.shard(id)).remove(id);
+        self.forget(id, removed)
+    }
+
+    /// Accounts for an entry taken out of its shard; returns whether it was live.
+    fn forget(&self, id: &SessionId, removed: Option<Box<Entry>>) -> bool {
         let Some(entry) = removed else { return false };
         self.count.fetch_sub(1, Ordering::Relaxed);
         self.unindex(id, entry.user.as_deref());
@@ -236,8 +241,10 @@ impl MemoryStore {
                 }
             }
             Merged::Empty => {
+                // Removed under the same lock, so that no write lands in between.
+                let removed = shard.remove(id);
                 drop(shard);
-                self.remove(id);
+                self.forget(id, removed);
                 Ok(PatchOutcome::Destroyed)
             }
         }
