@@ -67,9 +67,16 @@ pub struct MemoryStore {
     count: AtomicUsize,
     max_sessions: usize,
     settings: StoreSettings,
-    /// user → IDs of that user's sessions. Entries leave it when their session is
-    /// deleted, revoked or swept.
-    users: Mutex<HashMap<Arc<str>, Vec<SessionId>>>,
+    /// The per-user index. Entries leave it when their session is deleted, revoked or
+    /// swept.
+    users: Mutex<UserIndex>,
+}
+
+/// Sessions by user, and indexed sessions by public handle.
+#[derive(Default)]
+struct UserIndex {
+    ids: HashMap<Arc<str>, Vec<SessionId>>,
+    by_handle: HashMap<String, SessionId>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,7 +97,7 @@ impl MemoryStore {
             count: AtomicUsize::new(0),
             max_sessions,
             settings,
-            users: Mutex::new(HashMap::new()),
+            users: Mutex::new(UserIndex::default()),
         }
     }
 
@@ -170,26 +177,30 @@ impl MemoryStore {
     }
 
     fn index(&self, id: &SessionId, user: &Arc<str>) {
-        let mut users = lock(&self.users);
-        let ids = users.entry(user.clone()).or_default();
+        let handle = id.handle();
+        let mut index = lock(&self.users);
+        let ids = index.ids.entry(user.clone()).or_default();
         if !ids.contains(id) {
             ids.push(id.clone());
         }
+        index.by_handle.insert(handle, id.clone());
     }
 
     fn unindex(&self, id: &SessionId, user: Option<&str>) {
         let Some(user) = user else { return };
-        let mut users = lock(&self.users);
-        if let Some(ids) = users.get_mut(user) {
+        let handle = id.handle();
+        let mut index = lock(&self.users);
+        if let Some(ids) = index.ids.get_mut(user) {
             ids.retain(|other| other != id);
             if ids.is_empty() {
-                users.remove(user);
+                index.ids.remove(user);
             }
         }
+        index.by_handle.remove(&handle);
     }
 
     fn ids_of(&self, user: &str) -> Vec<SessionId> {
-        lock(&self.users).get(user).cloned().unwrap_or_default()
+        lock(&self.users).ids.get(user).cloned().unwrap_or_default()
     }
 
     fn insert(&self, id: &SessionId, entry: Entry, bounded: bool) -> Result<(), StoreError> {
@@ -301,11 +312,7 @@ impl MemoryStore {
     }
 
     fn revoke_handle_now(&self, handle: &str) -> bool {
-        let found = lock(&self.users)
-            .values()
-            .flatten()
-            .find(|id| id.handle() == handle)
-            .cloned();
+        let found = lock(&self.users).by_handle.get(handle).cloned();
         found.is_some_and(|id| self.remove(&id))
     }
 }
@@ -514,6 +521,7 @@ mod tests {
         assert!(s.load(&c, false).await.unwrap().is_some());
         tokio::time::sleep(Duration::from_millis(150)).await;
         s.sweep();
-        assert!(lock(&s.users).is_empty());
+        let index = lock(&s.users);
+        assert!(index.ids.is_empty() && index.by_handle.is_empty());
     }
 }
