@@ -6,44 +6,22 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use support::{App, Browser, Client, Proxy, b64, q};
+use support::{App, Browser, Proxy, b64, q};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn health_and_readiness_answer_on_the_admin_port() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let admin = proxy.admin.unwrap();
-    let client = Client::new();
-    assert_eq!(
-        client
-            .get(&format!("http://{admin}/healthz"), &[])
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        client
-            .get(&format!("http://{admin}/readyz"), &[])
-            .await
-            .status,
-        200
-    );
+    let status = |path: &'static str| {
+        let proxy = &proxy;
+        async move { proxy.admin_request("GET", path, None).await.status }
+    };
+    assert_eq!(status("/healthz").await, 200);
+    assert_eq!(status("/readyz").await, 200);
     proxy.shutdown.begin_drain();
-    assert_eq!(
-        client
-            .get(&format!("http://{admin}/readyz"), &[])
-            .await
-            .status,
-        503
-    );
-    assert_eq!(
-        client
-            .get(&format!("http://{admin}/healthz"), &[])
-            .await
-            .status,
-        200
-    );
+    assert_eq!(status("/readyz").await, 503);
+    assert_eq!(status("/healthz").await, 200);
 }
 
 #[tokio::test]

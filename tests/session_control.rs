@@ -324,19 +324,6 @@ async fn login(proxy: &Proxy, user: &str) -> Browser {
     b
 }
 
-async fn admin(proxy: &Proxy, method: &str, path: &str, token: Option<&str>) -> support::Reply {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
-    Client::new()
-        .request(
-            method,
-            &format!("http://{}{path}", proxy.admin.unwrap()),
-            &headers,
-            bytes::Bytes::new(),
-        )
-        .await
-}
-
 async fn revoke_all_ends_every_session_of_the_user_and_no_other(backend: Backend) {
     let app = App::scripted().await;
     let proxy = backend
@@ -351,7 +338,7 @@ async fn revoke_all_ends_every_session_of_the_user_and_no_other(backend: Backend
         .header_seen("x-session-handle");
     assert_eq!(handle.len(), 1, "the app gets the session's handle");
 
-    let listed = admin(&proxy, "GET", "/sessions?user=ann", None).await;
+    let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
     assert_eq!(listed.status, 200);
     let sessions = listed.json()["sessions"].as_array().unwrap().clone();
     assert_eq!(sessions.len(), 2, "{}", listed.json());
@@ -361,7 +348,9 @@ async fn revoke_all_ends_every_session_of_the_user_and_no_other(backend: Backend
         assert!(s["last_seen"].as_u64().unwrap() >= s["created"].as_u64().unwrap());
     }
 
-    let revoked = admin(&proxy, "DELETE", "/sessions?user=ann", None).await;
+    let revoked = proxy
+        .admin_request("DELETE", "/sessions?user=ann", None)
+        .await;
     assert_eq!(revoked.json()["revoked"], 2);
     for browser in [&mut ann_laptop, &mut ann_phone] {
         assert_eq!(browser.get(&proxy.url("/")).await.session_seen(), json!({}));
@@ -370,7 +359,7 @@ async fn revoke_all_ends_every_session_of_the_user_and_no_other(backend: Backend
         bob.get(&proxy.url("/")).await.session_seen(),
         json!({"user_id": "bob"})
     );
-    let listed = admin(&proxy, "GET", "/sessions?user=ann", None).await;
+    let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
     assert_eq!(listed.json()["sessions"], json!([]));
 }
 
@@ -386,14 +375,18 @@ async fn revoke_by_handle_ends_one_session(backend: Backend) {
         .await
         .header_seen("x-session-handle")
         .remove(0);
-    let r = admin(&proxy, "DELETE", &format!("/sessions/{handle}"), None).await;
+    let r = proxy
+        .admin_request("DELETE", &format!("/sessions/{handle}"), None)
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(a.get(&proxy.url("/")).await.session_seen(), json!({}));
     assert_eq!(
         b.get(&proxy.url("/")).await.session_seen(),
         json!({"user_id": "ann"})
     );
-    let r = admin(&proxy, "DELETE", &format!("/sessions/{handle}"), None).await;
+    let r = proxy
+        .admin_request("DELETE", &format!("/sessions/{handle}"), None)
+        .await;
     assert_eq!(r.status, 404);
 }
 
@@ -407,23 +400,27 @@ async fn admin_token_guards_sessions_but_not_probes(backend: Backend) {
         .await;
     login(&proxy, "ann").await;
     assert_eq!(
-        admin(&proxy, "GET", "/sessions?user=ann", None)
+        proxy
+            .admin_request("GET", "/sessions?user=ann", None)
             .await
             .status,
         401
     );
     assert_eq!(
-        admin(&proxy, "GET", "/sessions?user=ann", Some("wrong"))
+        proxy
+            .admin_request("GET", "/sessions?user=ann", Some("wrong"))
             .await
             .status,
         401
     );
-    let ok = admin(&proxy, "GET", "/sessions?user=ann", Some("s3cret-token")).await;
+    let ok = proxy
+        .admin_request("GET", "/sessions?user=ann", Some("s3cret-token"))
+        .await;
     assert_eq!(ok.status, 200);
     assert_eq!(ok.json()["sessions"].as_array().unwrap().len(), 1);
     for probe in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(
-            admin(&proxy, "GET", probe, None).await.status,
+            proxy.admin_request("GET", probe, None).await.status,
             200,
             "{probe}"
         );

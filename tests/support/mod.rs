@@ -306,6 +306,17 @@ impl Proxy {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// A request to the admin port, with `Authorization: Bearer <token>` when given.
+    pub async fn admin_request(&self, method: &str, path: &str, token: Option<&str>) -> Reply {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        let url = format!("http://{}{path}", self.admin.expect("admin port on"));
+        Client::new()
+            .request(method, &url, &headers, Bytes::new())
+            .await
+    }
+
     /// The value of a metric line from `/metrics` (first whose name and labels start
     /// with `prefix`), 0 when absent.
     pub async fn metric(&self, prefix: &str) -> f64 {
