@@ -25,7 +25,7 @@ use crate::session::id::{IdShape, SessionId};
 use crate::session::protocol::{Change, ProtocolHeaders};
 use crate::shutdown::Shutdown;
 use crate::store::{NewSession, PatchOutcome, Record, Store, StoreError, unix_now};
-use crate::upstream::{self, ProxyBody, Upstream, UpstreamError};
+use crate::upstream::{self, ProxyBody, Upstream, UpstreamBody, UpstreamError};
 
 /// Everything one request needs, shared by all connections.
 pub struct Proxy {
@@ -201,7 +201,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         client: &HeaderValue,
-    ) -> Result<Response<Incoming>, Problem> {
+    ) -> Result<Response<UpstreamBody>, Problem> {
         let started = Instant::now();
         let result = self.upstream.forward(req, client).await;
         self.metrics.upstream(started.elapsed());
@@ -363,7 +363,7 @@ impl Proxy {
     }
 
     /// After a 101 answer, joins the client's and the application's connections.
-    fn tunnel(&self, client: hyper::upgrade::OnUpgrade, response: &mut Response<Incoming>) {
+    fn tunnel(&self, client: hyper::upgrade::OnUpgrade, response: &mut Response<UpstreamBody>) {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return;
         }

@@ -1,26 +1,32 @@
 //! Forwarding to the application: the connection pool, hop-by-hop headers,
 //! `X-Forwarded-*`, and the upstream timeouts.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 /// The body of every response the proxy sends: the upstream's, streamed, or one the
 /// proxy wrote itself.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// The upstream URL: `http://host:port` and an optional path prefix.
 #[derive(Clone, Debug)]
 pub struct UpstreamUrl {
     authority: Authority,
+    /// `host:port`, the port defaulting to 80, as connecting needs it.
+    address: String,
     /// Without a trailing slash; empty when there is none.
     prefix: String,
 }
@@ -45,23 +51,32 @@ impl UpstreamUrl {
         if uri.query().is_some() {
             return Err(format!("`{url}` must not have a query"));
         }
+        let address = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
         let prefix = uri.path().trim_end_matches('/').to_string();
-        Ok(UpstreamUrl { authority, prefix })
+        Ok(UpstreamUrl {
+            authority,
+            address,
+            prefix,
+        })
     }
 
-    /// The absolute URI the HTTP/1 client needs for a request to `path_and_query`.
+    /// The request target (origin form) for a request to `path_and_query`.
     fn target(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let pq = path_and_query.map_or("/", PathAndQuery::as_str);
-        let pq = if self.prefix.is_empty() {
-            PathAndQuery::try_from(pq)?
-        } else {
-            PathAndQuery::try_from(format!("{}{pq}", self.prefix))?
-        };
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        if self.prefix.is_empty() {
+            return match path_and_query {
+                Some(pq) => Ok(Uri::from(pq.clone())),
+                None => Ok(Uri::from_static("/")),
+            };
+        }
+        Ok(Uri::from(PathAndQuery::try_from(format!(
+            "{}{pq}",
+            self.prefix
+        ))?))
     }
 }
 
@@ -80,28 +95,25 @@ pub enum UpstreamError {
 #[derive(Clone)]
 pub struct Upstream {
     url: UpstreamUrl,
-    client: Client<HttpConnector, Incoming>,
+    pool: Arc<Pool>,
+    connect_timeout: Duration,
     response_timeout: Duration,
 }
 
 impl Upstream {
+    /// Must be called inside the runtime: it starts the task that closes idle
+    /// connections.
     pub fn new(
         url: UpstreamUrl,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let pool = Arc::new(Pool::default());
+        tokio::spawn(close_idle_connections(Arc::downgrade(&pool)));
         Upstream {
             url,
-            client,
+            pool,
+            connect_timeout,
             response_timeout,
         }
     }
@@ -114,7 +126,7 @@ impl Upstream {
         &self,
         mut req: Request<Incoming>,
         client: &HeaderValue,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
@@ -128,26 +140,213 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_11;
 
         let headers = req.headers_mut();
-        if let Some(host) = host {
-            headers.insert(header::HOST, host.clone());
-            headers.insert(X_FORWARDED_HOST, host);
+        match host {
+            Some(host) => {
+                headers.insert(header::HOST, host.clone());
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+            // HTTP/1.1 requires a Host: an HTTP/1.0 client may not have sent one.
+            None => {
+                if let Ok(upstream) = HeaderValue::try_from(self.url.authority.as_str()) {
+                    headers.insert(header::HOST, upstream);
+                }
+            }
         }
         add_forwarded_for(headers, client);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
 
-        let sent = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
-        let mut response = match sent {
+        let sent = tokio::time::timeout(self.response_timeout, self.send(req)).await;
+        let (response, sender) = match sent {
             Err(_) => return Err(UpstreamError::Timeout),
-            Ok(Err(e)) => return Err(UpstreamError::Unreachable(describe(&e))),
-            Ok(Ok(response)) => response,
+            Ok(result) => result?,
         };
-        let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let mut response = response.map(|body| UpstreamBody {
+            body,
+            // An upgraded connection belongs to its tunnel from now on.
+            reuse: (!switching).then(|| Reuse {
+                sender,
+                pool: self.pool.clone(),
+            }),
+        });
         remove_hop_by_hop(response.headers_mut(), switching);
         Ok(response)
     }
+
+    /// Sends on an idle pooled connection, or a new one. A request that meets a pooled
+    /// connection the application has just closed was not sent: it goes to the next
+    /// one.
+    async fn send(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, SendRequest<Incoming>), UpstreamError> {
+        loop {
+            let (mut sender, pooled) = match self.pool.take() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            // A connection is pooled once its last response body has been read: it is
+            // ready, or about to be, or closing.
+            if pooled && !sender.is_ready() && sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok((response, sender)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if pooled => req = unsent,
+                    _ => return Err(UpstreamError::Unreachable(describe(e.error()))),
+                },
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let address = &self.url.address;
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| {
+                UpstreamError::Unreachable(format!(
+                    "connecting to {address} took longer than {:?}",
+                    self.connect_timeout
+                ))
+            })?
+            .map_err(|e| UpstreamError::Unreachable(format!("cannot connect to {address}: {e}")))?;
+        // Each request is written in one go: nothing to gain from delaying small writes.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!("upstream connection ended: {}", describe(&e));
+            }
+        });
+        Ok(sender)
+    }
 }
 
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
+/// Idle keep-alive connections to the application, most recently used last.
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    /// Advanced by [`close_idle_connections`]: a coarse clock for idle times.
+    tick: AtomicU64,
+}
+
+struct Idle {
+    sender: SendRequest<Incoming>,
+    since: u64,
+}
+
+/// At most this many idle connections are kept; more are closed.
+const MAX_IDLE: usize = 1024;
+/// An idle connection is closed after between 3 and 4 ticks (45–60 s).
+const IDLE_TICK: Duration = Duration::from_secs(15);
+const IDLE_TICKS: u64 = 3;
+
+impl Pool {
+    fn take(&self) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(Idle { sender, .. }) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let since = self.tick.load(Ordering::Relaxed);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle { sender, since });
+        }
+    }
+}
+
+/// Closes connections idle for about a minute (dropping the last sender ends an idle
+/// connection), until the pool is gone.
+async fn close_idle_connections(pool: Weak<Pool>) {
+    let mut interval = tokio::time::interval(IDLE_TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = pool.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        let expired: Vec<Idle> = {
+            let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let (expired, kept) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|i| now - i.since > IDLE_TICKS || i.sender.is_closed());
+            *idle = kept;
+            expired
+        };
+        drop(expired);
+    }
+}
+
+/// The application's response body, streamed to the client. Once it has been read to
+/// the end its connection goes back to the pool; a body dropped before its end takes
+/// its connection with it (HTTP/1.1 cannot skip the rest).
+pub struct UpstreamBody {
+    body: Incoming,
+    reuse: Option<Reuse>,
+}
+
+struct Reuse {
+    sender: SendRequest<Incoming>,
+    pool: Arc<Pool>,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some(Reuse { sender, pool }) = self.reuse.take() {
+            pool.put(sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            Some(Err(_)) => this.reuse = None,
+            Some(Ok(_)) if !this.body.is_end_stream() => {}
+            _ => this.release(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // The server stops polling a body that says it has ended.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+fn describe(e: &hyper::Error) -> String {
     use std::error::Error;
     let mut text = e.to_string();
     let mut source = e.source();
@@ -250,10 +449,11 @@ mod tests {
     fn upstream_url_keeps_its_prefix() {
         let u = UpstreamUrl::parse("http://127.0.0.1:3000/app/").unwrap();
         let pq = PathAndQuery::from_static("/x?y=1");
-        assert_eq!(
-            u.target(Some(&pq)).unwrap(),
-            "http://127.0.0.1:3000/app/x?y=1"
-        );
+        assert_eq!(u.target(Some(&pq)).unwrap(), "/app/x?y=1");
+        assert_eq!(u.address, "127.0.0.1:3000");
+        let plain = UpstreamUrl::parse("http://[::1]").unwrap();
+        assert_eq!(plain.address, "[::1]:80");
+        assert_eq!(plain.target(None).unwrap(), "/");
         assert!(UpstreamUrl::parse("https://a:1").is_err());
         assert!(UpstreamUrl::parse("http://u:p@a:1").is_err());
         assert!(UpstreamUrl::parse("nope").is_err());

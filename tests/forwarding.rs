@@ -4,6 +4,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -347,6 +348,34 @@ async fn upstream_answering_garbage_is_a_502_problem() {
     let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
     let r = Client::new().get(&proxy.url("/"), &[]).await;
     problem(&r, 502).await;
+}
+
+#[tokio::test]
+async fn connections_the_upstream_closed_while_idle_are_not_used_again() {
+    // An application that closes every keep-alive connection right after its answer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
+    let client = Client::new();
+    for round in 1..=3 {
+        let r = client.get(&proxy.url("/"), &[]).await;
+        assert_eq!(r.status, 200, "request {round}: {:?}", r.body);
+        assert_eq!(&r.body[..], b"ok");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
