@@ -86,6 +86,20 @@ fn cookies(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    g.bench_function("take_among_6", |b| {
+        b.iter_batched_ref(
+            || with_session.clone(),
+            |headers| cookie.take(headers),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("take_absent", |b| {
+        b.iter_batched_ref(
+            || without_session.clone(),
+            |headers| cookie.take(headers),
+            BatchSize::SmallInput,
+        )
+    });
     g.bench_function("set_cookie", |b| b.iter(|| cookie.set(black_box(&id))));
     g.finish();
 }

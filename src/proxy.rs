@@ -161,10 +161,9 @@ impl Proxy {
             });
         }
 
-        let presented = self.cookie.find(req.headers());
+        let presented = self.cookie.take(req.headers_mut());
         let presented_id = presented.as_ref().map(|p| p.id.clone());
         let fail = |problem: Problem| (problem, presented_id.clone());
-        self.cookie.strip(req.headers_mut());
         let current = self.load(presented).await.map_err(fail)?;
         self.hand_session_to_app(&current, req.headers_mut());
 

@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -228,34 +228,72 @@ async fn serve_connection(
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
+    // The timer and the shutdown signal are watched by a task of their own, which sends
+    // its verdict once: the connection's task, woken several times per request, then
+    // polls one channel instead of a timer and a cancellation token each time.
+    let (verdict, mut decided) = oneshot::channel();
+    let watcher = tokio::spawn(watch_connection(requests, request_every, closing, verdict));
+    let end = tokio::select! {
+        biased;
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+            None
+        }
+        end = &mut decided => end.ok(),
+    };
+    watcher.abort();
+    match end {
+        None => {}
+        Some(End::Drop) => {
+            tracing::debug!(%peer, "no request within timeouts.header_read: closing");
+        }
+        Some(end) => {
+            if let End::Quiet = end {
+                tracing::debug!(%peer, "idle for timeouts.header_read: closing");
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// How a connection that is still open is ended.
+enum End {
+    /// It never brought a request: dropped.
+    Drop,
+    /// It went quiet: asked to finish what is in flight.
+    Quiet,
+    /// The proxy is shutting down: asked to finish what is in flight.
+    Shutdown,
+}
+
+async fn watch_connection(
+    requests: Arc<AtomicU64>,
+    request_every: Duration,
+    closing: CancellationToken,
+    verdict: oneshot::Sender<End>,
+) {
     let mut period =
         tokio::time::interval_at(tokio::time::Instant::now() + request_every, request_every);
     let mut seen = 0;
-    loop {
+    let end = loop {
         tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%peer, "connection ended: {e}");
-                }
-                return;
-            }
-            _ = closing.cancelled() => break,
+            _ = closing.cancelled() => break End::Shutdown,
             _ = period.tick() => {
                 let now = requests.load(Ordering::Relaxed);
                 if now == 0 {
-                    tracing::debug!(%peer, "no request within timeouts.header_read: closing");
-                    return;
+                    break End::Drop;
                 }
                 if now == seen {
-                    tracing::debug!(%peer, "idle for timeouts.header_read: closing");
-                    break;
+                    break End::Quiet;
                 }
                 seen = now;
             }
         }
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    };
+    let _ = verdict.send(end);
 }
 
 /// The configured backend, ready to serve.

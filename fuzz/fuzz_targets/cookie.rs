@@ -1,6 +1,6 @@
-//! The session cookie as a client presents it: `SessionCookie::find` and
-//! `SessionCookie::strip` on arbitrary `Cookie` headers, and `IdShape::parse` on
-//! arbitrary text.
+//! The session cookie as a client presents it: `SessionCookie::find`,
+//! `SessionCookie::strip` and `SessionCookie::take` on arbitrary `Cookie` headers, and
+//! `IdShape::parse` on arbitrary text.
 //!
 //! Input: the `Cookie` header values, one per line (`\n` separates them; values
 //! `HeaderValue::from_bytes` refuses are skipped, as hyper would never hand them over).
@@ -114,5 +114,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(after, others, "strip changed other cookies");
         // The application never sees the session ID, so nothing can be found any more.
         assert_eq!(cookie.find(&stripped), None);
+
+        // The request path finds and strips in one pass: the same result as both.
+        let mut taken = headers.clone();
+        assert_eq!(cookie.take(&mut taken), cookie.find(&headers), "take found otherwise");
+        assert_eq!(pairs(&taken), after, "take stripped otherwise");
     }
 });

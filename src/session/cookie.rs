@@ -68,16 +68,44 @@ impl SessionCookie {
     /// The first well-formed (and, with a secret, correctly signed) session cookie in
     /// the request. Anything else is treated as no cookie, without touching the store.
     pub fn find(&self, headers: &HeaderMap) -> Option<Presented> {
+        self.pairs(headers)
+            .find_map(|value| value.and_then(|v| self.check_bytes(v)))
+    }
+
+    /// [`SessionCookie::find`] and [`SessionCookie::strip`] in one pass over the
+    /// `Cookie` header: the application never sees the session cookie.
+    pub fn take(&self, headers: &mut HeaderMap) -> Option<Presented> {
+        let mut presented = None;
+        let mut ours = false;
+        for value in self.pairs(headers) {
+            ours = true;
+            if presented.is_none() {
+                presented = value.and_then(|v| self.check_bytes(v));
+            }
+        }
+        if ours || headers.get_all(COOKIE).iter().nth(1).is_some() {
+            self.strip_joined(headers);
+        }
+        presented
+    }
+
+    /// The value of every pair named like the session cookie (`None` for a bare name).
+    fn pairs<'h>(&'h self, headers: &'h HeaderMap) -> impl Iterator<Item = Option<&'h [u8]>> {
         headers
             .get_all(COOKIE)
             .iter()
-            .filter_map(|h| h.to_str().ok())
-            .flat_map(|h| h.split(';'))
+            .flat_map(|field| field.as_bytes().split(|b| *b == b';'))
             .filter_map(|pair| {
-                let (name, value) = pair.trim().split_once('=')?;
-                (name.trim() == self.name).then_some(value.trim())
+                let (name, value) = match pair.iter().position(|b| *b == b'=') {
+                    Some(at) => (&pair[..at], Some(pair[at + 1..].trim_ascii())),
+                    None => (pair, None),
+                };
+                (name.trim_ascii() == self.name.as_bytes()).then_some(value)
             })
-            .find_map(|value| self.check(value))
+    }
+
+    fn check_bytes(&self, value: &[u8]) -> Option<Presented> {
+        self.check(std::str::from_utf8(value).ok()?)
     }
 
     fn check(&self, value: &str) -> Option<Presented> {
@@ -133,11 +161,13 @@ impl SessionCookie {
                 kept.extend_from_slice(pair);
             }
         }
-        headers.remove(COOKIE);
-        if let Ok(value) = HeaderValue::from_bytes(&kept)
-            && !kept.is_empty()
-        {
-            headers.insert(COOKIE, value);
+        match HeaderValue::from_bytes(&kept) {
+            Ok(value) if !kept.is_empty() => {
+                headers.insert(COOKIE, value);
+            }
+            _ => {
+                headers.remove(COOKIE);
+            }
         }
     }
 
@@ -284,6 +314,29 @@ mod tests {
         let mut h = headers(&["sessionid=1"]);
         c.strip(&mut h);
         assert_eq!(h.get(COOKIE).unwrap(), "sessionid=1");
+    }
+
+    #[test]
+    fn take_finds_and_strips_in_one_go() {
+        let c = cookie(SessionConfig::default());
+        let id = SessionId::generate(c.shape());
+        let mut h = headers(&[&format!("a=1; session=bad; session={}; b=2", id.as_str())]);
+        assert_eq!(c.take(&mut h).map(|p| p.id), Some(id.clone()));
+        assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=2");
+        let mut h = headers(&["session; a=1"]);
+        assert_eq!(c.take(&mut h), None);
+        assert_eq!(h.get(COOKIE).unwrap(), "a=1");
+        let mut h = headers(&["a=1;  b=2"]);
+        assert_eq!(c.take(&mut h), None);
+        assert_eq!(
+            h.get(COOKIE).unwrap(),
+            "a=1;  b=2",
+            "untouched without the cookie"
+        );
+        let mut h = headers(&["a=1", "b=2"]);
+        assert_eq!(c.take(&mut h), None);
+        assert_eq!(h.get_all(COOKIE).iter().count(), 1, "joined for HTTP/1.1");
+        assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=2");
     }
 
     #[test]
