@@ -164,6 +164,23 @@ async fn a_session_is_one_readable_hash_under_the_key_prefix_with_its_ttl() {
     let pttl: i64 = server.cli(&["PTTL", &key]);
     assert!((55_000..=60_000).contains(&pttl), "TTL is max_age: {pttl}");
 
+    // A replace bumps `ver` and keeps `user` in step with the data.
+    for (n, (json, user)) in [
+        (r#"{"user":"bob"}"#, Some("bob")),
+        (r#"{"cart":[]}"#, None),
+        (r#"{"user":"cy"}"#, Some("cy")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert!(store.replace(&id, bytes(json)).await.unwrap());
+        let fields: HashMap<String, String> = server.cli(&["HGETALL", &key]);
+        assert_eq!(fields["data"], json);
+        assert_eq!(fields["ver"], (n + 2).to_string());
+        assert_eq!(fields.get("user").map(String::as_str), user, "{fields:?}");
+        assert_eq!(fields["ends"], ends.to_string());
+    }
+
     // A session without a user or an end has neither field.
     let plain = new_id();
     store.create(&plain, session(r#"{"a":1}"#)).await.unwrap();
