@@ -3,6 +3,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
 use http::header::{CACHE_CONTROL, COOKIE};
 use http::{HeaderMap, HeaderValue};
@@ -140,7 +141,8 @@ impl SessionCookie {
     }
 
     fn strip_joined(&self, headers: &mut HeaderMap) {
-        let mut kept: Vec<u8> = Vec::new();
+        let size = headers.get_all(COOKIE).iter().map(|f| f.len() + 2).sum();
+        let mut kept: Vec<u8> = Vec::with_capacity(size);
         for field in headers.get_all(COOKIE) {
             for pair in field.as_bytes().split(|b| *b == b';') {
                 let pair = pair.trim_ascii();
@@ -161,8 +163,13 @@ impl SessionCookie {
                 kept.extend_from_slice(pair);
             }
         }
-        match HeaderValue::from_bytes(&kept) {
-            Ok(value) if !kept.is_empty() => {
+        if kept.is_empty() {
+            headers.remove(COOKIE);
+            return;
+        }
+        // The kept pairs are slices of valid header values, joined by "; ".
+        match HeaderValue::from_maybe_shared(Bytes::from(kept)) {
+            Ok(value) => {
                 headers.insert(COOKIE, value);
             }
             _ => {
