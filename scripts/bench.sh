@@ -154,7 +154,7 @@ if [ -n "$NGINX" ]; then
   # Run as the current user: a root master would otherwise start its workers as nobody.
   [ "$(id -u)" -ne 0 ] || user_line="user $(id -un) $(id -gn);"
   cat >"$WORK/nginx/nginx.conf" <<EOF
-# worker_processes auto = one worker per CPU, the same as the proxy's tokio worker threads.
+# worker_processes auto = one worker per CPU, the same as the proxy's worker threads (limits.workers: 0).
 worker_processes auto;
 daemon off;
 $user_line
@@ -460,7 +460,7 @@ machine = [
     f"`-t{env['THREADS']} -c{env['CONNECTIONS']} -d{env['DURATION']}s --latency` after a {env['WARMUP']} s warm-up, keep-alive, "
     "the same `Cookie` header (4 cookies) on every scenario",
     f"- nginx {env['NGINX_VERSION'] or '(not available)'} with `worker_processes auto` (one per CPU, as many as the proxy's "
-    "tokio worker threads), `access_log off`, keep-alive to the upstream (`keepalive 64`); "
+    "worker threads, `limits.workers: 0`), `access_log off`, keep-alive to the upstream (`keepalive 64`); "
     f"redis-server {env['REDIS_VERSION']}, no persistence; the proxy at `log.level: warn` unless the row says otherwise",
     "- everything (wrk, proxy or nginx, upstream, Redis) runs on the same machine and shares its CPUs",
 ]

@@ -205,6 +205,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Client connections served at once; further ones wait in the accept queue.
     pub max_connections: usize,
+    /// Threads serving client connections, each with a runtime of its own; 0: one per
+    /// CPU the process may use.
+    pub workers: usize,
 }
 
 impl Default for Limits {
@@ -212,6 +215,7 @@ impl Default for Limits {
         Limits {
             max_header_bytes: 16384,
             max_connections: 10_000,
+            workers: 0,
         }
     }
 }
@@ -489,6 +493,12 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if self.limits.workers > 1024 {
+            return Err(invalid(
+                "limits.workers",
+                "must be at most 1024 (0: one per CPU)",
+            ));
         }
         if let Some(level) = &self.log.level {
             tracing_subscriber::EnvFilter::try_new(level).map_err(|e| invalid("log.level", e))?;

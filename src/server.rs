@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -30,6 +30,7 @@ use crate::upstream::{Upstream, UpstreamUrl};
 /// A proxy whose listeners are bound, ready to [`Server::run`].
 pub struct Server {
     config: Config,
+    workers: Workers,
     listener: TcpListener,
     admin: Option<(TcpListener, Admin)>,
     proxy: Arc<Proxy>,
@@ -42,12 +43,15 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, String> {
         let metrics = Arc::new(Metrics::new());
         let shutdown = Arc::new(Shutdown::new());
+        let workers = Workers::start(config.limits.workers)
+            .map_err(|e| format!("cannot start the worker threads (`limits.workers`): {e}"))?;
         let backend = build_store(&config).await?;
         let store: Arc<dyn Store> = Arc::new(Metered::new(backend, metrics.clone()));
         let upstream = Upstream::new(
             UpstreamUrl::parse(&config.upstream)?,
             secs(config.timeouts.upstream_connect),
             secs(config.timeouts.upstream_response),
+            workers.len(),
         );
         let proxy = Proxy::new(
             &config,
@@ -71,6 +75,7 @@ impl Server {
         };
         Ok(Server {
             config,
+            workers,
             listener,
             admin,
             proxy: Arc::new(proxy),
@@ -99,6 +104,7 @@ impl Server {
     pub async fn run(self) {
         let Server {
             config,
+            workers,
             listener,
             admin,
             proxy,
@@ -142,18 +148,37 @@ impl Server {
                 },
                 _ = &mut draining => break,
             };
+            // The connection moves to a worker's runtime, where it and the upstream
+            // connections it uses are served start to finish.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(%peer, "cannot hand the connection to a worker: {e}");
+                    continue;
+                }
+            };
             let (proxy, builder, closing, metrics) = (
                 proxy.clone(),
                 builder.clone(),
                 closing.clone(),
                 metrics.clone(),
             );
-            connections.spawn(async move {
+            let worker = workers.least_busy();
+            let open = worker.open.clone();
+            open.fetch_add(1, Ordering::Relaxed);
+            let serve = async move {
                 metrics.connections().inc();
-                serve_connection(stream, peer, proxy, &builder, closing, header_read).await;
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => {
+                        serve_connection(stream, peer, proxy, &builder, closing, header_read).await;
+                    }
+                    Err(e) => tracing::warn!(%peer, "cannot serve the connection: {e}"),
+                }
                 metrics.connections().dec();
+                open.fetch_sub(1, Ordering::Relaxed);
                 drop(slot);
-            });
+            };
+            connections.spawn_on(serve, &worker.runtime);
         }
         drop(listener);
         tracing::info!("listener closed; waiting for in-flight requests and tunnels");
@@ -170,6 +195,81 @@ impl Server {
             shutdown.cut_tunnels();
         }
         tracing::info!("shutdown complete");
+    }
+}
+
+/// The threads that serve client connections. Each runs a single-threaded runtime, so a
+/// connection, the upstream connections it uses and their timers stay on one thread:
+/// no task moves between threads and no thread wakes another within a request. They
+/// stop when this is dropped.
+struct Workers {
+    workers: Vec<Worker>,
+    stop: CancellationToken,
+}
+
+struct Worker {
+    runtime: tokio::runtime::Handle,
+    /// Connections this worker serves now.
+    open: Arc<AtomicUsize>,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The index of the worker thread this runs on, if it is one.
+pub fn current_worker() -> Option<usize> {
+    WORKER.with(std::cell::Cell::get)
+}
+
+impl Workers {
+    /// `count` threads; 0 for one per CPU this process may use.
+    fn start(count: usize) -> std::io::Result<Workers> {
+        let count = match count {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let stop = CancellationToken::new();
+        let mut workers = Vec::with_capacity(count);
+        for index in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = runtime.handle().clone();
+            let stopped = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("worker-{index}"))
+                .spawn(move || {
+                    WORKER.with(|w| w.set(Some(index)));
+                    runtime.block_on(stopped.cancelled());
+                })?;
+            workers.push(Worker {
+                runtime: handle,
+                open: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        Ok(Workers { workers, stop })
+    }
+
+    fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The worker serving the fewest connections.
+    fn least_busy(&self) -> &Worker {
+        let mut best = &self.workers[0];
+        for worker in &self.workers[1..] {
+            if worker.open.load(Ordering::Relaxed) < best.open.load(Ordering::Relaxed) {
+                best = worker;
+            }
+        }
+        best
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

@@ -17,6 +17,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::server::current_worker;
+
 /// The body of every response the proxy sends: the upstream's, streamed, or one the
 /// proxy wrote itself.
 pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
@@ -102,13 +104,14 @@ pub struct Upstream {
 
 impl Upstream {
     /// Must be called inside the runtime: it starts the task that closes idle
-    /// connections.
+    /// connections. Each of the `workers` threads gets connections of its own.
     pub fn new(
         url: UpstreamUrl,
         connect_timeout: Duration,
         response_timeout: Duration,
+        workers: usize,
     ) -> Upstream {
-        let pool = Arc::new(Pool::default());
+        let pool = Arc::new(Pool::new(workers));
         tokio::spawn(close_idle_connections(Arc::downgrade(&pool)));
         Upstream {
             url,
@@ -226,10 +229,11 @@ impl Upstream {
     }
 }
 
-/// Idle keep-alive connections to the application, most recently used last.
-#[derive(Default)]
+/// Idle keep-alive connections to the application, most recently used last. Each worker
+/// thread has its own, since a connection is driven by the thread that opened it; one
+/// more serves any other thread.
 struct Pool {
-    idle: Mutex<Vec<Idle>>,
+    idle: Box<[Mutex<Vec<Idle>>]>,
     /// Advanced by [`close_idle_connections`]: a coarse clock for idle times.
     tick: AtomicU64,
 }
@@ -239,15 +243,31 @@ struct Idle {
     since: u64,
 }
 
-/// At most this many idle connections are kept; more are closed.
+/// At most this many idle connections are kept per thread; more are closed.
 const MAX_IDLE: usize = 1024;
 /// An idle connection is closed after between 3 and 4 ticks (45–60 s).
 const IDLE_TICK: Duration = Duration::from_secs(15);
 const IDLE_TICKS: u64 = 3;
 
 impl Pool {
+    fn new(workers: usize) -> Pool {
+        Pool {
+            idle: (0..=workers).map(|_| Mutex::default()).collect(),
+            tick: AtomicU64::new(0),
+        }
+    }
+
+    /// This thread's idle connections.
+    fn here(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        let last = self.idle.len() - 1;
+        let slot = current_worker().map_or(last, |w| w.min(last));
+        self.idle[slot]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn take(&self) -> Option<SendRequest<Incoming>> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.here();
         while let Some(Idle { sender, .. }) = idle.pop() {
             if !sender.is_closed() {
                 return Some(sender);
@@ -261,7 +281,7 @@ impl Pool {
             return;
         }
         let since = self.tick.load(Ordering::Relaxed);
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.here();
         if idle.len() < MAX_IDLE {
             idle.push(Idle { sender, since });
         }
@@ -277,15 +297,17 @@ async fn close_idle_connections(pool: Weak<Pool>) {
         interval.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         let now = pool.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        let expired: Vec<Idle> = {
-            let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            let (expired, kept) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|i| now - i.since > IDLE_TICKS || i.sender.is_closed());
-            *idle = kept;
-            expired
-        };
-        drop(expired);
+        for slot in &pool.idle {
+            let expired: Vec<Idle> = {
+                let mut idle = slot.lock().unwrap_or_else(PoisonError::into_inner);
+                let (expired, kept) = std::mem::take(&mut *idle)
+                    .into_iter()
+                    .partition(|i| now - i.since > IDLE_TICKS || i.sender.is_closed());
+                *idle = kept;
+                expired
+            };
+            drop(expired);
+        }
     }
 }
 

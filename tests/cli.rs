@@ -87,6 +87,7 @@ fn check_rejects_bad_configs_with_exit_1_and_names_the_key() {
         ("upstream: ftp://x\n", "upstream"),
         ("listen: [1, 2]\n", "listen"),
         ("store:\n  type: redis\n", "store"),
+        ("limits:\n  workers: 5000\n", "limits.workers"),
         ("session: [unclosed\n", "YAML"),
     ];
     for (yaml, key) in cases {
@@ -282,6 +283,56 @@ async fn sigterm_drains_finishes_in_flight_requests_and_exits_0() {
     assert_eq!(r.status, 200, "in-flight request completed");
     assert_eq!(r.json()["path"], "/slow");
     assert_eq!(proxy.exit_code(Duration::from_secs(10)).await, Some(0));
+}
+
+/// The proxy's worker threads (named `worker-N`) and the CPU ticks each has used.
+fn worker_ticks(pid: u32) -> Vec<u64> {
+    let mut ticks = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        // `pid (comm) state …`: utime and stime are the 12th and 13th fields after comm.
+        let (head, rest) = stat.split_once(") ").unwrap();
+        let name = head.split_once(" (").unwrap().1;
+        if name.starts_with("worker-") {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            ticks.push(fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap());
+        }
+    }
+    ticks
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_are_spread_over_the_configured_worker_threads() {
+    let app = App::scripted().await;
+    let default = Running::start(&app.url(), "").await;
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(worker_ticks(default.child.id()).len(), cpus, "one per CPU");
+    drop(default);
+
+    let proxy = Running::start(&app.url(), "limits:\n  workers: 3\n").await;
+    let before = worker_ticks(proxy.child.id());
+    assert_eq!(before.len(), 3);
+    // Six keep-alive connections at once: two per worker.
+    let load: Vec<_> = (0..6)
+        .map(|_| {
+            let url = format!("http://{}/", proxy.addr);
+            tokio::spawn(async move {
+                let client = Client::new();
+                for _ in 0..400 {
+                    assert_eq!(client.get(&url, &[]).await.status, 200);
+                }
+            })
+        })
+        .collect();
+    for task in load {
+        task.await.unwrap();
+    }
+    let after = worker_ticks(proxy.child.id());
+    let busy = before.iter().zip(&after).filter(|(b, a)| a > b).count();
+    assert_eq!(
+        busy, 3,
+        "every worker served requests: {before:?} -> {after:?}"
+    );
 }
 
 #[tokio::test]
