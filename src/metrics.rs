@@ -1,16 +1,18 @@
 //! Prometheus metrics, served as text on the admin port's `/metrics`.
 
-use std::sync::Arc;
+mod shards;
+
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::Counter as RareCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::store::Store;
+use shards::{Counter, Histogram};
 
 /// What a request did with its session; a label of `session_proxy_requests_total` and a
 /// field of the access log.
@@ -68,10 +70,20 @@ struct ErrorLabels {
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-fn latency_histogram() -> Histogram {
-    // 50 µs … ~26 s.
-    Histogram::new(exponential_buckets(0.00005, 2.0, 20))
-}
+/// The operations `Metered` reports; their series are looked up once, on first use.
+const STORE_OPS: [&str; 11] = [
+    "load",
+    "load_renew",
+    "create",
+    "replace",
+    "patch",
+    "delete",
+    "rotate",
+    "user_sessions",
+    "revoke_user",
+    "revoke_handle",
+    "ping",
+];
 
 /// Every metric the proxy keeps, registered once at start-up.
 pub struct Metrics {
@@ -83,9 +95,11 @@ pub struct Metrics {
     request_duration: Histogram,
     upstream_duration: Histogram,
     store_ops: Family<OpLabels, Counter>,
-    store_errors: Family<ErrorLabels, Counter>,
-    store_duration: Family<OpLabels, Histogram, fn() -> Histogram>,
-    protocol_violations: Counter,
+    store_errors: Family<ErrorLabels, RareCounter>,
+    store_duration: Family<OpLabels, Histogram>,
+    /// The series of `store_ops` and `store_duration` for each of `STORE_OPS`.
+    store_series: [OnceLock<(Counter, Histogram)>; STORE_OPS.len()],
+    protocol_violations: RareCounter,
     active_sessions: Gauge,
     tunnels_open: Gauge,
     connections_open: Gauge,
@@ -103,12 +117,13 @@ impl Metrics {
         let m = Metrics {
             requests: Family::default(),
             request_counters: Vec::new(),
-            request_duration: latency_histogram(),
-            upstream_duration: latency_histogram(),
+            request_duration: Histogram::default(),
+            upstream_duration: Histogram::default(),
             store_ops: Family::default(),
             store_errors: Family::default(),
-            store_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
-            protocol_violations: Counter::default(),
+            store_duration: Family::default(),
+            store_series: Default::default(),
+            protocol_violations: RareCounter::default(),
             active_sessions: Gauge::default(),
             tunnels_open: Gauge::default(),
             connections_open: Gauge::default(),
@@ -195,19 +210,33 @@ impl Metrics {
         {
             counter.inc();
         }
-        self.request_duration.observe(took.as_secs_f64());
+        self.request_duration.observe(took);
     }
 
     pub fn upstream(&self, took: Duration) {
-        self.upstream_duration.observe(took.as_secs_f64());
+        self.upstream_duration.observe(took);
     }
 
     pub fn store_op(&self, op: &'static str, took: Duration, error: Option<&'static str>) {
+        let series = |labels: &OpLabels| {
+            (
+                self.store_ops.get_or_create_owned(labels),
+                self.store_duration.get_or_create_owned(labels),
+            )
+        };
         let labels = OpLabels { op };
-        self.store_ops.get_or_create(&labels).inc();
-        self.store_duration
-            .get_or_create(&labels)
-            .observe(took.as_secs_f64());
+        match STORE_OPS.iter().position(|known| *known == op) {
+            Some(i) => {
+                let (count, duration) = self.store_series[i].get_or_init(|| series(&labels));
+                count.inc();
+                duration.observe(took);
+            }
+            None => {
+                let (count, duration) = series(&labels);
+                count.inc();
+                duration.observe(took);
+            }
+        }
         if let Some(kind) = error {
             self.store_errors
                 .get_or_create(&ErrorLabels { op, kind })

@@ -333,6 +333,31 @@ async fn connections_are_spread_over_the_configured_worker_threads() {
         busy, 3,
         "every worker served requests: {before:?} -> {after:?}"
     );
+
+    // Each worker counts on its own; /metrics adds them up.
+    let metrics = support::get_text(&format!("http://{}/metrics", proxy.admin)).await;
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    };
+    assert_eq!(
+        value("session_proxy_requests_total{status=\"2xx\",session=\"none\"}"),
+        2400.0
+    );
+    assert_eq!(
+        value("session_proxy_request_duration_seconds_count"),
+        2400.0
+    );
+    assert_eq!(
+        value("session_proxy_request_duration_seconds_bucket{le=\"+Inf\"}"),
+        2400.0
+    );
+    assert_eq!(
+        value("session_proxy_upstream_duration_seconds_count"),
+        2400.0
+    );
 }
 
 #[tokio::test]
