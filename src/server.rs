@@ -229,26 +229,29 @@ impl Workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let stop = CancellationToken::new();
-        let mut workers = Vec::with_capacity(count);
+        // Built up in place, so that the threads already started stop if one fails to.
+        let mut started = Workers {
+            workers: Vec::with_capacity(count),
+            stop: CancellationToken::new(),
+        };
         for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let handle = runtime.handle().clone();
-            let stopped = stop.clone();
+            let stopped = started.stop.clone();
             std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(Some(index)));
                     runtime.block_on(stopped.cancelled());
                 })?;
-            workers.push(Worker {
+            started.workers.push(Worker {
                 runtime: handle,
                 open: Arc::new(AtomicUsize::new(0)),
             });
         }
-        Ok(Workers { workers, stop })
+        Ok(started)
     }
 
     fn len(&self) -> usize {
@@ -345,18 +348,16 @@ async fn serve_connection(
     };
     watcher.abort();
     match end {
-        None => {}
+        None => return,
         Some(End::Drop) => {
             tracing::debug!(%peer, "no request within timeouts.header_read: closing");
+            return;
         }
-        Some(end) => {
-            if let End::Quiet = end {
-                tracing::debug!(%peer, "idle for timeouts.header_read: closing");
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
+        Some(End::Quiet) => tracing::debug!(%peer, "idle for timeouts.header_read: closing"),
+        Some(End::Shutdown) => {}
     }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 /// How a connection that is still open is ended.
