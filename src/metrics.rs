@@ -225,18 +225,16 @@ impl Metrics {
             )
         };
         let labels = OpLabels { op };
-        match STORE_OPS.iter().position(|known| *known == op) {
-            Some(i) => {
-                let (count, duration) = self.store_series[i].get_or_init(|| series(&labels));
-                count.inc();
-                duration.observe(took);
-            }
+        let unlisted;
+        let (count, duration) = match STORE_OPS.iter().position(|known| *known == op) {
+            Some(i) => self.store_series[i].get_or_init(|| series(&labels)),
             None => {
-                let (count, duration) = series(&labels);
-                count.inc();
-                duration.observe(took);
+                unlisted = series(&labels);
+                &unlisted
             }
-        }
+        };
+        count.inc();
+        duration.observe(took);
         if let Some(kind) = error {
             self.store_errors
                 .get_or_create(&ErrorLabels { op, kind })
