@@ -269,14 +269,17 @@ impl Drop for Proxy {
     }
 }
 
-/// A configuration for tests: ephemeral ports, the given upstream.
+/// A configuration for tests: ephemeral ports, the given upstream, and two worker
+/// threads whatever the machine (many proxies run at once in one test process).
 pub fn config(upstream: &str) -> Config {
-    Config {
+    let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         upstream: upstream.to_string(),
         ..Config::default()
-    }
+    };
+    config.limits.workers = 2;
+    config
 }
 
 impl Proxy {
