@@ -70,20 +70,41 @@ struct ErrorLabels {
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// The operations `Metered` reports; their series are looked up once, on first use.
-const STORE_OPS: [&str; 11] = [
-    "load",
-    "load_renew",
-    "create",
-    "replace",
-    "patch",
-    "delete",
-    "rotate",
-    "user_sessions",
-    "revoke_user",
-    "revoke_handle",
-    "ping",
-];
+/// The store operations `Metered` reports, each the `op` label of its series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    Load,
+    LoadRenew,
+    Create,
+    Replace,
+    Patch,
+    Delete,
+    Rotate,
+    UserSessions,
+    RevokeUser,
+    RevokeHandle,
+    Ping,
+}
+
+impl StoreOp {
+    const COUNT: usize = StoreOp::Ping as usize + 1;
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::Load => "load",
+            StoreOp::LoadRenew => "load_renew",
+            StoreOp::Create => "create",
+            StoreOp::Replace => "replace",
+            StoreOp::Patch => "patch",
+            StoreOp::Delete => "delete",
+            StoreOp::Rotate => "rotate",
+            StoreOp::UserSessions => "user_sessions",
+            StoreOp::RevokeUser => "revoke_user",
+            StoreOp::RevokeHandle => "revoke_handle",
+            StoreOp::Ping => "ping",
+        }
+    }
+}
 
 /// Every metric the proxy keeps, registered once at start-up.
 pub struct Metrics {
@@ -97,8 +118,9 @@ pub struct Metrics {
     store_ops: Family<OpLabels, Counter>,
     store_errors: Family<ErrorLabels, RareCounter>,
     store_duration: Family<OpLabels, Histogram>,
-    /// The series of `store_ops` and `store_duration` for each of `STORE_OPS`.
-    store_series: [OnceLock<(Counter, Histogram)>; STORE_OPS.len()],
+    /// The series of `store_ops` and `store_duration` for each `StoreOp`, looked up
+    /// once, on first use.
+    store_series: [OnceLock<(Counter, Histogram)>; StoreOp::COUNT],
     protocol_violations: RareCounter,
     active_sessions: Gauge,
     tunnels_open: Gauge,
@@ -217,27 +239,22 @@ impl Metrics {
         self.upstream_duration.observe(took);
     }
 
-    pub fn store_op(&self, op: &'static str, took: Duration, error: Option<&'static str>) {
-        let series = |labels: &OpLabels| {
+    pub fn store_op(&self, op: StoreOp, took: Duration, error: Option<&'static str>) {
+        let (count, duration) = self.store_series[op as usize].get_or_init(|| {
+            let labels = OpLabels { op: op.as_str() };
             (
-                self.store_ops.get_or_create_owned(labels),
-                self.store_duration.get_or_create_owned(labels),
+                self.store_ops.get_or_create_owned(&labels),
+                self.store_duration.get_or_create_owned(&labels),
             )
-        };
-        let labels = OpLabels { op };
-        let unlisted;
-        let (count, duration) = match STORE_OPS.iter().position(|known| *known == op) {
-            Some(i) => self.store_series[i].get_or_init(|| series(&labels)),
-            None => {
-                unlisted = series(&labels);
-                &unlisted
-            }
-        };
+        });
         count.inc();
         duration.observe(took);
         if let Some(kind) = error {
             self.store_errors
-                .get_or_create(&ErrorLabels { op, kind })
+                .get_or_create(&ErrorLabels {
+                    op: op.as_str(),
+                    kind,
+                })
                 .inc();
         }
     }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{NewSession, PatchOutcome, Record, SessionInfo, Store, StoreError, StoreFuture};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 use crate::session::id::SessionId;
 
 /// Wraps any backend so that `/metrics` shows operations, latency and errors by
@@ -25,7 +25,7 @@ impl Metered {
 
     fn measure<'a, T: Send + 'a>(
         &'a self,
-        op: &'static str,
+        op: StoreOp,
         call: impl Future<Output = Result<T, StoreError>> + Send + 'a,
     ) -> StoreFuture<'a, T> {
         Box::pin(async move {
@@ -45,24 +45,28 @@ impl Metered {
 
 impl Store for Metered {
     fn load<'a>(&'a self, id: &'a SessionId, renew: bool) -> StoreFuture<'a, Option<Record>> {
-        let op = if renew { "load_renew" } else { "load" };
+        let op = if renew {
+            StoreOp::LoadRenew
+        } else {
+            StoreOp::Load
+        };
         self.measure(op, self.inner.load(id, renew))
     }
 
     fn create<'a>(&'a self, id: &'a SessionId, session: NewSession) -> StoreFuture<'a, ()> {
-        self.measure("create", self.inner.create(id, session))
+        self.measure(StoreOp::Create, self.inner.create(id, session))
     }
 
     fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, bool> {
-        self.measure("replace", self.inner.replace(id, data))
+        self.measure(StoreOp::Replace, self.inner.replace(id, data))
     }
 
     fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Value) -> StoreFuture<'a, PatchOutcome> {
-        self.measure("patch", self.inner.patch(id, patch))
+        self.measure(StoreOp::Patch, self.inner.patch(id, patch))
     }
 
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()> {
-        self.measure("delete", self.inner.delete(id))
+        self.measure(StoreOp::Delete, self.inner.delete(id))
     }
 
     fn rotate<'a>(
@@ -71,23 +75,23 @@ impl Store for Metered {
         new: &'a SessionId,
         grace: Duration,
     ) -> StoreFuture<'a, bool> {
-        self.measure("rotate", self.inner.rotate(old, new, grace))
+        self.measure(StoreOp::Rotate, self.inner.rotate(old, new, grace))
     }
 
     fn user_sessions<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<SessionInfo>> {
-        self.measure("user_sessions", self.inner.user_sessions(user))
+        self.measure(StoreOp::UserSessions, self.inner.user_sessions(user))
     }
 
     fn revoke_user<'a>(&'a self, user: &'a str) -> StoreFuture<'a, usize> {
-        self.measure("revoke_user", self.inner.revoke_user(user))
+        self.measure(StoreOp::RevokeUser, self.inner.revoke_user(user))
     }
 
     fn revoke_handle<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, bool> {
-        self.measure("revoke_handle", self.inner.revoke_handle(handle))
+        self.measure(StoreOp::RevokeHandle, self.inner.revoke_handle(handle))
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {
-        self.measure("ping", self.inner.ping())
+        self.measure(StoreOp::Ping, self.inner.ping())
     }
 
     fn session_count(&self) -> Option<usize> {
