@@ -45,7 +45,7 @@ impl Server {
         let shutdown = Arc::new(Shutdown::new());
         let workers = Workers::start(config.limits.workers)
             .map_err(|e| format!("cannot start the worker threads (`limits.workers`): {e}"))?;
-        let backend = build_store(&config).await?;
+        let backend = build_store(&config, workers.len()).await?;
         let store: Arc<dyn Store> = Arc::new(Metered::new(backend, metrics.clone()));
         let upstream = Upstream::new(
             UpstreamUrl::parse(&config.upstream)?,
@@ -397,8 +397,8 @@ async fn watch_connection(
     let _ = verdict.send(end);
 }
 
-/// The configured backend, ready to serve.
-pub async fn build_store(config: &Config) -> Result<Arc<dyn Store>, String> {
+/// The configured backend, ready to serve requests on `workers` worker threads.
+pub async fn build_store(config: &Config, workers: usize) -> Result<Arc<dyn Store>, String> {
     let settings = StoreSettings {
         max_age: Duration::from_secs(config.session.max_age),
         user_key: config.session.user_key.clone(),
@@ -430,6 +430,7 @@ pub async fn build_store(config: &Config) -> Result<Arc<dyn Store>, String> {
         key_prefix: st.key_prefix.clone(),
         connect_timeout: secs(st.connect_timeout),
         response_timeout: secs(st.response_timeout),
+        workers,
     };
     let store = RedisStore::connect(topology, options, settings)
         .await

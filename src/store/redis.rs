@@ -30,7 +30,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, LazyLock, Mutex as StdMutex, PoisonError, RwLock};
+use std::sync::{Arc, LazyLock, Mutex as StdMutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -52,6 +52,7 @@ use super::{
     NewSession, PatchOutcome, Record, SessionInfo, Store, StoreError, StoreFuture, StoreSettings,
     unix_now,
 };
+use crate::server::current_worker;
 use crate::session::codec::Merged;
 use crate::session::id::{IdShape, SessionId};
 
@@ -84,6 +85,9 @@ pub struct RedisOptions {
     pub connect_timeout: Duration,
     /// How long Redis may take to answer one command.
     pub response_timeout: Duration,
+    /// The proxy's worker threads: each gets a connection to a standalone server of its
+    /// own. 0 when the store is used outside a proxy.
+    pub workers: usize,
 }
 
 /// The Redis store: sessions in one Redis deployment, shared by every proxy in front of it.
@@ -335,11 +339,46 @@ fn manager_config(options: &RedisOptions) -> ConnectionManagerConfig {
         .set_number_of_retries(0)
 }
 
-fn standalone(url: &str, options: &RedisOptions) -> Result<ConnectionManager, StoreError> {
+fn standalone(url: &str, options: &RedisOptions) -> Result<Node, StoreError> {
     let client =
         Client::open(parse_url(url, "store.url")?).map_err(|_| invalid_url("store.url"))?;
-    ConnectionManager::new_lazy_with_config(client, manager_config(options))
-        .map_err(|e| StoreError::Unavailable(describe(&e)))
+    let config = manager_config(options);
+    let shared = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+        .map_err(|e| StoreError::Unavailable(describe(&e)))?;
+    Ok(Node {
+        client,
+        config,
+        shared,
+        local: (0..options.workers).map(|_| OnceLock::new()).collect(),
+    })
+}
+
+/// A standalone server. Each worker thread has a connection of its own, opened from that
+/// thread on its first use: the connection's I/O then runs on the thread whose requests
+/// use it, so a reply wakes no other thread. Everything else (the admin port, the CLI)
+/// shares one more connection.
+struct Node {
+    client: Client,
+    config: ConnectionManagerConfig,
+    shared: ConnectionManager,
+    local: Box<[OnceLock<ConnectionManager>]>,
+}
+
+impl Node {
+    fn conn(&self) -> ConnectionManager {
+        let Some(cell) = current_worker().and_then(|w| self.local.get(w)) else {
+            return self.shared.clone();
+        };
+        if let Some(conn) = cell.get() {
+            return conn.clone();
+        }
+        // Made here, not up front: the connection's tasks run on the runtime it is made on.
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(conn) => cell.get_or_init(|| conn).clone(),
+            // The settings were accepted once already, so this does not happen.
+            Err(_) => self.shared.clone(),
+        }
+    }
 }
 
 fn cluster(nodes: &[String], options: &RedisOptions) -> Result<ClusterConnection, StoreError> {
@@ -364,7 +403,7 @@ fn cluster(nodes: &[String], options: &RedisOptions) -> Result<ClusterConnection
 
 /// The way to Redis for one topology.
 enum Link {
-    Standalone(ConnectionManager),
+    Standalone(Box<Node>),
     Sentinel(Box<SentinelLink>),
     Cluster(ClusterConnection),
 }
@@ -372,7 +411,7 @@ enum Link {
 impl Link {
     async fn conn(&self) -> RedisResult<Conn> {
         match self {
-            Link::Standalone(conn) => Ok(Conn::Node(conn.clone())),
+            Link::Standalone(node) => Ok(Conn::Node(node.conn())),
             Link::Sentinel(link) => link.conn().await.map(Conn::Master),
             Link::Cluster(conn) => Ok(Conn::Cluster(conn.clone())),
         }
@@ -387,6 +426,12 @@ impl Link {
 }
 
 /// A connection to the node (or, for a cluster, the nodes) a command goes to.
+///
+/// A command to a standalone server whose connection was refused goes once more: it never
+/// left, and the refusal started a new connection attempt, which the second try awaits.
+/// Each connection keeps the outcome of its last attempt, so without this the first
+/// command on each of them after Redis comes back would fail with the refusal cached from
+/// while it was away.
 #[derive(Clone)]
 enum Conn {
     Node(ConnectionManager),
@@ -398,7 +443,13 @@ enum Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Node(conn) | Conn::Master(Master { conn, .. }) => conn.req_packed_command(cmd),
+            Conn::Node(conn) => Box::pin(async move {
+                match conn.send_packed_command(cmd).await {
+                    Err(e) if e.is_connection_refusal() => conn.send_packed_command(cmd).await,
+                    reply => reply,
+                }
+            }),
+            Conn::Master(Master { conn, .. }) => conn.req_packed_command(cmd),
             Conn::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
@@ -410,9 +461,15 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Node(conn) | Conn::Master(Master { conn, .. }) => {
-                conn.req_packed_commands(pipeline, offset, count)
-            }
+            Conn::Node(conn) => Box::pin(async move {
+                match conn.send_packed_commands(pipeline, offset, count).await {
+                    Err(e) if e.is_connection_refusal() => {
+                        conn.send_packed_commands(pipeline, offset, count).await
+                    }
+                    reply => reply,
+                }
+            }),
+            Conn::Master(Master { conn, .. }) => conn.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -657,7 +714,7 @@ impl RedisStore {
         settings: StoreSettings,
     ) -> Result<RedisStore, StoreError> {
         let link = match topology {
-            Topology::Standalone { url } => Link::Standalone(standalone(&url, &options)?),
+            Topology::Standalone { url } => Link::Standalone(Box::new(standalone(&url, &options)?)),
             Topology::Sentinel { master, nodes } => {
                 Link::Sentinel(Box::new(SentinelLink::new(master, &nodes, &options)?))
             }
