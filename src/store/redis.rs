@@ -42,8 +42,8 @@ use redis::io::tcp::TcpSettings;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, FromRedisValue,
-    IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Script, ScriptInvocation,
-    ServerErrorKind, TlsMode, Value,
+    IntoConnectionInfo, ParsingError, Pipeline, RedisError, RedisFuture, RedisResult, Script,
+    ScriptInvocation, ServerErrorKind, TlsMode, Value,
 };
 use serde_json::Value as Json;
 use tokio::sync::Mutex;
@@ -148,14 +148,20 @@ enum Written {
     Changed { data: Vec<u8>, ver: String },
 }
 
-impl Written {
-    /// Scripts answer `{status, a, b}`: `{1, user}`, `{0}` or `{2, data, ver}`.
-    fn from_reply((status, a, b): (i64, Vec<u8>, String)) -> Written {
-        match status {
+/// Scripts answer `1` or `0` when there is nothing more to say, else `{status, a, b}`:
+/// `{1, user}`, `{0}` or `{2, data, ver}`. (Redis turns a Lua table into a reply more
+/// slowly than a number, and most writes have nothing more to say.)
+impl FromRedisValue for Written {
+    fn from_redis_value(v: Value) -> Result<Written, ParsingError> {
+        let (status, a, b) = match v {
+            Value::Int(status) => (status, Vec::new(), String::new()),
+            v => <(i64, Vec<u8>, String)>::from_redis_value(v)?,
+        };
+        Ok(match status {
             1 => Written::Done(String::from_utf8(a).ok().filter(|u| !u.is_empty())),
             2 => Written::Changed { data: a, ver: b },
             _ => Written::Missing,
-        }
+        })
     }
 }
 
@@ -210,26 +216,28 @@ return 1
 
 /// Replaces the data of an existing session, if its `ver` is the expected one: three
 /// commands (read, write, expire) in the common case, since Redis's CPU per call is
-/// most of a write's cost.
+/// most of a write's cost. Only a conflict reads `data`.
 /// ARGV: now_ms, max_age_ms, now_s, data, user ('' for none), ver ('' for any).
 static WRITE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(with_ttl!(
         r"
-local f = redis.call('HMGET', KEYS[1], 'ver', 'ends', 'data', 'user')
-if not f[3] then return {0, '', ''} end
+local f = redis.call('HMGET', KEYS[1], 'ver', 'ends', 'user', 'created')
+if not f[4] then return 0 end
 local ver = f[1] or '0'
-if ARGV[6] ~= '' and ver ~= ARGV[6] then return {2, f[3], ver} end
+if ARGV[6] ~= '' and ver ~= ARGV[6] then
+  return {2, redis.call('HGET', KEYS[1], 'data'), ver}
+end
 local t = ttl(f[2])
-if not t then return {0, '', ''} end
+if not t then return 0 end
 local bumped = string.format('%d', (tonumber(ver) or 0) + 1)
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], 'data', ARGV[4], 'seen', ARGV[3], 'ver', bumped, 'user', ARGV[5])
 else
   redis.call('HSET', KEYS[1], 'data', ARGV[4], 'seen', ARGV[3], 'ver', bumped)
-  if f[4] then redis.call('HDEL', KEYS[1], 'user') end
+  if f[3] then redis.call('HDEL', KEYS[1], 'user') end
 end
 redis.call('PEXPIRE', KEYS[1], t)
-return {1, '', ''}
+return 1
 "
     ))
 });
@@ -893,7 +901,7 @@ impl RedisStore {
             .arg(data)
             .arg(user.as_deref().unwrap_or(""))
             .arg(ver.unwrap_or(""));
-        Ok(Written::from_reply(self.commit(conn, &call).await?))
+        self.commit(conn, &call).await
     }
 
     /// Deletes a session; with `ver`, only at that version; with `user`, only if theirs.
@@ -906,7 +914,7 @@ impl RedisStore {
     ) -> Result<Written, Failure> {
         let mut call = DELETE.key(self.keys.session(id));
         call.arg(ver.unwrap_or("")).arg(user.unwrap_or(""));
-        let removed = Written::from_reply(self.commit(conn, &call).await?);
+        let removed: Written = self.commit(conn, &call).await?;
         if let Written::Done(Some(owner)) = &removed {
             self.unindex(conn, owner, id).await;
         }
