@@ -126,13 +126,38 @@ async fn redis_down_fails_closed_then_recovers_by_itself() {
     assert_eq!(client.get(&admin, &[]).await.status, 200);
 }
 
-/// The proxy's connections to Redis, by the last command each ran.
+/// The proxy's connections to `server`, by the last command each ran.
 fn proxy_connections_by_last_command(server: &RedisServer) -> Vec<String> {
     let list: String = server.cli(&["CLIENT", "LIST"]);
     list.lines()
         .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("cmd=")))
         .filter(|cmd| !cmd.starts_with("client"))
         .map(str::to_string)
+        .collect()
+}
+
+/// Reads the session `browser` holds over six kept-alive client connections (two on each
+/// of a proxy's three workers), then counts on each of `servers` the connections whose
+/// last command was a session read (`HMGET`).
+async fn connections_reading_sessions(
+    proxy: &Proxy,
+    browser: &Browser,
+    servers: &[&RedisServer],
+) -> Vec<usize> {
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let clients: Vec<Client> = (0..6).map(|_| Client::new()).collect();
+    for client in &clients {
+        let r = client.get(&proxy.url("/"), &[("cookie", &cookie)]).await;
+        assert_eq!(r.status, 200);
+        assert!(r.session_seen().is_object());
+    }
+    servers
+        .iter()
+        .map(|server| {
+            let mut cmds = proxy_connections_by_last_command(server);
+            cmds.retain(|cmd| cmd == "hmget");
+            cmds.len()
+        })
         .collect()
 }
 
@@ -146,20 +171,10 @@ async fn each_worker_thread_reads_sessions_over_its_own_redis_connection() {
     })
     .await;
     let browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
-    let cookie = format!("session={}", browser.cookie.clone().unwrap());
-    // Six kept-alive client connections: two on each worker.
-    let clients: Vec<Client> = (0..6).map(|_| Client::new()).collect();
-    for client in &clients {
-        let r = client.get(&proxy.url("/"), &[("cookie", &cookie)]).await;
-        assert_eq!(r.session_seen(), json!({"a": 1}));
-    }
-    let mut reads = proxy_connections_by_last_command(&server);
-    reads.retain(|cmd| cmd == "hmget");
     assert_eq!(
-        reads.len(),
-        3,
-        "session reads went over {} connections",
-        reads.len()
+        connections_reading_sessions(&proxy, &browser, &[&server]).await,
+        [3],
+        "one connection per worker"
     );
 
     // Everything off the workers (here the admin port's readiness check) shares one more.
@@ -189,7 +204,7 @@ async fn a_write_that_did_not_persist_is_never_answered_with_success() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_work_through_sentinel() {
+async fn sessions_work_through_sentinel_one_master_connection_per_worker() {
     let sentinel = RedisSentinel::start();
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |c| {
@@ -198,6 +213,7 @@ async fn sessions_work_through_sentinel() {
             master: redis_harness::SENTINEL_MASTER.to_string(),
             nodes: sentinel.sentinel_urls(),
         });
+        c.limits.workers = 3;
     })
     .await;
     let mut browser = Browser::with_session(&proxy, r#"{"via":"sentinel"}"#).await;
@@ -208,10 +224,68 @@ async fn sessions_work_through_sentinel() {
         browser.get(&proxy.url("/")).await.session_seen(),
         json!({"via": "sentinel"})
     );
+    assert_eq!(
+        connections_reading_sessions(&proxy, &browser, &[sentinel.master()]).await,
+        [3],
+        "one connection to the master per worker"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_spread_over_cluster_nodes() {
+async fn after_a_sentinel_failover_every_worker_uses_the_new_master() {
+    let sentinel = Arc::new(RedisSentinel::start());
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.store.kind = StoreType::Redis;
+        c.store.sentinel = Some(SentinelConfig {
+            master: redis_harness::SENTINEL_MASTER.to_string(),
+            nodes: sentinel.sentinel_urls(),
+        });
+        c.store.response_timeout = 0.5;
+        c.limits.workers = 3;
+    })
+    .await;
+    let browser = Browser::with_session(&proxy, r#"{"n":0}"#).await;
+    let old = sentinel.master_port();
+    assert_eq!(
+        connections_reading_sessions(&proxy, &browser, &[sentinel.master()]).await,
+        [3]
+    );
+    let new_port = tokio::task::spawn_blocking({
+        let sentinel = sentinel.clone();
+        move || sentinel.failover()
+    })
+    .await
+    .unwrap();
+    assert_ne!(new_port, old);
+
+    // Six client connections, two per worker, each write until one is accepted: the
+    // first writes may meet the old master (now a replica) and fail, which sends the
+    // proxy to the Sentinels again.
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let clients: Vec<Client> = (0..6).map(|_| Client::new()).collect();
+    for (i, client) in clients.iter().enumerate() {
+        let url = proxy.url(&format!("/?update={}", q(&format!(r#"{{"n":{i}}}"#))));
+        let start = std::time::Instant::now();
+        while client.get(&url, &[("cookie", &cookie)]).await.status != 200 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no write accepted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for client in &clients {
+        let r = client.get(&proxy.url("/"), &[("cookie", &cookie)]).await;
+        assert_eq!(r.session_seen(), json!({"n": 5}));
+    }
+    let mut on_new = proxy_connections_by_last_command(sentinel.server(new_port));
+    on_new.retain(|cmd| cmd == "hmget");
+    assert_eq!(on_new.len(), 3, "reads on the new master per worker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_over_cluster_nodes_one_connection_per_worker() {
     let cluster = RedisCluster::start();
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |c| {
@@ -219,8 +293,16 @@ async fn sessions_spread_over_cluster_nodes() {
         c.store.cluster = Some(ClusterConfig {
             nodes: cluster.urls(),
         });
+        c.limits.workers = 3;
     })
     .await;
+    // One session lives on one node, which each worker reaches over its own connection.
+    let browser = Browser::with_session(&proxy, r#"{"n":"first"}"#).await;
+    let nodes: Vec<&RedisServer> = cluster.nodes().iter().collect();
+    let mut reading = connections_reading_sessions(&proxy, &browser, &nodes).await;
+    reading.sort();
+    assert_eq!(reading, [0, 0, 3], "one connection to the node per worker");
+
     let mut browsers = Vec::new();
     for i in 0..30 {
         let mut b = Browser::new();
@@ -236,7 +318,7 @@ async fn sessions_spread_over_cluster_nodes() {
         .iter()
         .map(|n| n.cli::<i64>(&["DBSIZE"]))
         .collect();
-    assert_eq!(per_node.iter().sum::<i64>(), 30, "{per_node:?}");
+    assert_eq!(per_node.iter().sum::<i64>(), 31, "{per_node:?}");
     assert!(
         per_node.iter().all(|n| *n > 0),
         "keys not spread over the nodes: {per_node:?}"

@@ -347,49 +347,23 @@ fn manager_config(options: &RedisOptions) -> ConnectionManagerConfig {
         .set_number_of_retries(0)
 }
 
-fn standalone(url: &str, options: &RedisOptions) -> Result<Node, StoreError> {
+fn standalone(
+    url: &str,
+    options: &RedisOptions,
+) -> Result<PerWorker<ConnectionManager>, StoreError> {
     let client =
         Client::open(parse_url(url, "store.url")?).map_err(|_| invalid_url("store.url"))?;
     let config = manager_config(options);
-    let shared = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-        .map_err(|e| StoreError::Unavailable(describe(&e)))?;
-    Ok(Node {
-        client,
-        config,
-        shared,
-        local: (0..options.workers).map(|_| OnceLock::new()).collect(),
+    PerWorker::new(options.workers, move || {
+        ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
     })
+    .map_err(|e| StoreError::Unavailable(describe(&e)))
 }
 
-/// A standalone server. Each worker thread has a connection of its own, opened from that
-/// thread on its first use: the connection's I/O then runs on the thread whose requests
-/// use it, so a reply wakes no other thread. Everything else (the admin port, the CLI)
-/// shares one more connection.
-struct Node {
-    client: Client,
-    config: ConnectionManagerConfig,
-    shared: ConnectionManager,
-    local: Box<[OnceLock<ConnectionManager>]>,
-}
-
-impl Node {
-    fn conn(&self) -> ConnectionManager {
-        let Some(cell) = current_worker().and_then(|w| self.local.get(w)) else {
-            return self.shared.clone();
-        };
-        if let Some(conn) = cell.get() {
-            return conn.clone();
-        }
-        // Made here, not up front: the connection's tasks run on the runtime it is made on.
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
-            Ok(conn) => cell.get_or_init(|| conn).clone(),
-            // The settings were accepted once already, so this does not happen.
-            Err(_) => self.shared.clone(),
-        }
-    }
-}
-
-fn cluster(nodes: &[String], options: &RedisOptions) -> Result<ClusterConnection, StoreError> {
+fn cluster(
+    nodes: &[String],
+    options: &RedisOptions,
+) -> Result<PerWorker<ClusterConnection>, StoreError> {
     let infos = nodes
         .iter()
         .enumerate()
@@ -406,22 +380,66 @@ fn cluster(nodes: &[String], options: &RedisOptions) -> Result<ClusterConnection
     let config = ClusterConfig::new()
         .set_connection_timeout(options.connect_timeout)
         .set_response_timeout(options.response_timeout);
-    Ok(client.get_pending_async_connection_with_config(config))
+    PerWorker::new(options.workers, move || {
+        Ok(client.get_pending_async_connection_with_config(config.clone()))
+    })
+    .map_err(|e| StoreError::Unavailable(format!("store.cluster: {}", describe(&e))))
+}
+
+/// How a connection of a `PerWorker` is opened.
+type Opener<T> = Box<dyn Fn() -> RedisResult<T> + Send + Sync>;
+
+/// A connection per worker thread, and one shared by everything else (the admin port,
+/// the CLI). A worker's connection is opened from that thread on its first use: its
+/// tasks run on the runtime it is opened on, so its I/O is done by the thread whose
+/// requests use it and a reply wakes no other thread.
+struct PerWorker<T> {
+    shared: T,
+    local: Box<[OnceLock<T>]>,
+    open: Opener<T>,
+}
+
+impl<T: Clone> PerWorker<T> {
+    fn new(
+        workers: usize,
+        open: impl Fn() -> RedisResult<T> + Send + Sync + 'static,
+    ) -> RedisResult<PerWorker<T>> {
+        Ok(PerWorker {
+            shared: open()?,
+            local: (0..workers).map(|_| OnceLock::new()).collect(),
+            open: Box::new(open),
+        })
+    }
+
+    /// The connection for the thread this runs on.
+    fn get(&self) -> T {
+        let Some(cell) = current_worker().and_then(|w| self.local.get(w)) else {
+            return self.shared.clone();
+        };
+        if let Some(conn) = cell.get() {
+            return conn.clone();
+        }
+        match (self.open)() {
+            Ok(conn) => cell.get_or_init(|| conn).clone(),
+            // The same settings opened the shared connection, so this does not happen.
+            Err(_) => self.shared.clone(),
+        }
+    }
 }
 
 /// The way to Redis for one topology.
 enum Link {
-    Standalone(Box<Node>),
+    Standalone(PerWorker<ConnectionManager>),
     Sentinel(Box<SentinelLink>),
-    Cluster(ClusterConnection),
+    Cluster(PerWorker<ClusterConnection>),
 }
 
 impl Link {
     async fn conn(&self) -> RedisResult<Conn> {
         match self {
-            Link::Standalone(node) => Ok(Conn::Node(node.conn())),
+            Link::Standalone(conns) => Ok(Conn::Node(conns.get())),
             Link::Sentinel(link) => link.conn().await.map(Conn::Master),
-            Link::Cluster(conn) => Ok(Conn::Cluster(conn.clone())),
+            Link::Cluster(conns) => Ok(Conn::Cluster(conns.get())),
         }
     }
 
@@ -518,6 +536,9 @@ struct SentinelLink {
     /// Held during a lookup, so that only one runs at a time.
     resolver: Mutex<Resolver>,
     master: RwLock<Option<Master>>,
+    /// Each worker thread's own connection to the master, opened from that thread (see
+    /// `PerWorker`), replaced when the master moves.
+    local: Box<[StdMutex<Option<Master>>]>,
     /// A master found without a healthy replica, and until when that answer holds.
     alone: StdMutex<Option<(Arc<ConnectionAddr>, Instant)>>,
 }
@@ -528,10 +549,11 @@ struct Resolver {
     last: Option<Instant>,
 }
 
-/// The master as last found, and the connection to it.
+/// The master as last found, and a connection to it.
 #[derive(Clone)]
 struct Master {
     addr: Arc<ConnectionAddr>,
+    client: Arc<Client>,
     conn: ConnectionManager,
 }
 
@@ -588,6 +610,7 @@ impl SentinelLink {
                 last: None,
             }),
             master: RwLock::new(None),
+            local: (0..options.workers).map(|_| StdMutex::default()).collect(),
             alone: StdMutex::new(None),
         })
     }
@@ -600,15 +623,39 @@ impl SentinelLink {
     }
 
     async fn conn(&self) -> RedisResult<Master> {
-        if let Some(master) = self.current() {
-            return Ok(master);
+        let master = match self.current() {
+            Some(master) => master,
+            None => {
+                let mut resolver = self.resolver.lock().await;
+                // Another caller may have found the master while this one waited.
+                match self.current() {
+                    Some(master) => master,
+                    None => self.resolve(&mut resolver).await?,
+                }
+            }
+        };
+        Ok(self.on_this_thread(master))
+    }
+
+    /// This worker thread's connection to `master`, opened on first use.
+    fn on_this_thread(&self, master: Master) -> Master {
+        let Some(slot) = current_worker().and_then(|w| self.local.get(w)) else {
+            return master;
+        };
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(mine) = slot.as_ref().filter(|m| Arc::ptr_eq(&m.addr, &master.addr)) {
+            return mine.clone();
         }
-        let mut resolver = self.resolver.lock().await;
-        // Another caller may have found the master while this one waited for the lock.
-        if let Some(master) = self.current() {
-            return Ok(master);
-        }
-        self.resolve(&mut resolver).await
+        let Ok(conn) = ConnectionManager::new_lazy_with_config(
+            Client::clone(&master.client),
+            self.config.clone(),
+        ) else {
+            // The same settings opened the shared connection, so this does not happen.
+            return master;
+        };
+        let mine = Master { conn, ..master };
+        *slot = Some(mine.clone());
+        mine
     }
 
     async fn recover(&self) {
@@ -642,7 +689,8 @@ impl SentinelLink {
         }
         let found = Master {
             addr: Arc::new(addr),
-            conn: ConnectionManager::new_lazy_with_config(client, self.config.clone())?,
+            conn: ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone())?,
+            client: Arc::new(client),
         };
         *master = Some(found.clone());
         Ok(found)
@@ -722,7 +770,7 @@ impl RedisStore {
         settings: StoreSettings,
     ) -> Result<RedisStore, StoreError> {
         let link = match topology {
-            Topology::Standalone { url } => Link::Standalone(Box::new(standalone(&url, &options)?)),
+            Topology::Standalone { url } => Link::Standalone(standalone(&url, &options)?),
             Topology::Sentinel { master, nodes } => {
                 Link::Sentinel(Box::new(SentinelLink::new(master, &nodes, &options)?))
             }
