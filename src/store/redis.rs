@@ -85,8 +85,8 @@ pub struct RedisOptions {
     pub connect_timeout: Duration,
     /// How long Redis may take to answer one command.
     pub response_timeout: Duration,
-    /// The proxy's worker threads: each gets a connection to a standalone server of its
-    /// own. 0 when the store is used outside a proxy.
+    /// The proxy's worker threads: each gets connections of its own (see `PerWorker`).
+    /// 0 when the store is used outside a proxy.
     pub workers: usize,
 }
 
