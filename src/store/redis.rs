@@ -30,10 +30,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, LazyLock, Mutex as StdMutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, LazyLock, Mutex as StdMutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::future::{try_join, try_join_all};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
@@ -430,7 +431,7 @@ impl<T: Clone> PerWorker<T> {
 /// The way to Redis for one topology.
 enum Link {
     Standalone(PerWorker<ConnectionManager>),
-    Sentinel(Box<SentinelLink>),
+    Sentinel(Arc<SentinelLink>),
     Cluster(PerWorker<ClusterConnection>),
 }
 
@@ -673,6 +674,13 @@ impl SentinelLink {
         let _ = self.resolve(&mut resolver).await;
     }
 
+    /// After the Sentinels announced a new master for this service.
+    async fn switched(&self) {
+        let mut resolver = self.resolver.lock().await;
+        // On failure the current connection stays: the next failed command tries again.
+        let _ = self.resolve(&mut resolver).await;
+    }
+
     async fn resolve(&self, resolver: &mut Resolver) -> RedisResult<Master> {
         resolver.last = Some(Instant::now());
         let lookup = resolver
@@ -748,6 +756,58 @@ impl SentinelLink {
     }
 }
 
+/// How often a subscriber with nothing to read checks that its store still exists, and
+/// how long it waits before subscribing again after losing its Sentinel.
+const SUBSCRIBER_CHECK: Duration = Duration::from_secs(5);
+const SUBSCRIBER_RETRY: Duration = Duration::from_secs(1);
+
+/// Listens to the Sentinels' `+switch-master` announcements, one Sentinel at a time, and
+/// looks the master up again as soon as this service's master has moved. Without it the
+/// store learns of a failover only from a failing command: writes fail on a demoted
+/// master, but reads do not (it is a replica now and answers them), so a stretch of
+/// reads alone would stay on it. Ends once the link is dropped.
+async fn follow_failovers(link: Weak<SentinelLink>) {
+    let mut turn = 0;
+    loop {
+        let Some((sentinel, service, within)) = link.upgrade().and_then(|l| {
+            let sentinel = l.sentinels.get(turn % l.sentinels.len().max(1))?.clone();
+            Some((sentinel, l.service.clone(), l.lookup_timeout))
+        }) else {
+            return;
+        };
+        turn += 1;
+        let subscribed = tokio::time::timeout(within, async {
+            let mut pubsub = sentinel.get_async_pubsub().await?;
+            pubsub.subscribe("+switch-master").await?;
+            RedisResult::Ok(pubsub)
+        })
+        .await;
+        if let Ok(Ok(pubsub)) = subscribed {
+            let mut announcements = pubsub.into_on_message();
+            loop {
+                let next = tokio::time::timeout(SUBSCRIBER_CHECK, announcements.next()).await;
+                let Some(link) = link.upgrade() else { return };
+                match next {
+                    Err(_) => continue,
+                    // The Sentinel went away: subscribe at the next one.
+                    Ok(None) => break,
+                    Ok(Some(message)) => {
+                        // "<service> <old ip> <old port> <new ip> <new port>"
+                        let payload: String = message.get_payload().unwrap_or_default();
+                        if payload.split(' ').next() == Some(service.as_str()) {
+                            link.switched().await;
+                        }
+                    }
+                }
+            }
+        }
+        if link.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(SUBSCRIBER_RETRY).await;
+    }
+}
+
 /// A replica the Sentinels could promote: reachable and in sync with its master.
 fn replica_is_healthy(replica: &ReplicaInfo) -> bool {
     let flags = replica.get("flags").map(String::as_str).unwrap_or("");
@@ -772,7 +832,9 @@ impl RedisStore {
         let link = match topology {
             Topology::Standalone { url } => Link::Standalone(standalone(&url, &options)?),
             Topology::Sentinel { master, nodes } => {
-                Link::Sentinel(Box::new(SentinelLink::new(master, &nodes, &options)?))
+                let link = Arc::new(SentinelLink::new(master, &nodes, &options)?);
+                tokio::spawn(follow_failovers(Arc::downgrade(&link)));
+                Link::Sentinel(link)
             }
             Topology::Cluster { nodes } => Link::Cluster(cluster(&nodes, &options)?),
         };
