@@ -512,8 +512,9 @@ impl ConnectionLike for Conn {
 /// The connection to the master a set of Sentinels names, following failovers.
 ///
 /// A `ConnectionManager` reconnects to the address it was made with and never learns that
-/// the Sentinels promoted another server. So after a failed command the master is looked
-/// up again, and when it has moved the connection is replaced.
+/// the Sentinels promoted another server. So after a failed command, and when the
+/// Sentinels announce a new master (`follow_failovers`), the master is looked up again,
+/// and when it has moved the connections are replaced.
 ///
 /// Writes are acknowledged only once a replica holds them (`WAIT 1`). During a failover
 /// the old master goes on accepting writes for seconds after its replica was promoted,
