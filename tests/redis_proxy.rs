@@ -26,6 +26,16 @@ fn standalone(server: &RedisServer) -> impl FnOnce(&mut Config) + '_ {
     }
 }
 
+fn through_sentinel(sentinel: &RedisSentinel) -> impl FnOnce(&mut Config) + '_ {
+    move |c| {
+        c.store.kind = StoreType::Redis;
+        c.store.sentinel = Some(SentinelConfig {
+            master: redis_harness::SENTINEL_MASTER.to_string(),
+            nodes: sentinel.sentinel_urls(),
+        });
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_is_stored_under_prefix_and_id_as_readable_json_with_its_ttl() {
     let server = RedisServer::start();
@@ -208,11 +218,7 @@ async fn sessions_work_through_sentinel_one_master_connection_per_worker() {
     let sentinel = RedisSentinel::start();
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |c| {
-        c.store.kind = StoreType::Redis;
-        c.store.sentinel = Some(SentinelConfig {
-            master: redis_harness::SENTINEL_MASTER.to_string(),
-            nodes: sentinel.sentinel_urls(),
-        });
+        through_sentinel(&sentinel)(c);
         c.limits.workers = 3;
     })
     .await;
@@ -236,11 +242,7 @@ async fn after_a_sentinel_failover_every_worker_moves_to_the_new_master_without_
     let sentinel = Arc::new(RedisSentinel::start());
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |c| {
-        c.store.kind = StoreType::Redis;
-        c.store.sentinel = Some(SentinelConfig {
-            master: redis_harness::SENTINEL_MASTER.to_string(),
-            nodes: sentinel.sentinel_urls(),
-        });
+        through_sentinel(&sentinel)(c);
         c.store.response_timeout = 0.5;
         c.limits.workers = 3;
     })
