@@ -265,7 +265,10 @@ impl Proxy {
             Current::Stale => return self.without_session(change, CookieAction::Clear).await,
             Current::Absent => return self.without_session(change, CookieAction::Keep).await,
         };
-        if rotate {
+        // The ID a rotation moved away from, readable for its grace period.
+        let mut previous = None;
+        // A destroyed session ends under every ID at once: there is nothing to rotate.
+        if rotate && !matches!(change, Change::Destroy) {
             // Rotate before writing: the change lands on the fresh ID only, and the old ID
             // keeps the session as it was before (not, say, a fresh login) for its grace
             // period.
@@ -274,7 +277,7 @@ impl Proxy {
             if !moved.await.map_err(unavailable)? {
                 return self.without_session(change, CookieAction::Clear).await;
             }
-            id = fresh;
+            previous = Some(std::mem::replace(&mut id, fresh));
         }
         let outcome = match change {
             Change::Nothing if rotate => Outcome::Updated,
@@ -301,6 +304,10 @@ impl Proxy {
                 match self.store.patch(&id, &patch).await.map_err(unavailable)? {
                     PatchOutcome::Updated(_) => Outcome::Updated,
                     PatchOutcome::Destroyed => {
+                        // The rotation left the old ID readable: it ends now too.
+                        if let Some(previous) = previous {
+                            self.store.delete(&previous).await.map_err(unavailable)?;
+                        }
                         return Ok((Outcome::Destroyed, CookieAction::Clear));
                     }
                     PatchOutcome::Missing => {

@@ -65,6 +65,7 @@ on_both_stores!(
     patch_without_a_session_creates_one_and_empty_result_destroys,
     rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period,
     rotation_on_its_own_moves_the_session,
+    destroying_while_rotating_ends_the_session_under_both_ids,
     absolute_timeout_ends_a_session_whatever_its_activity,
     forged_or_truncated_signed_cookies_cost_no_store_access,
     fallback_signed_cookies_are_accepted_and_resigned,
@@ -203,6 +204,39 @@ async fn rotation_on_its_own_moves_the_session(backend: Backend) {
         browser.get(&proxy.url("/")).await.session_seen(),
         json!({"a": 1})
     );
+}
+
+/// A logout that also asks for rotation (`{}` by update, or a patch that leaves `{}`)
+/// ends the session at once: the old ID gets no grace period.
+async fn destroying_while_rotating_ends_the_session_under_both_ids(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| c.session.user_key = Some("user_id".into()))
+        .await;
+    let empty_patch = q(r#"{"user_id":null,"role":null}"#);
+    let logouts = [
+        format!("/logout?rotate=1&update={}", q("{}")),
+        format!("/logout?rotate=1&patch={empty_patch}"),
+    ];
+    for logout in logouts {
+        let mut browser =
+            Browser::with_session(&proxy, r#"{"user_id":"ann","role":"admin"}"#).await;
+        let old_cookie = format!("session={}", browser.cookie.clone().unwrap());
+        let r = browser.get(&proxy.url(&logout)).await;
+        assert!(r.clears_session_cookie(), "{logout}");
+        assert!(r.session_cookie().is_none(), "{logout}: no new cookie");
+        let r = Client::new()
+            .get(&proxy.url("/"), &[("cookie", &old_cookie)])
+            .await;
+        assert_eq!(
+            r.session_seen(),
+            json!({}),
+            "{logout}: the old ID still reads"
+        );
+        assert!(r.clears_session_cookie(), "{logout}");
+        let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
+        assert_eq!(listed.json()["sessions"], json!([]), "{logout}");
+    }
 }
 
 async fn absolute_timeout_ends_a_session_whatever_its_activity(backend: Backend) {
