@@ -647,6 +647,10 @@ fn set_store_spec(tree: &mut Value, spec: &str, source: &str) -> Result<(), Conf
         set_path(tree, &["store", "type"], Value::from("memory"), source)
     } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         set_path(tree, &["store", "type"], Value::from("redis"), source)?;
+        // The URL names the whole topology: it replaces a Sentinel or Cluster from a
+        // lower layer rather than conflict with it.
+        set_path(tree, &["store", "sentinel"], Value::Null, source)?;
+        set_path(tree, &["store", "cluster"], Value::Null, source)?;
         set_path(tree, &["store", "url"], Value::from(spec), source)
     } else {
         Err(ConfigError(format!(
@@ -683,10 +687,21 @@ fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
                 .collect(),
         ),
         Some(Value::Null) if raw.trim().is_empty() => Value::Null,
+        // A key that is off by default: a text key (a token, a secret) keeps the value as
+        // written even when it is all digits; the others are typed as usual.
+        Some(Value::Null) if takes_text(defaults, path) => Value::String(raw.to_string()),
         Some(Value::Null) => scalar(raw),
         _ if path.last() == Some(&"nodes") => env_value(&Value::Array(vec![]), &[], raw),
         _ => scalar(raw),
     }
+}
+
+/// Whether the key at `path`, null by default, holds text: the defaults still
+/// deserialise with a string there.
+fn takes_text(defaults: &Value, path: &[&str]) -> bool {
+    let mut probe = defaults.clone();
+    set_path(&mut probe, path, Value::String(String::new()), "probe").is_ok()
+        && serde_json::from_value::<Config>(probe).is_ok()
 }
 
 fn set_path(
@@ -801,6 +816,26 @@ mod tests {
     }
 
     #[test]
+    fn digits_from_the_environment_stay_text_for_text_keys() {
+        let digits = "12345678901234567890123456789012";
+        let env = [
+            ("SESSION_PROXY_ADMIN_TOKEN", digits),
+            ("SESSION_PROXY_SESSION__SECRET", digits),
+            ("SESSION_PROXY_SESSION__USER_KEY", "123"),
+            ("SESSION_PROXY_SESSION__DOMAIN", "007"),
+            ("SESSION_PROXY_SESSION__ABSOLUTE_TIMEOUT", "3600"),
+        ];
+        let c = load(None, &env).unwrap();
+        assert_eq!(c.admin_token.as_deref(), Some(digits));
+        assert_eq!(c.session.secret.as_deref(), Some(digits));
+        assert_eq!(c.session.user_key.as_deref(), Some("123"));
+        assert_eq!(c.session.domain.as_deref(), Some("007"));
+        assert_eq!(c.session.absolute_timeout, Some(3600));
+        let e = load(None, &[("SESSION_PROXY_SESSION__ABSOLUTE_TIMEOUT", "soon")]).unwrap_err();
+        assert!(e.0.contains("session.absolute_timeout"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let e = load(Some("session:\n  max_agee: 5\n"), &[]).unwrap_err();
         assert!(e.0.contains("max_agee"), "{e}");
@@ -836,6 +871,20 @@ mod tests {
         assert_eq!(c.store.kind, StoreType::Redis);
         let printed = c.to_masked_yaml();
         assert!(!printed.contains("pw@"), "{printed}");
+    }
+
+    #[test]
+    fn store_spec_replaces_a_sentinel_or_cluster_from_the_file() {
+        for topology in [
+            "sentinel: {master: m, nodes: [\"redis://10.0.0.1:26379\"]}",
+            "cluster: {nodes: [\"redis://10.0.0.1:7000\"]}",
+        ] {
+            let yaml = format!("store:\n  type: redis\n  {topology}\n");
+            let env = [("SESSION_PROXY_STORE", "redis://127.0.0.1:6379/1")];
+            let c = load(Some(&yaml), &env).unwrap();
+            assert_eq!(c.store.url.as_deref(), Some("redis://127.0.0.1:6379/1"));
+            assert!(c.store.sentinel.is_none() && c.store.cluster.is_none());
+        }
     }
 
     #[test]
