@@ -202,24 +202,25 @@ impl SessionCookie {
 }
 
 /// Keeps a response that sets or clears the session cookie out of shared caches: its
-/// `Cache-Control` gets `private` unless it says `no-store`, and loses `public` and
-/// `s-maxage`. Other directives stay.
+/// `Cache-Control` gets `private` unless it says `no-store`, and loses `public`,
+/// `s-maxage` and any `private="…"` (which lets a shared cache keep the response minus the
+/// fields it lists: a bare `private` takes its place). Other directives stay.
 pub fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
     let mut directives: Vec<String> = headers
         .get_all(CACHE_CONTROL)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
+        .flat_map(directives)
         .filter(|d| {
-            let name = d.split('=').next().unwrap_or(d).trim();
-            !name.eq_ignore_ascii_case("public") && !name.eq_ignore_ascii_case("s-maxage")
+            let (name, argument) = split_directive(d);
+            !(name.eq_ignore_ascii_case("public")
+                || name.eq_ignore_ascii_case("s-maxage")
+                || (name.eq_ignore_ascii_case("private") && argument.is_some()))
         })
         .map(str::to_owned)
         .collect();
     let private = directives.iter().any(|d| {
-        let name = d.split('=').next().unwrap_or(d).trim();
+        let (name, _) = split_directive(d);
         name.eq_ignore_ascii_case("private") || name.eq_ignore_ascii_case("no-store")
     });
     if !private {
@@ -228,6 +229,46 @@ pub fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
     headers.remove(CACHE_CONTROL);
     if let Ok(value) = HeaderValue::try_from(directives.join(", ")) {
         headers.insert(CACHE_CONTROL, value);
+    }
+}
+
+/// The directives of one `Cache-Control` value, trimmed, split on the commas that are
+/// not inside a quoted argument (`private="a, b"` is one directive).
+fn directives(value: &str) -> impl Iterator<Item = &str> {
+    let mut rest = value;
+    std::iter::from_fn(move || {
+        loop {
+            if rest.is_empty() {
+                return None;
+            }
+            let (mut quoted, mut escaped) = (false, false);
+            let end = rest
+                .char_indices()
+                .find(|&(_, c)| {
+                    match c {
+                        _ if escaped => escaped = false,
+                        '\\' if quoted => escaped = true,
+                        '"' => quoted = !quoted,
+                        ',' if !quoted => return true,
+                        _ => {}
+                    }
+                    false
+                })
+                .map_or(rest.len(), |(i, _)| i);
+            let directive = rest[..end].trim();
+            rest = rest.get(end + 1..).unwrap_or("");
+            if !directive.is_empty() {
+                return Some(directive);
+            }
+        }
+    })
+}
+
+/// A directive's name and, when it has one, its argument.
+fn split_directive(directive: &str) -> (&str, Option<&str>) {
+    match directive.split_once('=') {
+        Some((name, argument)) => (name.trim(), Some(argument.trim())),
+        None => (directive, None),
     }
 }
 
@@ -382,6 +423,21 @@ mod tests {
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         keep_out_of_shared_caches(&mut h);
         assert_eq!(h.get(CACHE_CONTROL).unwrap(), "no-store");
+        // A qualified `private` still lets a shared cache store the response.
+        let mut h = HeaderMap::new();
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static(r#"private="set-cookie, x-a", max-age=5"#),
+        );
+        h.append(
+            CACHE_CONTROL,
+            HeaderValue::from_static(r#"no-cache="a\",b""#),
+        );
+        keep_out_of_shared_caches(&mut h);
+        assert_eq!(
+            h.get(CACHE_CONTROL).unwrap(),
+            r#"max-age=5, no-cache="a\",b", private"#
+        );
     }
 
     #[test]
