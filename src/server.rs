@@ -20,6 +20,7 @@ use crate::admin::Admin;
 use crate::config::{Config, StoreType, secs};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::session::protocol::ProtocolHeaders;
 use crate::shutdown::Shutdown;
 use crate::store::memory::MemoryStore;
 use crate::store::metered::Metered;
@@ -52,6 +53,11 @@ impl Server {
             secs(config.timeouts.upstream_connect),
             secs(config.timeouts.upstream_response),
             workers.len(),
+            ProtocolHeaders::new(&config.session)
+                .names()
+                .into_iter()
+                .cloned()
+                .collect(),
         );
         let proxy = Proxy::new(
             &config,

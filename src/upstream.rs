@@ -105,13 +105,16 @@ pub struct Upstream {
 impl Upstream {
     /// Must be called inside the runtime: it starts the task that closes idle
     /// connections. Each of the `workers` threads gets connections of its own.
+    /// `hidden` names response fields the client must never get: they are removed from
+    /// the application's trailers here (the caller takes them out of the head).
     pub fn new(
         url: UpstreamUrl,
         connect_timeout: Duration,
         response_timeout: Duration,
         workers: usize,
+        hidden: Vec<HeaderName>,
     ) -> Upstream {
-        let pool = Arc::new(Pool::new(workers));
+        let pool = Arc::new(Pool::new(workers, hidden));
         tokio::spawn(close_idle_connections(Arc::downgrade(&pool)));
         Upstream {
             url,
@@ -166,11 +169,9 @@ impl Upstream {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let mut response = response.map(|body| UpstreamBody {
             body,
+            pool: self.pool.clone(),
             // An upgraded connection belongs to its tunnel from now on.
-            reuse: (!switching).then(|| Reuse {
-                sender,
-                pool: self.pool.clone(),
-            }),
+            reuse: (!switching).then_some(sender),
         });
         remove_hop_by_hop(response.headers_mut(), switching);
         Ok(response)
@@ -236,6 +237,8 @@ struct Pool {
     idle: Box<[Mutex<Vec<Idle>>]>,
     /// Advanced by [`close_idle_connections`]: a coarse clock for idle times.
     tick: AtomicU64,
+    /// Fields removed from the application's trailers.
+    hidden: Box<[HeaderName]>,
 }
 
 struct Idle {
@@ -250,10 +253,11 @@ const IDLE_TICK: Duration = Duration::from_secs(15);
 const IDLE_TICKS: u64 = 3;
 
 impl Pool {
-    fn new(workers: usize) -> Pool {
+    fn new(workers: usize, hidden: Vec<HeaderName>) -> Pool {
         Pool {
             idle: (0..=workers).map(|_| Mutex::default()).collect(),
             tick: AtomicU64::new(0),
+            hidden: hidden.into(),
         }
     }
 
@@ -313,21 +317,19 @@ async fn close_idle_connections(pool: Weak<Pool>) {
 
 /// The application's response body, streamed to the client. Once it has been read to
 /// the end its connection goes back to the pool; a body dropped before its end takes
-/// its connection with it (HTTP/1.1 cannot skip the rest).
+/// its connection with it (HTTP/1.1 cannot skip the rest). Trailers lose the pool's
+/// hidden fields.
 pub struct UpstreamBody {
     body: Incoming,
-    reuse: Option<Reuse>,
-}
-
-struct Reuse {
-    sender: SendRequest<Incoming>,
     pool: Arc<Pool>,
+    /// The connection the body arrives on, while it can be reused.
+    reuse: Option<SendRequest<Incoming>>,
 }
 
 impl UpstreamBody {
     fn release(&mut self) {
-        if let Some(Reuse { sender, pool }) = self.reuse.take() {
-            pool.put(sender);
+        if let Some(sender) = self.reuse.take() {
+            self.pool.put(sender);
         }
     }
 }
@@ -341,7 +343,14 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let mut frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if let Some(Ok(trailers)) = &mut frame
+            && let Some(trailers) = trailers.trailers_mut()
+        {
+            for name in &this.pool.hidden {
+                trailers.remove(name);
+            }
+        }
         match &frame {
             Some(Err(_)) => this.reuse = None,
             Some(Ok(_)) if !this.body.is_end_stream() => {}

@@ -412,3 +412,44 @@ async fn malformed_request_is_a_400() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
 }
+
+#[tokio::test]
+async fn protocol_headers_in_the_application_trailers_never_reach_the_client() {
+    // An application answering in chunks, with trailers: one of its own and the session
+    // headers, which the client must not get there either.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    let answer = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                        trailer: x-checksum, x-session-update, x-session\r\n\r\n\
+                        2\r\nok\r\n0\r\nx-checksum: abc\r\nx-session-update: e30=\r\n\
+                        X-Session: eyJhIjoxfQ==\r\n\r\n";
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    for _ in 0..2 {
+        let req = Request::get(proxy.url("/t"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap();
+        let trailers = body.trailers().cloned().expect("the trailers arrive");
+        assert_eq!(body.to_bytes(), "ok");
+        assert_eq!(trailers.get("x-checksum").unwrap(), "abc");
+        assert!(trailers.get("x-session-update").is_none(), "{trailers:?}");
+        assert!(trailers.get("x-session").is_none(), "{trailers:?}");
+    }
+}

@@ -45,7 +45,8 @@ impl ProtocolHeaders {
         }
     }
 
-    fn names(&self) -> [&HeaderName; 5] {
+    /// Every protocol header's name.
+    pub fn names(&self) -> [&HeaderName; 5] {
         [
             &self.request,
             &self.handle,
