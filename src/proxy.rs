@@ -149,11 +149,18 @@ impl Proxy {
         // `Connection` and dropped on the way out.
         upstream::remove_hop_by_hop(req.headers_mut(), true);
         self.headers.strip(req.headers_mut());
+        // Only a WebSocket upgrade is still asked for here: any other left with the
+        // hop-by-hop headers.
+        let client_upgrade = upstream::upgrade_protocol(req.headers())
+            .is_some()
+            .then(|| hyper::upgrade::on(&mut req));
         if self.exclusions.matches(req.uri().path()) {
             // No session here, but the application still never sees the session ID.
             self.cookie.strip(req.headers_mut());
             let mut response = self.forward(req, client).await.map_err(|p| (p, None))?;
             self.headers.strip(response.headers_mut());
+            self.tunnel(client_upgrade, &mut response)
+                .map_err(|p| (p, None))?;
             return Ok(Served {
                 response: response.map(Either::Left),
                 outcome: Outcome::Excluded,
@@ -167,11 +174,10 @@ impl Proxy {
         let current = self.load(presented).await.map_err(fail)?;
         self.hand_session_to_app(&current, req.headers_mut());
 
-        let mut client_upgrade = None;
-        if upstream::upgrade_protocol(req.headers()).is_some() {
-            client_upgrade = Some(hyper::upgrade::on(&mut req));
-        }
         let mut response = self.forward(req, client).await.map_err(fail)?;
+        // Before the answer is applied: an unasked 101 changes nothing. (A tunnel whose
+        // 101 is replaced by an error below ends when its upgrades fail.)
+        self.tunnel(client_upgrade, &mut response).map_err(fail)?;
         let answer = self
             .headers
             .take_answer(response.headers_mut(), self.max_bytes)
@@ -186,9 +192,6 @@ impl Proxy {
             _ => presented_id,
         };
         self.set_cookie(response.headers_mut(), action);
-        if let Some(client_upgrade) = client_upgrade {
-            self.tunnel(client_upgrade, &mut response);
-        }
         Ok(Served {
             response: response.map(Either::Left),
             outcome,
@@ -368,11 +371,21 @@ impl Proxy {
         cookie::keep_out_of_shared_caches(headers);
     }
 
-    /// After a 101 answer, joins the client's and the application's connections.
-    fn tunnel(&self, client: hyper::upgrade::OnUpgrade, response: &mut Response<UpstreamBody>) {
+    /// After a 101 answer to a WebSocket upgrade, joins the client's and the
+    /// application's connections. A 101 the client did not ask for is a 502.
+    fn tunnel(
+        &self,
+        client: Option<hyper::upgrade::OnUpgrade>,
+        response: &mut Response<UpstreamBody>,
+    ) -> Result<(), Problem> {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return;
+            return Ok(());
         }
+        let Some(client) = client else {
+            return Err(Problem::bad_gateway(
+                "the application switched protocols, but the request did not ask to",
+            ));
+        };
         let upstream = hyper::upgrade::on(&mut *response);
         let metrics = self.metrics.clone();
         let stop = self.shutdown.tunnels_cancelled();
@@ -388,6 +401,7 @@ impl Proxy {
             }
             metrics.tunnels().dec();
         });
+        Ok(())
     }
 }
 

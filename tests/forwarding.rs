@@ -417,24 +417,13 @@ async fn malformed_request_is_a_400() {
 async fn protocol_headers_in_the_application_trailers_never_reach_the_client() {
     // An application answering in chunks, with trailers: one of its own and the session
     // headers, which the client must not get there either.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 8192];
-                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
-                    let answer = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
-                        trailer: x-checksum, x-session-update, x-session\r\n\r\n\
-                        2\r\nok\r\n0\r\nx-checksum: abc\r\nx-session-update: e30=\r\n\
-                        X-Session: eyJhIjoxfQ==\r\n\r\n";
-                    if s.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let addr = raw_upstream(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+         trailer: x-checksum, x-session-update, x-session\r\n\r\n\
+         2\r\nok\r\n0\r\nx-checksum: abc\r\nx-session-update: e30=\r\n\
+         X-Session: eyJhIjoxfQ==\r\n\r\n",
+    )
+    .await;
     let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
@@ -452,4 +441,90 @@ async fn protocol_headers_in_the_application_trailers_never_reach_the_client() {
         assert!(trailers.get("x-session-update").is_none(), "{trailers:?}");
         assert!(trailers.get("x-session").is_none(), "{trailers:?}");
     }
+}
+
+/// An application that answers every request it reads with `answer`, on connections it
+/// keeps open.
+async fn raw_upstream(answer: &'static str) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upgrades_other_than_websocket_are_not_passed_on() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let r = Client::new()
+        .get(
+            &proxy.url("/"),
+            &[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", "h2c"),
+                ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = r.json();
+    for name in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            seen["headers"].get(name).is_none(),
+            "{name} reached the app: {seen}"
+        );
+    }
+    assert_eq!(seen["session"], serde_json::json!({}));
+}
+
+#[tokio::test]
+async fn a_switch_of_protocols_the_client_did_not_ask_for_is_a_502() {
+    // An application that switches to HTTP/2 on any request: through the tunnel a client
+    // could send it headers the proxy never sees.
+    let addr = raw_upstream(
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let mut config = support::config(&format!("http://{addr}"));
+    config.session.exclude = vec!["/static/**".into()];
+    let proxy = Proxy::start(config).await;
+    for path in ["/", "/static/a"] {
+        for headers in [
+            &[][..],
+            &[("connection", "upgrade"), ("upgrade", "h2c")][..],
+        ] {
+            let r = Client::new().get(&proxy.url(path), headers).await;
+            problem(&r, 502).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn websockets_work_on_excluded_paths_without_a_session() {
+    let app = App::websocket().await;
+    let proxy = Proxy::with(&app, |c| c.session.exclude = vec!["/live/**".into()]).await;
+    let url = format!("ws://{}/live/feed?update={}", proxy.addr, q(r#"{"ws":1}"#));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade through the proxy");
+    assert!(
+        resp.headers().get("set-cookie").is_none(),
+        "no session on an excluded path"
+    );
+    let hello = ws.next().await.unwrap().unwrap();
+    assert_eq!(hello.into_text().unwrap().as_str(), "session:");
+    ws.send(Message::text("ping")).await.unwrap();
+    let echo = ws.next().await.unwrap().unwrap();
+    assert_eq!(echo.into_text().unwrap().as_str(), "ping");
 }
