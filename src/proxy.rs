@@ -147,7 +147,8 @@ impl Proxy {
     ) -> Result<Served, (Problem, Option<SessionId>)> {
         // First of all, so that no header the proxy adds can be named by the client's
         // `Connection` and dropped on the way out.
-        upstream::remove_hop_by_hop(req.headers_mut(), true);
+        upstream::remove_hop_by_hop(req.headers_mut(), true)
+            .map_err(|e| (Problem::bad_request(e.to_string()), None))?;
         self.headers.strip(req.headers_mut());
         // Only a WebSocket upgrade is still asked for here: any other left with the
         // hop-by-hop headers.
@@ -213,6 +214,7 @@ impl Proxy {
             }
             UpstreamError::Timeout => Problem::timeout(),
             UpstreamError::BadRequest(why) => Problem::bad_request(why),
+            UpstreamError::Invalid(why) => Problem::bad_gateway(why),
         })
     }
 

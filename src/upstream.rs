@@ -91,6 +91,8 @@ pub enum UpstreamError {
     Timeout,
     /// The request cannot be expressed towards the upstream (400).
     BadRequest(String),
+    /// The response cannot be passed on to the client (502).
+    Invalid(String),
 }
 
 /// The application behind the proxy, with a keep-alive connection pool.
@@ -173,7 +175,8 @@ impl Upstream {
             // An upgraded connection belongs to its tunnel from now on.
             reuse: (!switching).then_some(sender),
         });
-        remove_hop_by_hop(response.headers_mut(), switching);
+        remove_hop_by_hop(response.headers_mut(), switching)
+            .map_err(|e| UpstreamError::Invalid(format!("the application's response: {e}")))?;
         Ok(response)
     }
 
@@ -443,10 +446,24 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1), including every header
 /// `Connection` names. With `keep_upgrade`, a message that asks for an upgrade keeps
 /// `Upgrade` and `Connection: upgrade`, so that a WebSocket handshake passes.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<(), UnknownCoding> {
     // Most messages carry none: one scan of the names is cheaper than a dozen removals.
     if !headers.keys().any(is_hop_by_hop) {
-        return;
+        return Ok(());
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if let Some(coding) = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(|c| c.trim_ascii())
+            .find(|c| !c.eq_ignore_ascii_case(b"chunked"))
+        {
+            return Err(UnknownCoding(String::from_utf8_lossy(coding).into_owned()));
+        }
+        // RFC 9112 §6.3: the body is chunked whatever Content-Length says, and a
+        // Content-Length passed on beside the new framing would cut or stall it.
+        headers.remove(header::CONTENT_LENGTH);
     }
     let upgrade = if keep_upgrade {
         upgrade_protocol(headers)
@@ -470,6 +487,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if let Some(protocol) = upgrade {
         headers.insert(header::UPGRADE, protocol);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    Ok(())
+}
+
+/// A transfer coding other than `chunked` (`gzip, chunked`, say). The proxy frames each
+/// body anew for the next hop, so it cannot pass one on: the recipient would get the
+/// coded bytes without the header that names the coding.
+#[derive(Debug)]
+pub struct UnknownCoding(String);
+
+impl std::fmt::Display for UnknownCoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "transfer coding `{}` is not supported", self.0)
     }
 }
 
@@ -501,8 +531,26 @@ mod tests {
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h, true);
+        remove_hop_by_hop(&mut h, true).unwrap();
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn chunked_framing_overrides_content_length_and_other_codings_are_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("Chunked"),
+        );
+        remove_hop_by_hop(&mut h, true).unwrap();
+        assert!(h.is_empty(), "{h:?}");
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("gzip, chunked"),
+        );
+        let e = remove_hop_by_hop(&mut h, true).unwrap_err();
+        assert_eq!(e.to_string(), "transfer coding `gzip` is not supported");
     }
 }

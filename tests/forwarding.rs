@@ -528,3 +528,54 @@ async fn websockets_work_on_excluded_paths_without_a_session() {
     let echo = ws.next().await.unwrap().unwrap();
     assert_eq!(echo.into_text().unwrap().as_str(), "ping");
 }
+
+#[tokio::test]
+async fn a_response_framed_both_ways_is_passed_on_chunked_whole() {
+    let addr = raw_upstream(
+        "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
+    let client = Client::new();
+    for _ in 0..2 {
+        let r = client.get(&proxy.url("/"), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(&r.body[..], b"hello");
+        assert_ne!(
+            r.headers.get("content-length").map(|v| v.as_bytes()),
+            Some(&b"3"[..])
+        );
+    }
+}
+
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_refused_both_ways() {
+    let addr = raw_upstream(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nzz\r\n0\r\n\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
+    let r = Client::new().get(&proxy.url("/"), &[]).await;
+    problem(&r, 502).await;
+
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: x\r\nconnection: close\r\ntransfer-encoding: gzip, chunked\r\n\r\n\
+          2\r\nzz\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("application/problem+json"), "{text}");
+    assert_eq!(
+        app.connections.load(Ordering::SeqCst),
+        0,
+        "nothing reached the application"
+    );
+}
