@@ -2,9 +2,12 @@
 //! (HTTP/1.1 and cleartext HTTP/2), serves the admin port, and drains on a signal.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -332,7 +335,7 @@ async fn serve_connection(
         service_fn(move |req| {
             requests.fetch_add(1, Ordering::Relaxed);
             let (proxy, client) = (proxy.clone(), client.clone());
-            async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
+            RunToEnd::new(async move { Ok::<_, Infallible>(proxy.handle(req, client).await) })
         })
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -442,4 +445,39 @@ pub async fn build_store(config: &Config, workers: usize) -> Result<Arc<dyn Stor
         .await
         .map_err(|e| format!("{e} (check store.url / store.sentinel / store.cluster)"))?;
     Ok(Arc::new(store))
+}
+
+/// A request's work, run to its end even when the client goes away first. hyper drops
+/// the request's future when its client disconnects, but the application may already
+/// have acted on the request and answered with a session change (a logout, say): the
+/// rest of the work, the change included, then goes on in a task of its own.
+struct RunToEnd<F: Future + Send + 'static>(Option<Pin<Box<F>>>);
+
+impl<F: Future + Send + 'static> RunToEnd<F> {
+    fn new(work: F) -> RunToEnd<F> {
+        RunToEnd(Some(Box::pin(work)))
+    }
+}
+
+impl<F: Future + Send + 'static> Future for RunToEnd<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(work) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(work.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for RunToEnd<F> {
+    fn drop(&mut self) {
+        if let (Some(work), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn(async move {
+                work.await;
+            });
+        }
+    }
 }

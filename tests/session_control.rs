@@ -66,6 +66,7 @@ on_both_stores!(
     rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period,
     rotation_on_its_own_moves_the_session,
     destroying_while_rotating_ends_the_session_under_both_ids,
+    a_change_the_application_answered_holds_when_the_client_left_first,
     absolute_timeout_ends_a_session_whatever_its_activity,
     forged_or_truncated_signed_cookies_cost_no_store_access,
     fallback_signed_cookies_are_accepted_and_resigned,
@@ -236,6 +237,37 @@ async fn destroying_while_rotating_ends_the_session_under_both_ids(backend: Back
         assert!(r.clears_session_cookie(), "{logout}");
         let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
         assert_eq!(listed.json()["sessions"], json!([]), "{logout}");
+    }
+}
+
+/// The client hangs up while the application works on its logout: the application has
+/// acted on it, so the proxy still applies its answer.
+async fn a_change_the_application_answered_holds_when_the_client_left_first(backend: Backend) {
+    use tokio::io::AsyncWriteExt;
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |_| {}).await;
+    let mut browser = Browser::with_session(&proxy, r#"{"user":"ann"}"#).await;
+    let id = browser.cookie.clone().unwrap();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!(
+        "GET /logout?delay_ms=300&update={} HTTP/1.1\r\nhost: x\r\ncookie: session={id}\r\n\r\n",
+        q("{}")
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = browser.get(&proxy.url("/")).await;
+        if r.session_seen() == json!({}) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the logout was lost: {}",
+            r.session_seen()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
