@@ -600,6 +600,32 @@ async fn the_store_starts_while_redis_is_down_and_connects_once_it_is_up() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_connection_redis_closed_while_idle_costs_no_failed_operation() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let id = new_id();
+    store.create(&id, session(r#"{"a":1}"#)).await.unwrap();
+    // Redis closes connections idle for a second (its `timeout` setting).
+    server.cli::<()>(&["CONFIG", "SET", "timeout", "1"]);
+    let others = || server.cli::<String>(&["CLIENT", "LIST"]).lines().count() - 1;
+    eventually(
+        "Redis to close the store's idle connection",
+        Duration::from_secs(10),
+        || {
+            let n = others();
+            async move { n == 0 }
+        },
+    )
+    .await;
+    assert_eq!(
+        data(&store, &id).await.as_deref(),
+        Some(r#"{"a":1}"#),
+        "the first operation after the close succeeds"
+    );
+    server.cli::<()>(&["CONFIG", "SET", "timeout", "0"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn invalid_urls_are_refused_without_echoing_them() {
     for url in ["http://127.0.0.1:6379", "redis://user:s3cret@[bad", ""] {
         let result = RedisStore::connect(

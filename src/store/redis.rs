@@ -454,11 +454,17 @@ impl Link {
 
 /// A connection to the node (or, for a cluster, the nodes) a command goes to.
 ///
-/// A command to a standalone server whose connection was refused goes once more: it never
-/// left, and the refusal started a new connection attempt, which the second try awaits.
-/// Each connection keeps the outcome of its last attempt, so without this the first
-/// command on each of them after Redis comes back would fail with the refusal cached from
-/// while it was away.
+/// A command to a standalone server or a Sentinel master whose connection was refused or
+/// had dropped goes once more, on the new connection the failure started:
+/// - a refusal: the command never left. Each connection keeps the outcome of its last
+///   attempt, so without this the first command on each of them after Redis comes back
+///   would fail with the refusal cached from while it was away;
+/// - a dropped connection (Redis closed it: its `timeout` for idle clients, a restart):
+///   usually the command never left either. When it did and ran, running it again is
+///   harmless: every operation is a read, a delete, or a script that checks what it
+///   finds (a version, an existing key) before it writes.
+///
+/// A timeout is not retried: the command may still be running.
 #[derive(Clone)]
 enum Conn {
     Node(ConnectionManager),
@@ -470,13 +476,12 @@ enum Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Node(conn) => Box::pin(async move {
+            Conn::Node(conn) | Conn::Master(Master { conn, .. }) => Box::pin(async move {
                 match conn.send_packed_command(cmd).await {
-                    Err(e) if e.is_connection_refusal() => conn.send_packed_command(cmd).await,
+                    Err(e) if worth_retrying(&e) => conn.send_packed_command(cmd).await,
                     reply => reply,
                 }
             }),
-            Conn::Master(Master { conn, .. }) => conn.req_packed_command(cmd),
             Conn::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
@@ -488,15 +493,14 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Node(conn) => Box::pin(async move {
+            Conn::Node(conn) | Conn::Master(Master { conn, .. }) => Box::pin(async move {
                 match conn.send_packed_commands(pipeline, offset, count).await {
-                    Err(e) if e.is_connection_refusal() => {
+                    Err(e) if worth_retrying(&e) => {
                         conn.send_packed_commands(pipeline, offset, count).await
                     }
                     reply => reply,
                 }
             }),
-            Conn::Master(Master { conn, .. }) => conn.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -507,6 +511,11 @@ impl ConnectionLike for Conn {
             Conn::Cluster(conn) => conn.get_db(),
         }
     }
+}
+
+/// A refused or dropped connection, not a timeout (see [`Conn`]).
+fn worth_retrying(e: &RedisError) -> bool {
+    (e.is_connection_refusal() || e.is_connection_dropped()) && !e.is_timeout()
 }
 
 /// The connection to the master a set of Sentinels names, following failovers.
