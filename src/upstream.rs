@@ -2,16 +2,15 @@
 //! `X-Forwarded-*`, and the upstream timeouts.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -93,6 +92,59 @@ pub enum UpstreamError {
     BadRequest(String),
     /// The response cannot be passed on to the client (502).
     Invalid(String),
+}
+
+/// A request body towards the application: the client's, or none for a request sent
+/// again.
+type ToUpstream = Either<Incoming, Empty<Bytes>>;
+
+/// What it takes to send a bodiless request again: its head.
+struct Replay {
+    head: Option<http::request::Parts>,
+}
+
+impl Replay {
+    /// Only for a method that means the same when sent twice (RFC 9110 §9.2.2), and a
+    /// request without a body.
+    fn of(req: &Request<ToUpstream>) -> Option<Replay> {
+        let repeatable = req.method().is_idempotent()
+            && match req.body() {
+                Either::Left(body) => body.is_end_stream(),
+                Either::Right(_) => true,
+            };
+        repeatable.then(|| {
+            let mut head = Request::new(());
+            *head.method_mut() = req.method().clone();
+            *head.uri_mut() = req.uri().clone();
+            *head.version_mut() = req.version();
+            *head.headers_mut() = req.headers().clone();
+            Replay {
+                head: Some(head.into_parts().0),
+            }
+        })
+    }
+
+    /// The request once more, if `failure` says the connection closed before any answer
+    /// and it has not been sent again yet.
+    fn again(&mut self, failure: &hyper::Error) -> Option<Request<ToUpstream>> {
+        if !(failure.is_incomplete_message() || connection_reset(failure)) {
+            return None;
+        }
+        let head = self.head.take()?;
+        Some(Request::from_parts(head, Either::Right(Empty::new())))
+    }
+}
+
+fn connection_reset(e: &hyper::Error) -> bool {
+    use std::error::Error;
+    e.source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            )
+        })
 }
 
 /// The application behind the proxy, with a keep-alive connection pool.
@@ -180,34 +232,49 @@ impl Upstream {
         Ok(response)
     }
 
-    /// Sends on an idle pooled connection, or a new one. A request that meets a pooled
-    /// connection the application has just closed was not sent: it goes to the next
-    /// one.
+    /// Sends on an idle pooled connection, or a new one.
+    ///
+    /// An application closes a keep-alive connection it has not heard from for a while
+    /// (Node.js after 5 s, gunicorn after 2 s), and a request sent just then is lost with
+    /// it. So a request that meets a pooled connection the application has just closed,
+    /// and was not sent, goes to the next one; and a request that can be repeated (a
+    /// method that means the same when sent twice, no body) sent on a connection that sat
+    /// idle for a while goes once more on a new connection if the old one closed before
+    /// any answer.
     async fn send(
         &self,
-        mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, SendRequest<Incoming>), UpstreamError> {
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, SendRequest<ToUpstream>), UpstreamError> {
+        let mut req = req.map(Either::Left);
+        let mut replay = None;
         loop {
-            let (mut sender, pooled) = match self.pool.take() {
-                Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+            let (mut sender, idle_for) = match self.pool.take() {
+                Some((sender, idle_for)) => (sender, Some(idle_for)),
+                None => (self.connect().await?, None),
             };
+            let pooled = idle_for.is_some();
             // A connection is pooled once its last response body has been read: it is
             // ready, or about to be, or closing.
             if pooled && !sender.is_ready() && sender.ready().await.is_err() {
                 continue;
             }
+            if idle_for.is_some_and(|idle| idle >= REPLAY_AFTER_IDLE) && replay.is_none() {
+                replay = Replay::of(&req);
+            }
             match sender.try_send_request(req).await {
                 Ok(response) => return Ok((response, sender)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if pooled => req = unsent,
-                    _ => return Err(UpstreamError::Unreachable(describe(e.error()))),
+                    _ => match replay.as_mut().and_then(|r| r.again(e.error())) {
+                        Some(again) => req = again,
+                        None => return Err(UpstreamError::Unreachable(describe(e.error()))),
+                    },
                 },
             }
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn connect(&self) -> Result<SendRequest<ToUpstream>, UpstreamError> {
         let address = &self.url.address;
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
             .await
@@ -238,28 +305,28 @@ impl Upstream {
 /// more serves any other thread.
 struct Pool {
     idle: Box<[Mutex<Vec<Idle>>]>,
-    /// Advanced by [`close_idle_connections`]: a coarse clock for idle times.
-    tick: AtomicU64,
     /// Fields removed from the application's trailers.
     hidden: Box<[HeaderName]>,
 }
 
 struct Idle {
-    sender: SendRequest<Incoming>,
-    since: u64,
+    sender: SendRequest<ToUpstream>,
+    since: Instant,
 }
 
 /// At most this many idle connections are kept per thread; more are closed.
 const MAX_IDLE: usize = 1024;
-/// An idle connection is closed after between 3 and 4 ticks (45–60 s).
+/// An idle connection is closed after 45–60 s: checked every tick, closed after 45 s.
 const IDLE_TICK: Duration = Duration::from_secs(15);
-const IDLE_TICKS: u64 = 3;
+const IDLE_MAX: Duration = Duration::from_secs(45);
+/// A request sent on a connection idle this long may meet the application closing it,
+/// and is kept so that it can be sent again (see [`Upstream::send`]).
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 impl Pool {
     fn new(workers: usize, hidden: Vec<HeaderName>) -> Pool {
         Pool {
             idle: (0..=workers).map(|_| Mutex::default()).collect(),
-            tick: AtomicU64::new(0),
             hidden: hidden.into(),
         }
     }
@@ -273,21 +340,22 @@ impl Pool {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn take(&self) -> Option<SendRequest<Incoming>> {
+    /// The most recently used idle connection of this thread, and how long it was idle.
+    fn take(&self) -> Option<(SendRequest<ToUpstream>, Duration)> {
         let mut idle = self.here();
-        while let Some(Idle { sender, .. }) = idle.pop() {
+        while let Some(Idle { sender, since }) = idle.pop() {
             if !sender.is_closed() {
-                return Some(sender);
+                return Some((sender, since.elapsed()));
             }
         }
         None
     }
 
-    fn put(&self, sender: SendRequest<Incoming>) {
+    fn put(&self, sender: SendRequest<ToUpstream>) {
         if sender.is_closed() {
             return;
         }
-        let since = self.tick.load(Ordering::Relaxed);
+        let since = Instant::now();
         let mut idle = self.here();
         if idle.len() < MAX_IDLE {
             idle.push(Idle { sender, since });
@@ -303,13 +371,12 @@ async fn close_idle_connections(pool: Weak<Pool>) {
     loop {
         interval.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        let now = pool.tick.fetch_add(1, Ordering::Relaxed) + 1;
         for slot in &pool.idle {
             let expired: Vec<Idle> = {
                 let mut idle = slot.lock().unwrap_or_else(PoisonError::into_inner);
                 let (expired, kept) = std::mem::take(&mut *idle)
                     .into_iter()
-                    .partition(|i| now - i.since > IDLE_TICKS || i.sender.is_closed());
+                    .partition(|i| i.since.elapsed() > IDLE_MAX || i.sender.is_closed());
                 *idle = kept;
                 expired
             };
@@ -326,7 +393,7 @@ pub struct UpstreamBody {
     body: Incoming,
     pool: Arc<Pool>,
     /// The connection the body arrives on, while it can be reused.
-    reuse: Option<SendRequest<Incoming>>,
+    reuse: Option<SendRequest<ToUpstream>>,
 }
 
 impl UpstreamBody {

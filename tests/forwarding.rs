@@ -579,3 +579,49 @@ async fn transfer_codings_other_than_chunked_are_refused_both_ways() {
         "nothing reached the application"
     );
 }
+
+#[tokio::test]
+async fn a_repeatable_request_lost_to_an_idle_close_is_sent_again() {
+    // An application that answers the first request on each connection, then closes
+    // the connection as the next one arrives, as one whose keep-alive timeout runs out
+    // just then.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                if matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
+    let client = Client::new();
+    let r = client.get(&proxy.url("/"), &[]).await;
+    assert_eq!(r.status, 200);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = client.get(&proxy.url("/again"), &[]).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(&r.body[..], b"ok");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "sent again on a new connection"
+    );
+
+    // A request with a body is not sent twice: the application may have acted on it.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = client
+        .request("POST", &proxy.url("/order"), &[], Bytes::from_static(b"{}"))
+        .await;
+    problem(&r, 502).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
