@@ -115,8 +115,20 @@ impl Proxy {
                 if problem.kind == "session-protocol-violation" {
                     self.metrics.protocol_violation();
                 }
-                tracing::warn!(status = problem.status.as_u16(), session_tag = %tag_of(&session),
-                    %method, %path, "{}: {}", problem.title, problem.detail);
+                // The client's mistakes (a malformed request, a body broken off) are no
+                // trouble of the proxy's or the application's.
+                macro_rules! log_at {
+                    ($level:ident) => {
+                        tracing::$level!(status = problem.status.as_u16(),
+                            session_tag = %tag_of(&session), %method, %path,
+                            "{}: {}", problem.title, problem.detail)
+                    };
+                }
+                if problem.status.is_client_error() {
+                    log_at!(info);
+                } else {
+                    log_at!(warn);
+                }
                 Served {
                     response: problem.into_response(),
                     outcome: Outcome::None,

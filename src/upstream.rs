@@ -88,7 +88,8 @@ pub enum UpstreamError {
     Unreachable(String),
     /// No response head within `timeouts.upstream_response` (504).
     Timeout,
-    /// The request cannot be expressed towards the upstream (400).
+    /// The request cannot be expressed towards the upstream, or its body broke off or was
+    /// malformed (400).
     BadRequest(String),
     /// The response cannot be passed on to the client (502).
     Invalid(String),
@@ -267,6 +268,10 @@ impl Upstream {
                     Some(unsent) if pooled => req = unsent,
                     _ => match replay.as_mut().and_then(|r| r.again(e.error())) {
                         Some(again) => req = again,
+                        // The client's body broke off or was malformed.
+                        None if e.error().is_user() => {
+                            return Err(UpstreamError::BadRequest(describe(e.error())));
+                        }
                         None => return Err(UpstreamError::Unreachable(describe(e.error()))),
                     },
                 },

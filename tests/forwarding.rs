@@ -625,3 +625,26 @@ async fn a_repeatable_request_lost_to_an_idle_close_is_sent_again() {
     problem(&r, 502).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn a_malformed_request_body_is_the_clients_400_not_a_502() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    for body in ["zz\r\nabc\r\n0\r\n\r\n", "-5\r\nabc\r\n0\r\n\r\n"] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = "POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n";
+        s.write_all(format!("{head}{body}").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "{body:?}: {text}");
+    }
+}
