@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::SET_COOKIE;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::header::{HOST, SET_COOKIE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -157,6 +157,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         client: &HeaderValue,
     ) -> Result<Served, (Problem, Option<SessionId>)> {
+        check_target(&req).map_err(|why| (Problem::bad_request(why), None))?;
         // First of all, so that no header the proxy adds can be named by the client's
         // `Connection` and dropped on the way out.
         upstream::remove_hop_by_hop(req.headers_mut(), true)
@@ -417,6 +418,28 @@ impl Proxy {
         });
         Ok(())
     }
+}
+
+/// A request a reverse proxy can pass on: a path to a resource on this host, not a tunnel
+/// (`CONNECT`), not another host's name alone or `*`; and, from an HTTP/1.1 client,
+/// exactly one `Host` (RFC 9112 §3.2), at most one from others.
+fn check_target<B>(req: &Request<B>) -> Result<(), &'static str> {
+    if req.method() == Method::CONNECT {
+        return Err("CONNECT is not supported: this is a reverse proxy");
+    }
+    if !req
+        .uri()
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().starts_with('/'))
+    {
+        return Err("the request target must be a path (/…) or an absolute URL");
+    }
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let one = hosts.next().is_some();
+    if hosts.next().is_some() || (!one && req.version() == Version::HTTP_11) {
+        return Err("an HTTP/1.1 request needs exactly one Host header");
+    }
+    Ok(())
 }
 
 /// The access log's tag for a session, computed only when a log line is written.

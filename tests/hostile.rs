@@ -443,3 +443,40 @@ async fn oversized_or_non_object_updates_never_touch_the_session() {
         .await;
     assert_eq!(store_writes, 0.0);
 }
+
+#[tokio::test]
+async fn tunnels_and_targets_that_are_not_paths_on_this_host_get_400() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let refused: [&[u8]; 6] = [
+        b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\nconnection: close\r\n\r\n",
+        b"GET admin HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"GET example.com:80 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n",
+    ];
+    for request in refused {
+        let answer = raw(proxy.addr, request, Duration::from_secs(5)).await;
+        let shown = String::from_utf8_lossy(request);
+        assert_eq!(status_of(&answer), Some(400), "{shown}: {answer}");
+        assert!(
+            answer.contains("application/problem+json"),
+            "{shown}: {answer}"
+        );
+    }
+    assert_eq!(
+        app.connections.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "none reached the application"
+    );
+    let allowed: [&[u8]; 2] = [
+        b"GET http://x/absolute HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"GET /old HTTP/1.0\r\n\r\n",
+    ];
+    for request in allowed {
+        let answer = raw(proxy.addr, request, Duration::from_secs(5)).await;
+        let shown = String::from_utf8_lossy(request);
+        assert_eq!(status_of(&answer), Some(200), "{shown}: {answer}");
+    }
+}
