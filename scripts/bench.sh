@@ -22,7 +22,7 @@
 #   BENCH_THREADS=2       wrk threads
 #   BENCH_SESSIONS=1000000 sessions for the memory-per-session measurement
 #   BENCH_KEEP=1          keep the temporary directory (configs, logs, wrk output)
-# Takes about 4 minutes with the defaults once the release build is done.
+# Takes about 6 minutes with the defaults once the release build is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -208,7 +208,9 @@ cookie_header() {
 PLACEHOLDER_ID=$(printf 'A%.0s' $(seq 1 43))
 
 RESULTS=$WORK/results.tsv
-printf 'round\tkey\tscenario\trps\tp50_ms\tp99_ms\terrors\tidle_rss_kb\tpeak_rss_kb\tcpu_us_per_req\tcheck\n' >"$RESULTS"
+printf 'round\tkey\tscenario\trps\tp50_ms\tp99_ms\terrors\tidle_rss_kb\tpeak_rss_kb\tcpu_us_per_req\tcheck\tref_rps\tref_p99_ms\n' >"$RESULTS"
+# The nginx run just before a proxy scenario: its ratios compare the two side by side.
+REF_RPS=- REF_P99=-
 
 to_ms() { # wrk latency (e.g. 812.00us, 1.23ms, 1.01s) → milliseconds
   awk -v v="$1" 'BEGIN {
@@ -246,8 +248,14 @@ run_wrk() {
   cpu_us=$(awk -v t=$((after_cpu - before_cpu)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
   [ "$errors" = 0 ] || log "$label: $errors errors or non-2xx responses"
   [ "$check" = "ok" ] || [ "$check" = "-" ] || log "$label: $check"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$key" "$label" "$rps" "$p50" "$p99" "$errors" \
-    "$idle" "$peak" "$cpu_us" "$check" >>"$RESULTS"
+  local ref_rps=- ref_p99=-
+  if [ "$key" = nginx ]; then
+    REF_RPS=$rps REF_P99=$p99
+  elif [ "$idle" != - ]; then
+    ref_rps=$REF_RPS ref_p99=$REF_P99
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$key" "$label" "$rps" "$p50" "$p99" "$errors" \
+    "$idle" "$peak" "$cpu_us" "$check" "$ref_rps" "$ref_p99" >>"$RESULTS"
 }
 
 outcome_count() { # outcome_count METRICS_URL OUTCOME → requests answered 2xx with that outcome
@@ -335,17 +343,24 @@ OWN0=$(own_ticks)
 for ROUND in $(seq 1 "$ROUNDS"); do
   run_wrk direct "direct to upstream (ceiling)" "http://127.0.0.1:$UPSTREAM_PORT/read" \
     "$(cookie_header "$PLACEHOLDER_ID")" "$UPSTREAM_PID"
-  if [ -n "$NGINX_PORT" ]; then
-    run_wrk nginx "nginx proxy_pass (reference)" "http://127.0.0.1:$NGINX_PORT/read" \
-      "$(cookie_header "$PLACEHOLDER_ID")" "$NGINX_PID"
-  fi
-  proxy_scenario excluded "proxy, excluded path" /static/app.js memory false warn excluded
-  proxy_scenario read_memory "proxy, session read, memory" /read memory false warn read
-  proxy_scenario read_memory_renew "proxy, session read + renew_on_access, memory" /read memory true warn read
-  proxy_scenario write_memory "proxy, session write every request, memory" /write memory false warn updated
-  proxy_scenario read_redis "proxy, session read, Redis" /read redis false warn read
-  proxy_scenario write_redis "proxy, session write every request, Redis" /write redis false warn updated
-  proxy_scenario read_memory_info "proxy, session read, memory, access log at info" /read memory false info read
+  # nginx runs again right before each proxy scenario, which is compared with that run:
+  # a machine whose speed drifts (a busy virtualisation host) then moves both sides of
+  # a ratio alike.
+  while read -r key path store renew level outcome label <&3; do
+    if [ -n "$NGINX_PORT" ]; then
+      run_wrk nginx "nginx proxy_pass (reference)" "http://127.0.0.1:$NGINX_PORT/read" \
+        "$(cookie_header "$PLACEHOLDER_ID")" "$NGINX_PID"
+    fi
+    proxy_scenario "$key" "$label" "$path" "$store" "$renew" "$level" "$outcome"
+  done 3<<'SCENARIOS'
+excluded /static/app.js memory false warn excluded proxy, excluded path
+read_memory /read memory false warn read proxy, session read, memory
+read_memory_renew /read memory true warn read proxy, session read + renew_on_access, memory
+write_memory /write memory false warn updated proxy, session write every request, memory
+read_redis /read redis false warn read proxy, session read, Redis
+write_redis /write redis false warn updated proxy, session write every request, Redis
+read_memory_info /read memory false info read proxy, session read, memory, access log at info
+SCENARIOS
 done
 LOAD_END=$(cat /proc/loadavg)
 read -r SYS_BUSY1 SYS_TOTAL1 <<<"$(cpu_jiffies)"
@@ -396,8 +411,15 @@ memory = dict(line.strip().split("=", 1) for line in open(os.path.join(env["WORK
 nginx = by_key.get("nginx")
 
 def ratio(row, field, invert=False):
+    """A proxy scenario against the nginx run just before it, the median over the rounds;
+    another row against nginx's median."""
     if not nginx:
         return None
+    ref = {"rps": "ref_rps", "p99_ms": "ref_p99_ms"}[field]
+    pairs = [(float(r[field]), float(r[ref])) for r in runs
+             if r["key"] == row["key"] and r.get(ref, "-") not in ("-", "", None)]
+    if pairs:
+        return statistics.median(mine / theirs for mine, theirs in pairs)
     return float(row[field]) / float(nginx[field])
 
 def fmt_ratio(x):
@@ -474,7 +496,7 @@ mem = [
 body = "\n".join([
     "## Throughput and latency", "", *table, "",
     "## Proxy process", "", *resources, "",
-    f"Medians over {env['ROUNDS']} rounds. `check`: in every round the proxy's `/metrics` counted every measured request "
+    f"Medians over {env['ROUNDS']} rounds; a proxy scenario's ratios are the median of its ratios to the nginx run just before it in each round (nginx's row: the median of all its runs). `check`: in every round the proxy's `/metrics` counted every measured request "
     "with the scenario's session outcome (`excluded`, `read` or `updated`). CPU is user + system time of the server "
     "process(es) per request. A wide req/s spread means the machine's speed changed between rounds.", "",
     "## Memory", "", *[m for m in mem if m], "",
