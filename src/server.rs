@@ -40,6 +40,7 @@ pub struct Server {
     proxy: Arc<Proxy>,
     shutdown: Arc<Shutdown>,
     metrics: Arc<Metrics>,
+    leftovers: Arc<Leftovers>,
 }
 
 impl Server {
@@ -47,7 +48,11 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, String> {
         let metrics = Arc::new(Metrics::new());
         let shutdown = Arc::new(Shutdown::new());
-        let workers = Workers::start(config.limits.workers)
+        let leftovers = Arc::new(Leftovers {
+            tasks: TaskTracker::new(),
+            permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        });
+        let workers = Workers::start(config.limits.workers, &leftovers)
             .map_err(|e| format!("cannot start the worker threads (`limits.workers`): {e}"))?;
         let backend = build_store(&config, workers.len()).await?;
         let store: Arc<dyn Store> = Arc::new(Metered::new(backend, metrics.clone()));
@@ -90,6 +95,7 @@ impl Server {
             proxy: Arc::new(proxy),
             shutdown,
             metrics,
+            leftovers,
         })
     }
 
@@ -119,6 +125,7 @@ impl Server {
             proxy,
             shutdown,
             metrics,
+            leftovers,
         } = self;
         if let Some((listener, admin)) = admin {
             tokio::spawn(admin.serve(listener));
@@ -192,8 +199,10 @@ impl Server {
         drop(listener);
         tracing::info!("listener closed; waiting for in-flight requests and tunnels");
         connections.close();
+        leftovers.tasks.close();
         let finished = async {
             connections.wait().await;
+            leftovers.tasks.wait().await;
             shutdown.tunnels_closed().await;
         };
         if tokio::time::timeout(secs(config.shutdown.timeout), finished)
@@ -224,6 +233,8 @@ struct Worker {
 
 thread_local! {
     static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// The requests this worker's clients left, of the server it belongs to.
+    static LEFTOVERS: std::cell::OnceCell<Arc<Leftovers>> = const { std::cell::OnceCell::new() };
 }
 
 /// The index of the worker thread this runs on, if it is one.
@@ -233,7 +244,7 @@ pub fn current_worker() -> Option<usize> {
 
 impl Workers {
     /// `count` threads; 0 for one per CPU this process may use.
-    fn start(count: usize) -> std::io::Result<Workers> {
+    fn start(count: usize, leftovers: &Arc<Leftovers>) -> std::io::Result<Workers> {
         let count = match count {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -249,10 +260,14 @@ impl Workers {
                 .build()?;
             let handle = runtime.handle().clone();
             let stopped = started.stop.clone();
+            let leftovers = leftovers.clone();
             std::thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(Some(index)));
+                    LEFTOVERS.with(|l| {
+                        l.get_or_init(move || leftovers);
+                    });
                     runtime.block_on(stopped.cancelled());
                 })?;
             started.workers.push(Worker {
@@ -450,8 +465,18 @@ pub async fn build_store(config: &Config, workers: usize) -> Result<Arc<dyn Stor
 /// A request's work, run to its end even when the client goes away first. hyper drops
 /// the request's future when its client disconnects, but the application may already
 /// have acted on the request and answered with a session change (a logout, say): the
-/// rest of the work, the change included, then goes on in a task of its own.
+/// rest of the work, the change included, then goes on in a task of its own, among the
+/// worker's [`Leftovers`].
 struct RunToEnd<F: Future + Send + 'static>(Option<Pin<Box<F>>>);
+
+/// Requests whose clients left before the answer, still running. At most
+/// `limits.max_connections` at a time (past that, a left request ends with its client,
+/// so clients that connect, ask and hang up in a loop cannot pile up work), and the
+/// shutdown waits for them as for requests still connected.
+struct Leftovers {
+    tasks: TaskTracker,
+    permits: Arc<Semaphore>,
+}
 
 impl<F: Future + Send + 'static> RunToEnd<F> {
     fn new(work: F) -> RunToEnd<F> {
@@ -474,10 +499,23 @@ impl<F: Future + Send + 'static> Future for RunToEnd<F> {
 
 impl<F: Future + Send + 'static> Drop for RunToEnd<F> {
     fn drop(&mut self) {
-        if let (Some(work), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
-            runtime.spawn(async move {
+        let Some(work) = self.0.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        LEFTOVERS.with(|leftovers| {
+            let Some(leftovers) = leftovers.get() else {
+                return;
+            };
+            let Ok(permit) = leftovers.permits.clone().try_acquire_owned() else {
+                tracing::debug!("too many requests left by their clients: one more ends now");
+                return;
+            };
+            let finish = async move {
                 work.await;
-            });
-        }
+                drop(permit);
+            };
+            leftovers.tasks.spawn_on(finish, &runtime);
+        });
     }
 }

@@ -67,6 +67,8 @@ on_both_stores!(
     rotation_on_its_own_moves_the_session,
     destroying_while_rotating_ends_the_session_under_both_ids,
     a_change_the_application_answered_holds_when_the_client_left_first,
+    requests_left_by_their_clients_are_capped,
+    a_shutdown_waits_for_requests_left_by_their_clients,
     absolute_timeout_ends_a_session_whatever_its_activity,
     forged_or_truncated_signed_cookies_cost_no_store_access,
     fallback_signed_cookies_are_accepted_and_resigned,
@@ -240,22 +242,26 @@ async fn destroying_while_rotating_ends_the_session_under_both_ids(backend: Back
     }
 }
 
-/// The client hangs up while the application works on its logout: the application has
-/// acted on it, so the proxy still applies its answer.
-async fn a_change_the_application_answered_holds_when_the_client_left_first(backend: Backend) {
+/// Sends a logout for session `id` that the application answers after `delay_ms`, on a
+/// connection of its own, and hangs up before the answer.
+async fn hang_up_during_logout(proxy: &Proxy, id: &str, delay_ms: u64) {
     use tokio::io::AsyncWriteExt;
-    let app = App::scripted().await;
-    let proxy = backend.proxy(&app, |_| {}).await;
-    let mut browser = Browser::with_session(&proxy, r#"{"user":"ann"}"#).await;
-    let id = browser.cookie.clone().unwrap();
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let request = format!(
-        "GET /logout?delay_ms=300&update={} HTTP/1.1\r\nhost: x\r\ncookie: session={id}\r\n\r\n",
+        "GET /logout?delay_ms={delay_ms}&update={} HTTP/1.1\r\nhost: x\r\ncookie: session={id}\r\n\r\n",
         q("{}")
     );
     s.write_all(request.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(s);
+}
+
+/// The client hangs up while the application works on its logout: the application has
+/// acted on it, so the proxy still applies its answer.
+async fn a_change_the_application_answered_holds_when_the_client_left_first(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |_| {}).await;
+    let mut browser = Browser::with_session(&proxy, r#"{"user":"ann"}"#).await;
+    hang_up_during_logout(&proxy, &browser.cookie.clone().unwrap(), 300).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     loop {
         let r = browser.get(&proxy.url("/")).await;
@@ -268,6 +274,68 @@ async fn a_change_the_application_answered_holds_when_the_client_left_first(back
             r.session_seen()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Requests left by their clients are bounded by `limits.max_connections`: clients that
+/// ask and hang up in a loop cannot pile up work.
+async fn requests_left_by_their_clients_are_capped(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |c| c.limits.max_connections = 3).await;
+    // One kept-alive connection creates and checks the sessions.
+    let client = Client::new();
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let r = client
+            .get(
+                &proxy.url(&format!("/?update={}", q(&format!(r#"{{"n":{n}}}"#)))),
+                &[],
+            )
+            .await;
+        ids.push(r.session_cookie().expect("a session"));
+    }
+    for id in &ids {
+        hang_up_during_logout(&proxy, id, 1500).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut alive = 0;
+    for id in &ids {
+        let cookie = format!("session={id}");
+        let r = client.get(&proxy.url("/"), &[("cookie", &cookie)]).await;
+        if r.session_seen() != json!({}) {
+            alive += 1;
+        }
+    }
+    assert_eq!(
+        alive, 3,
+        "three logouts ran to their end, three ended with their clients"
+    );
+}
+
+/// The shutdown waits for a request its client left, as for one still connected.
+async fn a_shutdown_waits_for_requests_left_by_their_clients(backend: Backend) {
+    let app = App::scripted().await;
+    let mut proxy = backend.proxy(&app, |c| c.shutdown.drain_delay = 0.0).await;
+    let browser = Browser::with_session(&proxy, r#"{"user":"ann"}"#).await;
+    let id = browser.cookie.clone().unwrap();
+    drop(browser);
+    hang_up_during_logout(&proxy, &id, 1000).await;
+    let started = std::time::Instant::now();
+    proxy.shutdown.begin_drain();
+    tokio::time::timeout(Duration::from_secs(10), proxy.stopped())
+        .await
+        .expect("the proxy stops");
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "stopped after {:?}, before the application answered",
+        started.elapsed()
+    );
+    if let Backend::Redis(server) = &backend {
+        assert_eq!(
+            server.cli::<i64>(&["EXISTS", &format!("session:{id}")]),
+            0,
+            "the logout was applied before the proxy stopped"
+        );
     }
 }
 

@@ -298,6 +298,11 @@ impl Proxy {
         }
     }
 
+    /// Waits until the server has finished (after `shutdown.begin_drain()`).
+    pub async fn stopped(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+
     /// Proxy with the default config in front of `app`, changed by `tweak`.
     pub async fn with(app: &App, tweak: impl FnOnce(&mut Config)) -> Proxy {
         let mut c = config(&app.url());
