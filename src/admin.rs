@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -78,10 +78,15 @@ impl Admin {
 
     async fn route(&self, req: Request<Incoming>) -> AdminResponse {
         let path = req.uri().path();
-        match (req.method(), path) {
-            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (&Method::GET, "/readyz") => self.ready().await,
-            (&Method::GET, "/metrics") => {
+        let probe = path == "/healthz" || path == "/readyz" || path == "/metrics";
+        // HEAD answers like GET; hyper sends no body for it.
+        if probe && req.method() != Method::GET && req.method() != Method::HEAD {
+            return not_allowed("GET, HEAD");
+        }
+        match path {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => self.ready().await,
+            "/metrics" => {
                 let mut r = text(StatusCode::OK, self.metrics.render(&self.store));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
@@ -93,10 +98,13 @@ impl Admin {
             }
             _ if path == "/sessions" || path.starts_with("/sessions/") => {
                 if !self.authorized(&req) {
-                    return problem(
+                    let mut r = problem(
                         StatusCode::UNAUTHORIZED,
                         "admin_token required: send Authorization: Bearer <token>",
                     );
+                    r.headers_mut()
+                        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    return r;
                 }
                 if !self.user_index {
                     return problem(
@@ -128,12 +136,14 @@ impl Admin {
         let Some(token) = &self.token else {
             return true;
         };
+        // The scheme's name is case-insensitive (RFC 9110 §11.1).
         let presented = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim_start());
         constant_time_eq(presented.as_bytes(), token.as_bytes())
     }
 
@@ -141,10 +151,7 @@ impl Admin {
         let path = req.uri().path();
         if let Some(handle) = path.strip_prefix("/sessions/") {
             if req.method() != Method::DELETE {
-                return problem(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "use DELETE /sessions/HANDLE",
-                );
+                return not_allowed("DELETE");
             }
             let handle = percent_decode_str(handle).decode_utf8_lossy();
             return match self.store.revoke_handle(&handle).await {
@@ -167,10 +174,7 @@ impl Admin {
                 Ok(n) => json_response(StatusCode::OK, json!({"user": user, "revoked": n})),
                 Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
             },
-            _ => problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "use GET or DELETE /sessions?user=U",
-            ),
+            _ => not_allowed("GET, DELETE"),
         }
     }
 }
@@ -209,6 +213,17 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> AdminResponse {
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// 405, with the methods the resource takes.
+fn not_allowed(allow: &'static str) -> AdminResponse {
+    let mut r = problem(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("this resource takes {allow}"),
+    );
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
     r
 }
 

@@ -509,6 +509,17 @@ impl Config {
                 "must not be empty; use null to turn it off",
             ));
         }
+        // It travels in an HTTP header, where other bytes cannot be compared as written.
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "admin_token",
+                "must be printable ASCII without spaces",
+            ));
+        }
         Ok(())
     }
 
@@ -596,7 +607,9 @@ pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    match rest.split_once('@') {
+    // The last `@` ends the user information, as it does for the URL parser: a password
+    // may hold an `@` of its own.
+    match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or("", |(u, _)| u);
             format!("{scheme}://{user}:********@{host}")
@@ -661,7 +674,8 @@ fn set_store_spec(tree: &mut Value, spec: &str, source: &str) -> Result<(), Conf
 }
 
 /// Turns an environment or flag value into the type the key's default has: numbers and
-/// booleans parsed, lists split on commas, `null` for keys that may be null.
+/// booleans parsed, lists split on commas. Only `null` turns a key off: an empty value
+/// is checked like one in the file (an empty secret is an error, not "no secret").
 fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
     let default = path.iter().try_fold(defaults, |v, k| v.get(k));
     let scalar = |raw: &str| -> Value {
@@ -686,7 +700,6 @@ fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
                 .map(|s| Value::String(s.to_string()))
                 .collect(),
         ),
-        Some(Value::Null) if raw.trim().is_empty() => Value::Null,
         // A key that is off by default: a text key (a token, a secret) keeps the value as
         // written even when it is all digits; the others are typed as usual.
         Some(Value::Null) if takes_text(defaults, path) => Value::String(raw.to_string()),
@@ -836,6 +849,28 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_environment_value_does_not_turn_a_key_off() {
+        let yaml = "admin_token: s3cretTokenValue\nsession:\n  secret: abcdefghijklmnopqrstu\n";
+        for (name, key) in [
+            ("SESSION_PROXY_ADMIN_TOKEN", "admin_token"),
+            ("SESSION_PROXY_SESSION__SECRET", "session.secret"),
+        ] {
+            let e = load(Some(yaml), &[(name, "")]).unwrap_err();
+            assert!(e.0.contains(key), "{name}: {e}");
+        }
+        let c = load(Some(yaml), &[("SESSION_PROXY_ADMIN_TOKEN", "null")]).unwrap();
+        assert_eq!(c.admin_token, None, "`null` turns it off");
+    }
+
+    #[test]
+    fn an_admin_token_that_cannot_travel_in_a_header_is_refused() {
+        for token in ["tökén-1234567890", "token-with-space ", "a b"] {
+            let e = load(None, &[("SESSION_PROXY_ADMIN_TOKEN", token)]).unwrap_err();
+            assert!(e.0.contains("admin_token"), "{token:?}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let e = load(Some("session:\n  max_agee: 5\n"), &[]).unwrap_err();
         assert!(e.0.contains("max_agee"), "{e}");
@@ -885,6 +920,19 @@ mod tests {
             assert_eq!(c.store.url.as_deref(), Some("redis://127.0.0.1:6379/1"));
             assert!(c.store.sentinel.is_none() && c.store.cluster.is_none());
         }
+    }
+
+    #[test]
+    fn redis_passwords_are_masked_whole() {
+        assert_eq!(
+            mask_url("redis://:p@ssWORDtail@127.0.0.1:6379/0"),
+            "redis://:********@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            mask_url("rediss://app:pw@10.0.0.1"),
+            "rediss://app:********@10.0.0.1"
+        );
+        assert_eq!(mask_url("redis://10.0.0.1/2"), "redis://10.0.0.1/2");
     }
 
     #[test]

@@ -552,11 +552,26 @@ async fn admin_token_guards_sessions_but_not_probes(backend: Backend) {
         .await;
     assert_eq!(ok.status, 200);
     assert_eq!(ok.json()["sessions"].as_array().unwrap().len(), 1);
+    let refused = proxy.admin_request("GET", "/sessions?user=ann", None).await;
+    assert_eq!(refused.headers["www-authenticate"], "Bearer");
+    // The scheme's name is case-insensitive.
+    let url = format!("http://{}/sessions?user=ann", proxy.admin.unwrap());
+    let lower = Client::new()
+        .get(&url, &[("authorization", "bearer s3cret-token")])
+        .await;
+    assert_eq!(lower.status, 200);
     for probe in ["/healthz", "/readyz", "/metrics"] {
-        assert_eq!(
-            proxy.admin_request("GET", probe, None).await.status,
-            200,
-            "{probe}"
-        );
+        for method in ["GET", "HEAD"] {
+            let r = proxy.admin_request(method, probe, None).await;
+            assert_eq!(r.status, 200, "{method} {probe}");
+        }
+        let r = proxy.admin_request("POST", probe, None).await;
+        assert_eq!(r.status, 405, "POST {probe}");
+        assert_eq!(r.headers["allow"], "GET, HEAD");
     }
+    let r = proxy
+        .admin_request("PUT", "/sessions?user=ann", Some("s3cret-token"))
+        .await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.headers["allow"], "GET, DELETE");
 }
