@@ -189,6 +189,43 @@ fn memory_store(c: &mut Criterion) {
             started.elapsed()
         })
     });
+    // One user with 10 000 sessions (a shared account, a script logging in in a loop):
+    // filling the index and revoking them all must not cost a scan per session.
+    let indexed = StoreSettings {
+        user_key: Some("user_id".into()),
+        ..settings.clone()
+    };
+    let user_data = Bytes::from_static(br#"{"user_id":"shared","cart":[1,2,3]}"#);
+    let fill = |store: &MemoryStore, ids: &[SessionId]| {
+        for id in ids {
+            let session = NewSession {
+                data: user_data.clone(),
+                created: 1_700_000_000,
+                ends: None,
+            };
+            let _ = ready(store.create(id, session));
+        }
+    };
+    let many: Vec<SessionId> = (0..10_000).map(|_| SessionId::generate(shape)).collect();
+    g.sample_size(10);
+    g.bench_function("one_user_create_10k", |b| {
+        b.iter_batched(
+            || MemoryStore::new(indexed.clone(), usize::MAX),
+            |fresh| fill(&fresh, &many),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("one_user_revoke_10k", |b| {
+        b.iter_batched(
+            || {
+                let fresh = MemoryStore::new(indexed.clone(), usize::MAX);
+                fill(&fresh, &many);
+                fresh
+            },
+            |fresh| ready(fresh.revoke_user("shared")),
+            BatchSize::PerIteration,
+        )
+    });
     g.finish();
 }
 

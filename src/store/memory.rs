@@ -7,7 +7,7 @@
 //! Refusing rather than evicting keeps a flood of new visitors from logging out the
 //! users already signed in.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -72,10 +72,12 @@ pub struct MemoryStore {
     users: Mutex<UserIndex>,
 }
 
-/// Sessions by user, and indexed sessions by public handle.
+/// Sessions by user, and indexed sessions by public handle. A set per user: one user
+/// may hold many sessions (a shared account, a script logging in again and again), and
+/// adding or removing one must not cost a scan of them all.
 #[derive(Default)]
 struct UserIndex {
-    ids: HashMap<Arc<str>, Vec<SessionId>>,
+    ids: HashMap<Arc<str>, HashSet<SessionId>>,
     by_handle: HashMap<String, SessionId>,
 }
 
@@ -101,7 +103,8 @@ impl MemoryStore {
         }
     }
 
-    /// Starts the background sweep; it stops when the store is dropped.
+    /// Starts the background sweep; it stops when the store is dropped. Each sweep runs
+    /// on a blocking thread: a large one must not hold up the runtime's other work.
     pub fn start_sweeper(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -110,7 +113,12 @@ impl MemoryStore {
             loop {
                 tick.tick().await;
                 let Some(store) = weak.upgrade() else { return };
-                store.sweep();
+                if tokio::task::spawn_blocking(move || store.sweep())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("the memory store's sweep failed");
+                }
             }
         });
     }
@@ -179,10 +187,7 @@ impl MemoryStore {
     fn index(&self, id: &SessionId, user: &Arc<str>) {
         let handle = id.handle();
         let mut index = lock(&self.users);
-        let ids = index.ids.entry(user.clone()).or_default();
-        if !ids.contains(id) {
-            ids.push(id.clone());
-        }
+        index.ids.entry(user.clone()).or_default().insert(id.clone());
         index.by_handle.insert(handle, id.clone());
     }
 
@@ -191,7 +196,7 @@ impl MemoryStore {
         let handle = id.handle();
         let mut index = lock(&self.users);
         if let Some(ids) = index.ids.get_mut(user) {
-            ids.retain(|other| other != id);
+            ids.remove(id);
             if ids.is_empty() {
                 index.ids.remove(user);
             }
@@ -200,7 +205,11 @@ impl MemoryStore {
     }
 
     fn ids_of(&self, user: &str) -> Vec<SessionId> {
-        lock(&self.users).ids.get(user).cloned().unwrap_or_default()
+        lock(&self.users)
+            .ids
+            .get(user)
+            .map(|ids| ids.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn insert(&self, id: &SessionId, entry: Entry, bounded: bool) -> Result<(), StoreError> {
