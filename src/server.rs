@@ -353,6 +353,11 @@ async fn serve_connection(
             RunToEnd::new(async move { Ok::<_, Infallible>(proxy.handle(req, client).await) })
         })
     };
+    let written = Arc::new(AtomicU64::new(0));
+    let stream = Progress {
+        io: stream,
+        written: written.clone(),
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
     // The timer and the shutdown signal are watched by a task of their own, which sends
@@ -381,7 +386,83 @@ async fn serve_connection(
         Some(End::Shutdown) => {}
     }
     conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    // What is in flight may finish, as long as it moves: a client that stops reading
+    // would otherwise hold the connection (and a response) for ever.
+    let mut period =
+        tokio::time::interval_at(tokio::time::Instant::now() + request_every, request_every);
+    let mut seen = written.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = period.tick() => {
+                let now = written.load(Ordering::Relaxed);
+                if now == seen {
+                    tracing::debug!(%peer, "the client read nothing for timeouts.header_read: closing");
+                    return;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// A client connection that counts the bytes written to it, so that a response the
+/// client has stopped reading can be told from one still on its way.
+struct Progress {
+    io: TcpStream,
+    written: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn count(&self, result: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = result {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Progress {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Progress {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.count(&result);
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.count(&result);
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// How a connection that is still open is ended.

@@ -480,3 +480,38 @@ async fn tunnels_and_targets_that_are_not_paths_on_this_host_get_400() {
         assert_eq!(status_of(&answer), Some(200), "{shown}: {answer}");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_connection() {
+    // A response far larger than the socket buffers, to a client that never reads it.
+    let app = App::start(Arc::new(|_req| {
+        Box::pin(async move {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let chunks =
+                futures_util::stream::iter((0..1024).map(move |_| {
+                    Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))
+                }));
+            Response::new(BodyExt::boxed(http_body_util::StreamBody::new(chunks)))
+        })
+    }))
+    .await;
+    let proxy = Proxy::with(&app, |c| {
+        c.timeouts.header_read = 0.5;
+        c.limits.max_connections = 1;
+    })
+    .await;
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The only connection slot is taken until the proxy gives up on the stalled client.
+    let next = tokio::time::timeout(
+        Duration::from_secs(10),
+        Client::new().get(&proxy.url("/small"), &[("connection", "close")]),
+    )
+    .await
+    .expect("the stalled connection was closed and its slot freed");
+    assert_eq!(next.status, 200);
+    drop(stalled);
+}

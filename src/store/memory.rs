@@ -7,8 +7,8 @@
 //! Refusing rather than evicting keeps a flood of new visitors from logging out the
 //! users already signed in.
 
-use std::collections::{HashMap, HashSet};
 use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -187,7 +187,11 @@ impl MemoryStore {
     fn index(&self, id: &SessionId, user: &Arc<str>) {
         let handle = id.handle();
         let mut index = lock(&self.users);
-        index.ids.entry(user.clone()).or_default().insert(id.clone());
+        index
+            .ids
+            .entry(user.clone())
+            .or_default()
+            .insert(id.clone());
         index.by_handle.insert(handle, id.clone());
     }
 
