@@ -129,12 +129,14 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics::new()
+        Metrics::new(true)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// `counts_sessions`: the store knows how many sessions it holds (the memory store);
+    /// else `active_sessions` is left out rather than shown as 0.
+    pub fn new(counts_sessions: bool) -> Metrics {
         let mut registry = Registry::with_prefix("session_proxy");
         let m = Metrics {
             requests: Family::default(),
@@ -186,11 +188,13 @@ impl Metrics {
             "Responses whose session headers the proxy refused (answered 502)",
             m.protocol_violations.clone(),
         );
-        registry.register(
-            "active_sessions",
-            "Sessions held by the memory store (absent for Redis)",
-            m.active_sessions.clone(),
-        );
+        if counts_sessions {
+            registry.register(
+                "active_sessions",
+                "Sessions held by the memory store (absent for Redis)",
+                m.active_sessions.clone(),
+            );
+        }
         registry.register(
             "websocket_tunnels_open",
             "WebSocket tunnels open",

@@ -46,7 +46,7 @@ pub struct Server {
 impl Server {
     /// Connects the store and binds the listeners; errors say what to check.
     pub async fn bind(config: Config) -> Result<Server, String> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(config.store.kind == StoreType::Memory));
         let shutdown = Arc::new(Shutdown::new());
         let leftovers = Arc::new(Leftovers {
             tasks: TaskTracker::new(),

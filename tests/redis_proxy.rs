@@ -53,6 +53,13 @@ async fn session_is_stored_under_prefix_and_id_as_readable_json_with_its_ttl() {
     assert_eq!(data, r#"{"user":"ann","cart":[]}"#);
     let ttl: i64 = server.cli(&["TTL", &key]);
     assert!((295..=300).contains(&ttl), "TTL {ttl}");
+    // Redis does not count the sessions: no gauge rather than one stuck at 0.
+    let metrics = support::get_text(&format!("http://{}/metrics", proxy.admin.unwrap())).await;
+    assert!(
+        metrics.contains("session_proxy_requests_total"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("active_sessions"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,9 +84,10 @@ pub struct Histogram {
 const BUCKETS: usize = 20;
 const FIRST_BOUND_NANOS: u64 = 50_000;
 
+/// No count of its own: the count is the sum of the buckets, so that a scrape while
+/// observations land never shows a `+Inf` bucket that differs from `_count`.
 #[derive(Default)]
 struct HistogramShard {
-    count: AtomicU64,
     sum_nanos: AtomicU64,
     /// Observations per bucket (not cumulative); the last one is +Inf.
     buckets: [AtomicU64; BUCKETS + 1],
@@ -104,7 +105,6 @@ impl Histogram {
     pub fn observe(&self, took: Duration) {
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         let shard = &self.shards[shard()].0;
-        shard.count.fetch_add(1, Ordering::Relaxed);
         shard.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
         shard.buckets[bucket(nanos)].fetch_add(1, Ordering::Relaxed);
     }
@@ -130,7 +130,8 @@ impl std::fmt::Debug for Histogram {
         let count: u64 = self
             .shards
             .iter()
-            .map(|s| s.0.count.load(Ordering::Relaxed))
+            .flat_map(|s| &s.0.buckets)
+            .map(|n| n.load(Ordering::Relaxed))
             .sum();
         f.debug_struct("Histogram").field("count", &count).finish()
     }
@@ -142,19 +143,18 @@ impl TypedMetric for Histogram {
 
 impl EncodeMetric for Histogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let mut count = 0;
         let mut sum_nanos: u64 = 0;
         let mut buckets: Vec<(f64, u64)> = (0..BUCKETS)
             .map(|b| (Histogram::upper_bound(b), 0))
             .chain(std::iter::once((f64::INFINITY, 0)))
             .collect();
         for shard in self.shards.iter() {
-            count += shard.0.count.load(Ordering::Relaxed);
             sum_nanos = sum_nanos.saturating_add(shard.0.sum_nanos.load(Ordering::Relaxed));
             for (total, n) in buckets.iter_mut().zip(&shard.0.buckets) {
                 total.1 += n.load(Ordering::Relaxed);
             }
         }
+        let count = buckets.iter().map(|(_, n)| n).sum();
         encoder.encode_histogram::<NoLabelSet>(sum_nanos as f64 / 1e9, count, &buckets, None)
     }
 
@@ -182,6 +182,38 @@ mod tests {
             assert_eq!(bucket(bound), b);
             assert_eq!(Histogram::upper_bound(b), bound as f64 / 1e9);
         }
+    }
+
+    #[test]
+    fn a_scrape_while_observations_land_shows_a_count_equal_to_the_inf_bucket() {
+        use prometheus_client::registry::Registry;
+        use std::sync::atomic::AtomicBool;
+        let histogram = Histogram::default();
+        let mut registry = Registry::default();
+        registry.register("took", "Time taken", histogram.clone());
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    histogram.observe(Duration::from_micros(70));
+                }
+            });
+            let mut differing = Vec::new();
+            for _ in 0..2000 {
+                let mut out = String::new();
+                prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+                let value = |prefix: &str| {
+                    let line = out.lines().find(|l| l.starts_with(prefix)).unwrap();
+                    line.rsplit(' ').next().unwrap().to_string()
+                };
+                let (count, inf) = (value("took_count"), value("took_bucket{le=\"+Inf\"}"));
+                if count != inf {
+                    differing.push((count, inf));
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert_eq!(differing, [], "_count and +Inf differed");
+        });
     }
 
     #[test]
