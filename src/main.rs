@@ -108,15 +108,32 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Some(Command::Demo) => run_demo(&cli.flags).await,
-            Some(Command::Sessions { action }) => sessions(load(&cli.flags)?, action).await,
+            Some(Command::Sessions { action }) => sessions(load(&cli.flags)?, action)
+                .await
+                .map_err(Failure::Unsaid),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(Failure::Logged) => ExitCode::FAILURE,
+        Err(Failure::Unsaid(message)) => {
             eprintln!("session-proxy: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Why a command failed.
+enum Failure {
+    /// Not told yet: printed to stderr as is.
+    Unsaid(String),
+    /// Already in the log, in the log's format.
+    Logged,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::Unsaid(message)
     }
 }
 
@@ -124,9 +141,13 @@ fn load(flags: &Flags) -> Result<Config, String> {
     Config::load(&flags.overrides()).map_err(|e| e.to_string())
 }
 
-async fn run(config: Config) -> Result<(), String> {
+async fn run(config: Config) -> Result<(), Failure> {
     logging::init(&config.log);
-    let server = Server::bind(config).await?;
+    // From here on the log is set up: a failure goes there, as JSON when so configured.
+    let server = Server::bind(config).await.map_err(|e| {
+        tracing::error!("{e}");
+        Failure::Logged
+    })?;
     let shutdown = server.shutdown_handle();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -155,7 +176,7 @@ async fn wait_for_signal() {
     }
 }
 
-async fn run_demo(flags: &Flags) -> Result<(), String> {
+async fn run_demo(flags: &Flags) -> Result<(), Failure> {
     let app = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| format!("cannot start the demo application: {e}"))?;

@@ -70,6 +70,28 @@ fn check_prints_the_effective_config_and_exits_0() {
 }
 
 #[test]
+fn a_start_up_failure_is_logged_in_the_log_format() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let path = write_config(&format!(
+        "listen: {listen}\nadmin_listen: null\nlog: {{format: json}}\n"
+    ));
+    let out = run(&["--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    let line: serde_json::Value = serde_json::from_str(last).expect("a JSON log line");
+    assert_eq!(line["level"], "ERROR", "{last}");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`listen`"),
+        "{last}"
+    );
+}
+
+#[test]
 fn check_rejects_bad_configs_with_exit_1_and_names_the_key() {
     let cases = [
         ("session:\n  max_age: 0\n", "session.max_age"),
