@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -353,10 +353,10 @@ async fn serve_connection(
             RunToEnd::new(async move { Ok::<_, Infallible>(proxy.handle(req, client).await) })
         })
     };
-    let written = Arc::new(AtomicU64::new(0));
+    let writes = Arc::new(Writes::default());
     let stream = Progress {
         io: stream,
-        written: written.clone(),
+        writes: writes.clone(),
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -387,16 +387,17 @@ async fn serve_connection(
     }
     conn.as_mut().graceful_shutdown();
     // What is in flight may finish, as long as it moves: a client that stops reading
-    // would otherwise hold the connection (and a response) for ever.
+    // would otherwise hold the connection (and a response) for ever. Waiting for the
+    // application (a long poll) is not that: then the proxy has nothing to write.
     let mut period =
         tokio::time::interval_at(tokio::time::Instant::now() + request_every, request_every);
-    let mut seen = written.load(Ordering::Relaxed);
+    let mut seen = writes.written.load(Ordering::Relaxed);
     loop {
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = period.tick() => {
-                let now = written.load(Ordering::Relaxed);
-                if now == seen {
+                let now = writes.written.load(Ordering::Relaxed);
+                if now == seen && writes.blocked.load(Ordering::Relaxed) {
                     tracing::debug!(%peer, "the client read nothing for timeouts.header_read: closing");
                     return;
                 }
@@ -406,17 +407,31 @@ async fn serve_connection(
     }
 }
 
-/// A client connection that counts the bytes written to it, so that a response the
-/// client has stopped reading can be told from one still on its way.
+/// What became of the writes to a client connection.
+#[derive(Default)]
+struct Writes {
+    /// Bytes written so far.
+    written: AtomicU64,
+    /// The last write found the socket full: the client is not reading (yet).
+    blocked: AtomicBool,
+}
+
+/// A client connection that keeps [`Writes`], so that a response the client has stopped
+/// reading can be told from one still on its way, or one not ready to be written.
 struct Progress {
     io: TcpStream,
-    written: Arc<AtomicU64>,
+    writes: Arc<Writes>,
 }
 
 impl Progress {
     fn count(&self, result: &Poll<std::io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = result {
-            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        match result {
+            Poll::Ready(Ok(n)) => {
+                self.writes.written.fetch_add(*n as u64, Ordering::Relaxed);
+                self.writes.blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Pending => self.writes.blocked.store(true, Ordering::Relaxed),
+            Poll::Ready(Err(_)) => {}
         }
     }
 }

@@ -515,3 +515,15 @@ async fn a_client_that_stops_reading_loses_its_connection() {
     assert_eq!(next.status, 200);
     drop(stalled);
 }
+
+#[tokio::test]
+async fn a_long_poll_outlives_the_idle_rule() {
+    // The application holds its answer for several header_read periods: the proxy has
+    // nothing to write meanwhile, which is not a client that stopped reading.
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.timeouts.header_read = 0.4).await;
+    let r = Client::new()
+        .get(&proxy.url("/poll?delay_ms=1500"), &[])
+        .await;
+    assert_eq!(r.status, 200);
+}
