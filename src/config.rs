@@ -186,6 +186,9 @@ pub struct Timeouts {
     pub upstream_connect: f64,
     pub upstream_response: f64,
     pub header_read: f64,
+    /// How long a client may leave a response unread (its socket full) before its
+    /// connection is closed.
+    pub client_send: f64,
 }
 
 impl Default for Timeouts {
@@ -194,6 +197,7 @@ impl Default for Timeouts {
             upstream_connect: 5.0,
             upstream_response: 60.0,
             header_read: 10.0,
+            client_send: 60.0,
         }
     }
 }
@@ -469,6 +473,11 @@ impl Config {
             (
                 "timeouts.header_read",
                 self.timeouts.header_read,
+                f64::MIN_POSITIVE,
+            ),
+            (
+                "timeouts.client_send",
+                self.timeouts.client_send,
                 f64::MIN_POSITIVE,
             ),
             (

@@ -135,7 +135,10 @@ impl Server {
         let slots = Arc::new(Semaphore::new(config.limits.max_connections));
         let closing = shutdown.closing();
         let drain_delay = secs(config.shutdown.drain_delay);
-        let header_read = secs(config.timeouts.header_read);
+        let periods = Periods {
+            request_every: secs(config.timeouts.header_read),
+            client_send: secs(config.timeouts.client_send),
+        };
         let draining = {
             let shutdown = shutdown.clone();
             async move {
@@ -186,7 +189,7 @@ impl Server {
                 metrics.connections().inc();
                 match TcpStream::from_std(stream) {
                     Ok(stream) => {
-                        serve_connection(stream, peer, proxy, &builder, closing, header_read).await;
+                        serve_connection(stream, peer, proxy, &builder, closing, periods).await;
                     }
                     Err(e) => tracing::warn!(%peer, "cannot serve the connection: {e}"),
                 }
@@ -338,8 +341,12 @@ async fn serve_connection(
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
     closing: CancellationToken,
-    request_every: Duration,
+    periods: Periods,
 ) {
+    let Periods {
+        request_every,
+        client_send,
+    } = periods;
     let _ = stream.set_nodelay(true);
     let requests = Arc::new(AtomicU64::new(0));
     // Formatted once per connection, not per request.
@@ -390,7 +397,7 @@ async fn serve_connection(
     // would otherwise hold the connection (and a response) for ever. Waiting for the
     // application (a long poll) is not that: then the proxy has nothing to write.
     let mut period =
-        tokio::time::interval_at(tokio::time::Instant::now() + request_every, request_every);
+        tokio::time::interval_at(tokio::time::Instant::now() + client_send, client_send);
     let mut seen = writes.written.load(Ordering::Relaxed);
     loop {
         tokio::select! {
@@ -398,7 +405,7 @@ async fn serve_connection(
             _ = period.tick() => {
                 let now = writes.written.load(Ordering::Relaxed);
                 if now == seen && writes.blocked.load(Ordering::Relaxed) {
-                    tracing::debug!(%peer, "the client read nothing for timeouts.header_read: closing");
+                    tracing::debug!(%peer, "the client read nothing for timeouts.client_send: closing");
                     return;
                 }
                 seen = now;
@@ -478,6 +485,15 @@ impl tokio::io::AsyncWrite for Progress {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
+}
+
+/// The timeouts a client connection is watched with.
+#[derive(Clone, Copy)]
+struct Periods {
+    /// `timeouts.header_read`: a connection must bring a request at least this often.
+    request_every: Duration,
+    /// `timeouts.client_send`: a response left unread this long ends its connection.
+    client_send: Duration,
 }
 
 /// How a connection that is still open is ended.

@@ -481,10 +481,9 @@ async fn tunnels_and_targets_that_are_not_paths_on_this_host_get_400() {
     }
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_loses_its_connection() {
-    // A response far larger than the socket buffers, to a client that never reads it.
-    let app = App::start(Arc::new(|_req| {
+/// An application answering 64 MB, far more than the socket buffers hold.
+async fn big_download_app() -> App {
+    App::start(Arc::new(|_req| {
         Box::pin(async move {
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
             let chunks =
@@ -494,9 +493,15 @@ async fn a_client_that_stops_reading_loses_its_connection() {
             Response::new(BodyExt::boxed(http_body_util::StreamBody::new(chunks)))
         })
     }))
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_connection() {
+    let app = big_download_app().await;
     let proxy = Proxy::with(&app, |c| {
         c.timeouts.header_read = 0.5;
+        c.timeouts.client_send = 0.5;
         c.limits.max_connections = 1;
     })
     .await;
@@ -526,4 +531,29 @@ async fn a_long_poll_outlives_the_idle_rule() {
         .get(&proxy.url("/poll?delay_ms=1500"), &[])
         .await;
     assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn a_download_paused_for_less_than_client_send_resumes() {
+    let app = big_download_app().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.timeouts.header_read = 0.3;
+        c.timeouts.client_send = 3.0;
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut received = s.read(&mut buf).await.unwrap();
+    // Well past the idle rule's periods, with the socket full.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received += n,
+        }
+    }
+    assert!(received > 64 << 20, "only {received} bytes arrived");
 }
