@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HOST, SET_COOKIE};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -173,8 +174,8 @@ impl Proxy {
             self.cookie.strip(req.headers_mut());
             let mut response = self.forward(req, client).await.map_err(|p| (p, None))?;
             self.headers.strip(response.headers_mut());
-            self.tunnel(client_upgrade, &mut response)
-                .map_err(|p| (p, None))?;
+            check_switch(&response, client_upgrade.is_some()).map_err(|p| (p, None))?;
+            self.tunnel(client_upgrade, &mut response);
             return Ok(Served {
                 response: response.map(Either::Left),
                 outcome: Outcome::Excluded,
@@ -189,9 +190,8 @@ impl Proxy {
         self.hand_session_to_app(&current, req.headers_mut());
 
         let mut response = self.forward(req, client).await.map_err(fail)?;
-        // Before the answer is applied: an unasked 101 changes nothing. (A tunnel whose
-        // 101 is replaced by an error below ends when its upgrades fail.)
-        self.tunnel(client_upgrade, &mut response).map_err(fail)?;
+        // Before the answer is applied: an unasked 101 changes nothing.
+        check_switch(&response, client_upgrade.is_some()).map_err(fail)?;
         let answer = self
             .headers
             .take_answer(response.headers_mut(), self.max_bytes)
@@ -206,6 +206,7 @@ impl Proxy {
             _ => presented_id,
         };
         self.set_cookie(response.headers_mut(), action);
+        self.tunnel(client_upgrade, &mut response);
         Ok(Served {
             response: response.map(Either::Left),
             outcome,
@@ -387,20 +388,16 @@ impl Proxy {
     }
 
     /// After a 101 answer to a WebSocket upgrade, joins the client's and the
-    /// application's connections. A 101 the client did not ask for is a 502.
+    /// application's connections.
     fn tunnel(
         &self,
         client: Option<hyper::upgrade::OnUpgrade>,
         response: &mut Response<UpstreamBody>,
-    ) -> Result<(), Problem> {
+    ) {
+        let Some(client) = client else { return };
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return Ok(());
+            return;
         }
-        let Some(client) = client else {
-            return Err(Problem::bad_gateway(
-                "the application switched protocols, but the request did not ask to",
-            ));
-        };
         let upstream = hyper::upgrade::on(&mut *response);
         let metrics = self.metrics.clone();
         let stop = self.shutdown.tunnels_cancelled();
@@ -416,23 +413,31 @@ impl Proxy {
             }
             metrics.tunnels().dec();
         });
-        Ok(())
     }
 }
 
-/// A request a reverse proxy can pass on: a path to a resource on this host, not a tunnel
-/// (`CONNECT`), not another host's name alone or `*`; and, from an HTTP/1.1 client,
-/// exactly one `Host` (RFC 9112 §3.2), at most one from others.
+/// A 101 the client did not ask for is a 502: through the tunnel, bytes the proxy never
+/// reads would reach the application.
+fn check_switch(response: &Response<UpstreamBody>, asked: bool) -> Result<(), Problem> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS && !asked {
+        return Err(Problem::bad_gateway(
+            "the application switched protocols, but the request did not ask to",
+        ));
+    }
+    Ok(())
+}
+
+/// A request a reverse proxy can pass on: a path to a resource on this host (or
+/// `OPTIONS *`), not a tunnel (`CONNECT`) or another host's name alone; and, from an
+/// HTTP/1.1 client, exactly one `Host` (RFC 9112 §3.2), at most one from others.
 fn check_target<B>(req: &Request<B>) -> Result<(), &'static str> {
     if req.method() == Method::CONNECT {
         return Err("CONNECT is not supported: this is a reverse proxy");
     }
-    if !req
-        .uri()
-        .path_and_query()
-        .is_some_and(|pq| pq.as_str().starts_with('/'))
-    {
-        return Err("the request target must be a path (/…) or an absolute URL");
+    let target = req.uri().path_and_query().map(PathAndQuery::as_str);
+    let server_wide = req.method() == Method::OPTIONS && target == Some("*");
+    if !(server_wide || target.is_some_and(|t| t.starts_with('/'))) {
+        return Err("the request target must be a path (/…), an absolute URL, or OPTIONS *");
     }
     let mut hosts = req.headers().get_all(HOST).iter();
     let one = hosts.next().is_some();

@@ -68,6 +68,10 @@ impl UpstreamUrl {
     /// The request target (origin form) for a request to `path_and_query`.
     fn target(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let pq = path_and_query.map_or("/", PathAndQuery::as_str);
+        // `OPTIONS *` asks about the server, whatever the prefix.
+        if pq == "*" {
+            return Ok(Uri::from_static("*"));
+        }
         if self.prefix.is_empty() {
             return match path_and_query {
                 Some(pq) => Ok(Uri::from(pq.clone())),
