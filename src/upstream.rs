@@ -103,9 +103,10 @@ pub enum UpstreamError {
 /// again.
 type ToUpstream = Either<Incoming, Empty<Bytes>>;
 
-/// What it takes to send a bodiless request again: its head.
+/// What it takes to send a bodiless request again: its head, and when it was sent.
 struct Replay {
     head: Option<http::request::Parts>,
+    sent: Instant,
 }
 
 impl Replay {
@@ -125,14 +126,18 @@ impl Replay {
             *head.headers_mut() = req.headers().clone();
             Replay {
                 head: Some(head.into_parts().0),
+                sent: Instant::now(),
             }
         })
     }
 
-    /// The request once more, if `failure` says the connection closed before any answer
-    /// and it has not been sent again yet.
+    /// The request once more, if `failure` says the connection closed before any answer,
+    /// at once (the application closing an idle connection as the request arrived, not
+    /// one that worked on it and then failed), and it has not been sent again yet.
     fn again(&mut self, failure: &hyper::Error) -> Option<Request<ToUpstream>> {
-        if !(failure.is_incomplete_message() || connection_reset(failure)) {
+        if !(failure.is_incomplete_message() || connection_reset(failure))
+            || self.sent.elapsed() > REPLAY_WITHIN
+        {
             return None;
         }
         let head = self.head.take()?;
@@ -244,8 +249,9 @@ impl Upstream {
     /// it. So a request that meets a pooled connection the application has just closed,
     /// and was not sent, goes to the next one; and a request that can be repeated (a
     /// method that means the same when sent twice, no body) sent on a connection that sat
-    /// idle for a while goes once more on a new connection if the old one closed before
-    /// any answer.
+    /// idle for a while goes once more on a new connection if the old one closed right
+    /// after it was sent, before any answer. (One that closes later was closed by an
+    /// application that had worked on the request: that is its answer.)
     async fn send(
         &self,
         req: Request<Incoming>,
@@ -331,6 +337,8 @@ const IDLE_MAX: Duration = Duration::from_secs(45);
 /// A request sent on a connection idle this long may meet the application closing it,
 /// and is kept so that it can be sent again (see [`Upstream::send`]).
 const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
+/// ... and is sent again only if the connection failed this soon after it was sent.
+const REPLAY_WITHIN: Duration = Duration::from_millis(100);
 
 impl Pool {
     fn new(workers: usize, hidden: Vec<HeaderName>) -> Pool {

@@ -648,3 +648,44 @@ async fn a_malformed_request_body_is_the_clients_400_not_a_502() {
         assert!(text.starts_with("HTTP/1.1 400"), "{body:?}: {text}");
     }
 }
+
+#[tokio::test]
+async fn a_request_the_application_worked_on_before_closing_is_not_sent_again() {
+    // An application that answers the first request on each connection; a later one it
+    // works on for 300 ms, then closes without an answer (a worker killed by a timeout).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let mut first = true;
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    if !first {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        return;
+                    }
+                    first = false;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
+    let client = Client::new();
+    assert_eq!(client.get(&proxy.url("/"), &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = client.get(&proxy.url("/report"), &[]).await;
+    problem(&r, 502).await;
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        2,
+        "the slow request arrived once"
+    );
+}
