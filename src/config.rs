@@ -518,15 +518,16 @@ impl Config {
                 "must not be empty; use null to turn it off",
             ));
         }
-        // It travels in an HTTP header, where other bytes cannot be compared as written.
+        // It travels in an HTTP header, where other bytes cannot be compared as written
+        // and whitespace around a value is dropped.
         if self
             .admin_token
             .as_deref()
-            .is_some_and(|t| !t.bytes().all(|b| b.is_ascii_graphic()))
+            .is_some_and(|t| t.trim() != t || !t.bytes().all(|b| b == b' ' || b.is_ascii_graphic()))
         {
             return Err(invalid(
                 "admin_token",
-                "must be printable ASCII without spaces",
+                "must be printable ASCII, with no space at either end",
             ));
         }
         Ok(())
@@ -683,8 +684,9 @@ fn set_store_spec(tree: &mut Value, spec: &str, source: &str) -> Result<(), Conf
 }
 
 /// Turns an environment or flag value into the type the key's default has: numbers and
-/// booleans parsed, lists split on commas. Only `null` turns a key off: an empty value
-/// is checked like one in the file (an empty secret is an error, not "no secret").
+/// booleans parsed, lists split on commas; `null`, or an empty value, for a key that is
+/// off by default turns it off. Except a secret: an empty one is checked like one in the
+/// file (an error), since a template that left it empty must not turn the protection off.
 fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
     let default = path.iter().try_fold(defaults, |v, k| v.get(k));
     let scalar = |raw: &str| -> Value {
@@ -701,6 +703,7 @@ fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
         return Value::Null;
     }
     match default {
+        Some(Value::Null) if raw.trim().is_empty() && !SECRETS.contains(&path) => Value::Null,
         Some(Value::String(_)) => Value::String(raw.to_string()),
         Some(Value::Array(_)) => Value::Array(
             raw.split(',')
@@ -717,6 +720,9 @@ fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
         _ => scalar(raw),
     }
 }
+
+/// Keys whose value is a secret.
+const SECRETS: [&[&str]; 2] = [&["admin_token"], &["session", "secret"]];
 
 /// Whether the key at `path`, null by default, holds text: the defaults still
 /// deserialise with a string there.
@@ -858,7 +864,7 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_environment_value_does_not_turn_a_key_off() {
+    fn an_empty_environment_value_turns_a_key_off_but_never_a_secret() {
         let yaml = "admin_token: s3cretTokenValue\nsession:\n  secret: abcdefghijklmnopqrstu\n";
         for (name, key) in [
             ("SESSION_PROXY_ADMIN_TOKEN", "admin_token"),
@@ -869,11 +875,42 @@ mod tests {
         }
         let c = load(Some(yaml), &[("SESSION_PROXY_ADMIN_TOKEN", "null")]).unwrap();
         assert_eq!(c.admin_token, None, "`null` turns it off");
+        // Other keys that are off by default: empty is off, as before.
+        let yaml = "session:\n  domain: example.com\n  user_key: uid\n  absolute_timeout: 60\nlog:\n  level: debug\n";
+        let env = [
+            ("SESSION_PROXY_SESSION__DOMAIN", ""),
+            ("SESSION_PROXY_SESSION__USER_KEY", ""),
+            ("SESSION_PROXY_SESSION__ABSOLUTE_TIMEOUT", ""),
+            ("SESSION_PROXY_LOG__LEVEL", ""),
+        ];
+        let c = load(Some(yaml), &env).unwrap();
+        assert_eq!(c.session.domain, None);
+        assert_eq!(c.session.user_key, None);
+        assert_eq!(c.session.absolute_timeout, None);
+        assert_eq!(c.log.level, None);
+    }
+
+    #[test]
+    fn an_admin_token_with_inner_spaces_is_accepted() {
+        let c = load(
+            None,
+            &[("SESSION_PROXY_ADMIN_TOKEN", "correct horse battery staple")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin_token.as_deref(),
+            Some("correct horse battery staple")
+        );
     }
 
     #[test]
     fn an_admin_token_that_cannot_travel_in_a_header_is_refused() {
-        for token in ["tökén-1234567890", "token-with-space ", "a b"] {
+        for token in [
+            "tökén-1234567890",
+            "token-with-space ",
+            " lead",
+            "tab\there",
+        ] {
             let e = load(None, &[("SESSION_PROXY_ADMIN_TOKEN", token)]).unwrap_err();
             assert!(e.0.contains("admin_token"), "{token:?}: {e}");
         }

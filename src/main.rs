@@ -143,10 +143,15 @@ fn load(flags: &Flags) -> Result<Config, String> {
 
 async fn run(config: Config) -> Result<(), Failure> {
     logging::init(&config.log);
-    // From here on the log is set up: a failure goes there, as JSON when so configured.
+    // From here on the log is set up: a failure goes there, as JSON when so configured,
+    // unless the log's filter would drop it.
     let server = Server::bind(config).await.map_err(|e| {
-        tracing::error!("{e}");
-        Failure::Logged
+        if tracing::enabled!(tracing::Level::ERROR) {
+            tracing::error!("{e}");
+            Failure::Logged
+        } else {
+            Failure::Unsaid(e)
+        }
     })?;
     let shutdown = server.shutdown_handle();
     tokio::spawn(async move {

@@ -89,6 +89,14 @@ fn a_start_up_failure_is_logged_in_the_log_format() {
             .contains("`listen`"),
         "{last}"
     );
+    // A log that drops errors does not swallow it.
+    let out = run(
+        &["--config", path.to_str().unwrap()],
+        &[("SESSION_PROXY_LOG__LEVEL", "off")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`listen`"), "{stderr}");
 }
 
 #[test]
