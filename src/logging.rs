@@ -9,8 +9,10 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber. `RUST_LOG` wins over `log.level`; the default shows
 /// one access-log line per request (`info`).
 pub fn init(config: &LogConfig) {
+    // An empty RUST_LOG (a template that left it blank) means "not set".
     let filter = std::env::var("RUST_LOG")
         .ok()
+        .filter(|f| !f.trim().is_empty())
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| {
             config

@@ -352,15 +352,19 @@ async fn serve_connection(
     // Formatted once per connection, not per request.
     let client =
         HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+    let writes = Arc::new(Writes::default());
     let service = {
         let requests = requests.clone();
-        service_fn(move |req| {
+        let writes = writes.clone();
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
             requests.fetch_add(1, Ordering::Relaxed);
+            if req.version() == http::Version::HTTP_2 {
+                writes.http2.store(true, Ordering::Relaxed);
+            }
             let (proxy, client) = (proxy.clone(), client.clone());
             RunToEnd::new(async move { Ok::<_, Infallible>(proxy.handle(req, client).await) })
         })
     };
-    let writes = Arc::new(Writes::default());
     let stream = Progress {
         io: stream,
         writes: writes.clone(),
@@ -404,7 +408,7 @@ async fn serve_connection(
             _ = conn.as_mut() => return,
             _ = period.tick() => {
                 let now = writes.written.load(Ordering::Relaxed);
-                if now == seen && writes.blocked.load(Ordering::Relaxed) {
+                if now == seen && writes.stalled() {
                     tracing::debug!(%peer, "the client read nothing for timeouts.client_send: closing");
                     return;
                 }
@@ -421,6 +425,19 @@ struct Writes {
     written: AtomicU64,
     /// The last write found the socket full: the client is not reading (yet).
     blocked: AtomicBool,
+    /// The connection speaks HTTP/2.
+    http2: AtomicBool,
+}
+
+impl Writes {
+    /// Whether a connection that wrote nothing for a while did so because of its client.
+    /// Over HTTP/1 only a full socket says so: the proxy may just be waiting for the
+    /// application. Over HTTP/2 a client that gives no flow-control window keeps the
+    /// socket empty, so nothing written at all counts (a long poll over an HTTP/2
+    /// connection that is closing then gets `timeouts.client_send`).
+    fn stalled(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed) || self.http2.load(Ordering::Relaxed)
+    }
 }
 
 /// A client connection that keeps [`Writes`], so that a response the client has stopped

@@ -557,3 +557,32 @@ async fn a_download_paused_for_less_than_client_send_resumes() {
     }
     assert!(received > 64 << 20, "only {received} bytes arrived");
 }
+
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_loses_its_connection() {
+    // Over HTTP/2 a client that reads nothing gives no flow-control window: the proxy
+    // then writes nothing at all rather than fill the socket.
+    let app = big_download_app().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.timeouts.header_read = 0.5;
+        c.timeouts.client_send = 0.5;
+        c.limits.max_connections = 1;
+    })
+    .await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let request = http::Request::get(proxy.url("/big"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let unread = h2.request(request).await.unwrap();
+    assert_eq!(unread.status(), 200);
+    let next = tokio::time::timeout(
+        Duration::from_secs(10),
+        Client::new().get(&proxy.url("/small"), &[("connection", "close")]),
+    )
+    .await
+    .expect("the stalled HTTP/2 connection was closed and its slot freed");
+    assert_eq!(next.status, 200);
+    drop(unread);
+}
