@@ -402,6 +402,8 @@ async fn serve_connection(
     // application (a long poll) is not that: then the proxy has nothing to write.
     let mut period =
         tokio::time::interval_at(tokio::time::Instant::now() + client_send, client_send);
+    // A worker busy past a tick must not make up for it with two checks in a row.
+    period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = writes.written.load(Ordering::Relaxed);
     loop {
         tokio::select! {
