@@ -9,18 +9,7 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber. `RUST_LOG` wins over `log.level`; the default shows
 /// one access-log line per request (`info`).
 pub fn init(config: &LogConfig) {
-    // An empty RUST_LOG (a template that left it blank) means "not set".
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|f| !f.trim().is_empty())
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| {
-            config
-                .level
-                .as_deref()
-                .and_then(|f| EnvFilter::try_new(f).ok())
-        })
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    let filter = filter(std::env::var("RUST_LOG").ok(), config.level.as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -30,4 +19,31 @@ pub fn init(config: &LogConfig) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// `RUST_LOG`, else `log.level`, else `info`. An empty `RUST_LOG` (a template that left
+/// it blank) counts as unset.
+fn filter(rust_log: Option<String>, level: Option<&str>) -> EnvFilter {
+    rust_log
+        .filter(|f| !f.trim().is_empty())
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| level.and_then(|f| EnvFilter::try_new(f).ok()))
+        .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::filter::LevelFilter;
+
+    #[test]
+    fn rust_log_wins_and_an_empty_one_counts_as_unset() {
+        let hint = |rust_log: Option<&str>, level| {
+            filter(rust_log.map(str::to_owned), level).max_level_hint()
+        };
+        assert_eq!(hint(Some("debug"), Some("warn")), Some(LevelFilter::DEBUG));
+        assert_eq!(hint(Some(""), Some("warn")), Some(LevelFilter::WARN));
+        assert_eq!(hint(Some(" "), None), Some(LevelFilter::INFO));
+        assert_eq!(hint(None, None), Some(LevelFilter::INFO));
+    }
 }
