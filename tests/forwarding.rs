@@ -336,15 +336,7 @@ async fn unreachable_upstream_is_a_502_problem() {
 
 #[tokio::test]
 async fn upstream_answering_garbage_is_a_502_problem() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await;
-            let _ = s.write_all(b"NOT HTTP AT ALL\r\n\r\n").await;
-        }
-    });
+    let addr = raw_upstream("NOT HTTP AT ALL\r\n\r\n").await;
     let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
     let r = Client::new().get(&proxy.url("/"), &[]).await;
     problem(&r, 502).await;
@@ -353,20 +345,13 @@ async fn upstream_answering_garbage_is_a_502_problem() {
 #[tokio::test]
 async fn connections_the_upstream_closed_while_idle_are_not_used_again() {
     // An application that closes every keep-alive connection right after its answer.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await;
-        }
-    });
+    let (addr, accepted) = tcp_upstream(|mut s, accepted| async move {
+        accepted.fetch_add(1, Ordering::SeqCst);
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s.write_all(OK).await;
+    })
+    .await;
     let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
     let client = Client::new();
     for round in 1..=3 {
@@ -446,21 +431,38 @@ async fn protocol_headers_in_the_application_trailers_never_reach_the_client() {
 /// An application that answers every request it reads with `answer`, on connections it
 /// keeps open.
 async fn raw_upstream(answer: &'static str) -> std::net::SocketAddr {
+    let (addr, _) = tcp_upstream(move |mut s, _| async move {
+        let mut buf = [0u8; 8192];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    addr
+}
+
+/// A complete answer from a hand-written application.
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+/// An application written by hand over TCP: `serve` runs for each connection it accepts,
+/// with a counter shared with the test, which gets the address and the counter.
+async fn tcp_upstream<F, Fut>(serve: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream, Arc<AtomicUsize>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let counter = Arc::new(AtomicUsize::new(0));
+    let shared = counter.clone();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 8192];
-                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
-                    if s.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s, shared.clone()));
         }
     });
-    addr
+    (addr, counter)
 }
 
 #[tokio::test]
@@ -585,24 +587,15 @@ async fn a_repeatable_request_lost_to_an_idle_close_is_sent_again() {
     // An application that answers the first request on each connection, then closes
     // the connection as the next one arrives, as one whose keep-alive timeout runs out
     // just then.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 8192];
-                if matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                }
-                let _ = s.read(&mut buf).await;
-            });
+    let (addr, accepted) = tcp_upstream(|mut s, accepted| async move {
+        accepted.fetch_add(1, Ordering::SeqCst);
+        let mut buf = [0u8; 8192];
+        if matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+            let _ = s.write_all(OK).await;
         }
-    });
+        let _ = s.read(&mut buf).await;
+    })
+    .await;
     let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
     let client = Client::new();
     let r = client.get(&proxy.url("/"), &[]).await;
@@ -653,30 +646,20 @@ async fn a_malformed_request_body_is_the_clients_400_not_a_502() {
 async fn a_request_the_application_worked_on_before_closing_is_not_sent_again() {
     // An application that answers the first request on each connection; a later one it
     // works on for 300 ms, then closes without an answer (a worker killed by a timeout).
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let received = Arc::new(AtomicUsize::new(0));
-    let counter = received.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 8192];
-                let mut first = true;
-                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    if !first {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        return;
-                    }
-                    first = false;
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                }
-            });
+    let (addr, received) = tcp_upstream(|mut s, received| async move {
+        let mut buf = [0u8; 8192];
+        let mut first = true;
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+            received.fetch_add(1, Ordering::SeqCst);
+            if !first {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return;
+            }
+            first = false;
+            let _ = s.write_all(OK).await;
         }
-    });
+    })
+    .await;
     let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
     let client = Client::new();
     assert_eq!(client.get(&proxy.url("/"), &[]).await.status, 200);

@@ -496,21 +496,18 @@ async fn big_download_app() -> App {
     .await
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_loses_its_connection() {
-    let app = big_download_app().await;
-    let proxy = Proxy::with(&app, |c| {
+/// A proxy with one connection slot that gives up on a stalled client after 1 s.
+async fn one_slot_proxy(app: &App) -> Proxy {
+    Proxy::with(app, |c| {
         c.timeouts.header_read = 0.5;
         c.timeouts.client_send = 0.5;
         c.limits.max_connections = 1;
     })
-    .await;
-    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
-    stalled
-        .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .unwrap();
-    // The only connection slot is taken until the proxy gives up on the stalled client.
+    .await
+}
+
+/// The next client gets the only slot: the stalled connection was closed.
+async fn the_slot_is_freed(proxy: &Proxy) {
     let next = tokio::time::timeout(
         Duration::from_secs(10),
         Client::new().get(&proxy.url("/small"), &[("connection", "close")]),
@@ -518,6 +515,19 @@ async fn a_client_that_stops_reading_loses_its_connection() {
     .await
     .expect("the stalled connection was closed and its slot freed");
     assert_eq!(next.status, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_connection() {
+    let app = big_download_app().await;
+    let proxy = one_slot_proxy(&app).await;
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The only connection slot is taken until the proxy gives up on the stalled client.
+    the_slot_is_freed(&proxy).await;
     drop(stalled);
 }
 
@@ -563,12 +573,7 @@ async fn an_http2_client_that_stops_reading_loses_its_connection() {
     // Over HTTP/2 a client that reads nothing gives no flow-control window: the proxy
     // then writes nothing at all rather than fill the socket.
     let app = big_download_app().await;
-    let proxy = Proxy::with(&app, |c| {
-        c.timeouts.header_read = 0.5;
-        c.timeouts.client_send = 0.5;
-        c.limits.max_connections = 1;
-    })
-    .await;
+    let proxy = one_slot_proxy(&app).await;
     let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<http_body_util::Empty<Bytes>>();
@@ -577,12 +582,6 @@ async fn an_http2_client_that_stops_reading_loses_its_connection() {
         .unwrap();
     let unread = h2.request(request).await.unwrap();
     assert_eq!(unread.status(), 200);
-    let next = tokio::time::timeout(
-        Duration::from_secs(10),
-        Client::new().get(&proxy.url("/small"), &[("connection", "close")]),
-    )
-    .await
-    .expect("the stalled HTTP/2 connection was closed and its slot freed");
-    assert_eq!(next.status, 200);
+    the_slot_is_freed(&proxy).await;
     drop(unread);
 }
