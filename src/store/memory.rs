@@ -308,20 +308,25 @@ impl MemoryStore {
         Ok(true)
     }
 
+    /// A user's live sessions, the soonest to end first (as the Redis store lists them).
     fn sessions_of(&self, user: &str) -> Vec<SessionInfo> {
         let now = millis(unix_now());
-        self.ids_of(user)
+        let mut sessions: Vec<(u64, SessionInfo)> = self
+            .ids_of(user)
             .into_iter()
             .filter_map(|id| {
                 let shard = lock(self.shard(&id));
                 let entry = shard.get(&id).filter(|e| e.live(now))?;
-                Some(SessionInfo {
+                let info = SessionInfo {
                     handle: id.handle(),
                     created: entry.created,
                     last_seen: u64::from(entry.last_seen),
-                })
+                };
+                Some((entry.deadline, info))
             })
-            .collect()
+            .collect();
+        sessions.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.handle.cmp(&b.1.handle)));
+        sessions.into_iter().map(|(_, info)| info).collect()
     }
 
     fn revoke_handle_now(&self, handle: &str) -> bool {
@@ -513,6 +518,28 @@ mod tests {
                 .await
                 .unwrap()
         );
+    }
+
+    #[tokio::test]
+    async fn a_user_is_listed_soonest_ending_first() {
+        let s = store(Duration::from_secs(600), 10);
+        let now = unix_now().as_secs();
+        let ids = [id(), id(), id()];
+        // Each ends earlier than the one before: the listing is the other way round.
+        for (n, id) in ids.iter().enumerate() {
+            let mut session = new_session(r#"{"user":"ann"}"#);
+            session.ends = Some(now + 500 - 100 * n as u64);
+            s.create(id, session).await.unwrap();
+        }
+        let listed: Vec<String> = s
+            .user_sessions("ann")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|info| info.handle)
+            .collect();
+        let expected: Vec<String> = ids.iter().rev().map(SessionId::handle).collect();
+        assert_eq!(listed, expected);
     }
 
     #[tokio::test]
