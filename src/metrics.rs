@@ -75,6 +75,8 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub enum StoreOp {
     Load,
     LoadRenew,
+    /// Whether a session's cookie may be sent again (`Store::current`).
+    Check,
     Create,
     Replace,
     Patch,
@@ -93,6 +95,7 @@ impl StoreOp {
         match self {
             StoreOp::Load => "load",
             StoreOp::LoadRenew => "load_renew",
+            StoreOp::Check => "check",
             StoreOp::Create => "create",
             StoreOp::Replace => "replace",
             StoreOp::Patch => "patch",

@@ -25,7 +25,7 @@ use crate::session::exclude::Exclusions;
 use crate::session::id::{IdShape, SessionId};
 use crate::session::protocol::{Change, ProtocolHeaders};
 use crate::shutdown::Shutdown;
-use crate::store::{NewSession, PatchOutcome, Record, Store, StoreError, unix_now};
+use crate::store::{NewSession, PatchOutcome, Record, Replaced, Store, StoreError, unix_now};
 use crate::upstream::{self, ProxyBody, Upstream, UpstreamBody, UpstreamError};
 
 /// Everything one request needs, shared by all connections.
@@ -197,10 +197,20 @@ impl Proxy {
             .take_answer(response.headers_mut(), self.max_bytes)
             .map_err(|v| fail(Problem::protocol_violation(v.to_string())))?;
 
-        let (outcome, action) = self
-            .apply(current, answer.change, answer.rotate)
-            .await
-            .map_err(fail)?;
+        let (outcome, action) = match self.apply(current, answer.change, answer.rotate).await {
+            Ok(applied) => applied,
+            Err((problem, CookieAction::Keep)) => return Err(fail(problem)),
+            Err((problem, action)) => {
+                // Failed after the session moved: the error keeps the client with it.
+                let mut response = problem.into_response();
+                self.set_cookie(response.headers_mut(), action);
+                return Ok(Served {
+                    response,
+                    outcome: Outcome::None,
+                    session: presented_id,
+                });
+            }
+        };
         let session = match &action {
             CookieAction::Set(id) => Some(id.clone()),
             _ => presented_id,
@@ -273,16 +283,35 @@ impl Proxy {
     }
 
     /// Applies the application's answer to the store and decides what the cookie does.
+    /// When it fails after the session moved to a fresh ID, the error still sets that ID's
+    /// cookie: the session is there, unchanged, under it alone.
     async fn apply(
         &self,
         current: Current,
         change: Change,
         rotate: bool,
-    ) -> Result<(Outcome, CookieAction), Problem> {
-        let (mut id, resign) = match current {
-            Current::Live { id, resign, .. } => (id, resign),
-            Current::Stale => return self.without_session(change, CookieAction::Clear).await,
-            Current::Absent => return self.without_session(change, CookieAction::Keep).await,
+    ) -> Result<(Outcome, CookieAction), (Problem, CookieAction)> {
+        let (mut id, resign, mut moved) = match current {
+            Current::Live { id, resign, record } => {
+                // A patch the rotation would not survive is refused before anything moves.
+                if let (true, Change::Patch(patch)) = (rotate, &change) {
+                    merge_into(Some(&record.data), patch, self.max_bytes)
+                        .map_err(|p| (p, CookieAction::Keep))?;
+                }
+                (id, resign, record.moved)
+            }
+            Current::Stale => {
+                return self
+                    .without_session(change, CookieAction::Clear)
+                    .await
+                    .map_err(|p| (p, CookieAction::Keep));
+            }
+            Current::Absent => {
+                return self
+                    .without_session(change, CookieAction::Keep)
+                    .await
+                    .map_err(|p| (p, CookieAction::Keep));
+            }
         };
         // The ID a rotation moved away from, readable for its grace period.
         let mut previous = None;
@@ -292,55 +321,76 @@ impl Proxy {
             // keeps the session as it was before (not, say, a fresh login) for its grace
             // period.
             let fresh = SessionId::generate(self.shape);
-            let moved = self.store.rotate(&id, &fresh, self.rotate_grace);
-            if !moved.await.map_err(unavailable)? {
-                return self.without_session(change, CookieAction::Clear).await;
+            let rotated = self.store.rotate(&id, &fresh, self.rotate_grace).await;
+            if !rotated.map_err(|e| (unavailable(e), CookieAction::Keep))? {
+                return self
+                    .without_session(change, CookieAction::Clear)
+                    .await
+                    .map_err(|p| (p, CookieAction::Keep));
             }
             previous = Some(std::mem::replace(&mut id, fresh));
+            moved = false;
         }
+        let fresh = previous.is_some().then(|| id.clone());
+        let on_failure = || fresh.clone().map_or(CookieAction::Keep, CookieAction::Set);
+        let failed = |e: StoreError| (unavailable(e), on_failure());
         let outcome = match change {
             Change::Nothing if rotate => Outcome::Updated,
             Change::Nothing => Outcome::Read,
             Change::Destroy => {
-                self.store.delete(&id).await.map_err(unavailable)?;
+                self.store.delete(&id).await.map_err(failed)?;
                 return Ok((Outcome::Destroyed, CookieAction::Clear));
             }
-            Change::Replace(data) => {
-                if !self
-                    .store
-                    .replace(&id, data.clone())
-                    .await
-                    .map_err(unavailable)?
-                {
+            Change::Replace(data) => match self.store.replace(&id, data.clone()).await {
+                Ok(Replaced::Done) => Outcome::Updated,
+                Ok(Replaced::Moved) => {
+                    moved = true;
+                    Outcome::Updated
+                }
+                Ok(Replaced::Missing) => {
                     // Ended while the application worked on it: store the data under a new
                     // ID rather than bring the old one back.
-                    let fresh = self.create(data).await?;
+                    let fresh = self.create(data).await.map_err(|p| (p, on_failure()))?;
                     return Ok((Outcome::Created, CookieAction::Set(fresh)));
                 }
-                Outcome::Updated
-            }
-            Change::Patch(patch) => {
-                match self.store.patch(&id, &patch).await.map_err(unavailable)? {
-                    PatchOutcome::Updated(_) => Outcome::Updated,
-                    PatchOutcome::Destroyed => {
-                        // The rotation left the old ID readable: it ends now too.
-                        if let Some(previous) = previous {
-                            self.store.delete(&previous).await.map_err(unavailable)?;
-                        }
-                        return Ok((Outcome::Destroyed, CookieAction::Clear));
-                    }
-                    PatchOutcome::Missing => {
-                        let change = Change::Patch(patch);
-                        return self.without_session(change, CookieAction::Clear).await;
-                    }
+                Err(e) => return Err(failed(e)),
+            },
+            Change::Patch(patch) => match self.store.patch(&id, &patch).await {
+                Ok(PatchOutcome::Updated(_)) => Outcome::Updated,
+                Ok(PatchOutcome::Moved(_)) => {
+                    moved = true;
+                    Outcome::Updated
                 }
-            }
+                Ok(PatchOutcome::Destroyed) => {
+                    // The rotation left the old ID readable: it ends now too.
+                    if let Some(previous) = &previous {
+                        self.store.delete(previous).await.map_err(failed)?;
+                    }
+                    return Ok((Outcome::Destroyed, CookieAction::Clear));
+                }
+                Ok(PatchOutcome::Missing) => {
+                    let change = Change::Patch(patch);
+                    return self
+                        .without_session(change, CookieAction::Clear)
+                        .await
+                        .map_err(|p| (p, on_failure()));
+                }
+                Err(e) => return Err(failed(e)),
+            },
         };
-        if outcome != Outcome::Read || self.renew_on_access || resign {
-            Ok((outcome, CookieAction::Set(id)))
-        } else {
-            Ok((outcome, CookieAction::Keep))
+        if outcome == Outcome::Read && !self.renew_on_access && !resign {
+            return Ok((outcome, CookieAction::Keep));
         }
+        // A request that started before its session moved to a new ID must not hand the
+        // old ID's cookie back: it would replace the new one in the browser, which would
+        // lose the session when the grace period ends. A write reports the move itself.
+        if previous.is_none()
+            && (moved
+                || (outcome == Outcome::Read && !self.store.current(&id).await.unwrap_or(false)))
+        {
+            return Ok((outcome, CookieAction::Keep));
+        }
+        Ok((outcome, CookieAction::Set(id)))
     }
 
     /// The answer for a request that has no live session: only a write that leaves a
@@ -473,7 +523,15 @@ fn head_size<B>(req: &Request<B>) -> usize {
 }
 
 fn merge_into_nothing(patch: &Value, max_bytes: usize) -> Result<Option<Bytes>, Problem> {
-    match codec::merge_patch(None, patch, max_bytes) {
+    merge_into(None, patch, max_bytes)
+}
+
+fn merge_into(
+    stored: Option<&[u8]>,
+    patch: &Value,
+    max_bytes: usize,
+) -> Result<Option<Bytes>, Problem> {
+    match codec::merge_patch(stored, patch, max_bytes) {
         Ok(Merged::Data(data)) => Ok(Some(data)),
         Ok(Merged::Empty) => Ok(None),
         Err(n) => Err(Problem::protocol_violation(

@@ -15,7 +15,9 @@ use redis_harness::{RedisCluster, RedisSentinel, RedisServer, SENTINEL_MASTER};
 use serde_json::{Value, json};
 use session_proxy::session::id::{IdShape, SessionId};
 use session_proxy::store::redis::{RedisOptions, RedisStore, Topology};
-use session_proxy::store::{NewSession, PatchOutcome, Store, StoreError, StoreSettings, unix_now};
+use session_proxy::store::{
+    NewSession, PatchOutcome, Replaced, Store, StoreError, StoreSettings, unix_now,
+};
 
 const PREFIX: &str = "session:";
 const MINUTE: Duration = Duration::from_secs(60);
@@ -108,12 +110,18 @@ async fn sessions_are_created_read_replaced_and_deleted() {
     assert_eq!(store.load(&id, false).await.unwrap(), None);
     store.create(&id, session(r#"{"a":1}"#)).await.unwrap();
     assert_eq!(data(&store, &id).await.as_deref(), Some(r#"{"a":1}"#));
-    assert!(store.replace(&id, bytes(r#"{"a":2}"#)).await.unwrap());
+    assert_eq!(
+        store.replace(&id, bytes(r#"{"a":2}"#)).await.unwrap(),
+        Replaced::Done
+    );
     assert_eq!(data(&store, &id).await.as_deref(), Some(r#"{"a":2}"#));
     store.delete(&id).await.unwrap();
     store.delete(&id).await.unwrap();
     assert_eq!(store.load(&id, false).await.unwrap(), None);
-    assert!(!store.replace(&id, bytes(r#"{"a":3}"#)).await.unwrap());
+    assert_eq!(
+        store.replace(&id, bytes(r#"{"a":3}"#)).await.unwrap(),
+        Replaced::Missing
+    );
     assert_eq!(
         server.cli::<i64>(&["EXISTS", &key(&id)]),
         0,
@@ -174,7 +182,10 @@ async fn a_session_is_one_readable_hash_under_the_key_prefix_with_its_ttl() {
     .into_iter()
     .enumerate()
     {
-        assert!(store.replace(&id, bytes(json)).await.unwrap());
+        assert_eq!(
+            store.replace(&id, bytes(json)).await.unwrap(),
+            Replaced::Done
+        );
         let fields: HashMap<String, String> = server.cli(&["HGETALL", &key]);
         assert_eq!(fields["data"], json);
         assert_eq!(fields["ver"], (n + 2).to_string());
@@ -264,7 +275,10 @@ async fn the_absolute_end_caps_every_ttl_and_an_ended_session_is_not_stored() {
         .unwrap();
     let capped = |pttl: i64| (0..=3_000).contains(&pttl);
     assert!(capped(server.cli(&["PTTL", &key(&id)])));
-    assert!(store.replace(&id, bytes(r#"{"a":2}"#)).await.unwrap());
+    assert_eq!(
+        store.replace(&id, bytes(r#"{"a":2}"#)).await.unwrap(),
+        Replaced::Done
+    );
     assert!(capped(server.cli(&["PTTL", &key(&id)])));
     assert!(store.load(&id, true).await.unwrap().is_some());
     assert!(capped(server.cli(&["PTTL", &key(&id)])));
@@ -481,7 +495,10 @@ async fn the_user_index_lists_and_revokes_sessions_by_user_and_handle() {
     );
 
     // A session that changes hands is listed, and revoked, only under its current user.
-    assert!(store.replace(&c, bytes(r#"{"user":"ann"}"#)).await.unwrap());
+    assert_eq!(
+        store.replace(&c, bytes(r#"{"user":"ann"}"#)).await.unwrap(),
+        Replaced::Done
+    );
     assert!(store.user_sessions("bob").await.unwrap().is_empty());
     assert_eq!(store.user_sessions("ann").await.unwrap().len(), 1);
     assert_eq!(store.revoke_user("bob").await.unwrap(), 0);
@@ -857,11 +874,12 @@ async fn a_cluster_spreads_sessions_over_its_nodes_and_every_operation_works() {
     for (i, id) in ids.iter().enumerate() {
         assert!(store.load(id, i % 2 == 0).await.unwrap().is_some());
     }
-    assert!(
+    assert_eq!(
         store
             .replace(&ids[1], bytes(r#"{"i":"replaced"}"#))
             .await
-            .unwrap()
+            .unwrap(),
+        Replaced::Done
     );
     assert_eq!(
         cluster.cli::<String>(&["HGET", &key(&ids[1]), "data"]),

@@ -64,6 +64,8 @@ on_both_stores!(
     concurrent_full_updates_are_last_write_wins,
     patch_without_a_session_creates_one_and_empty_result_destroys,
     rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period,
+    requests_in_flight_during_a_rotation_never_hand_back_the_old_cookie,
+    a_rotation_whose_patch_is_refused_leaves_the_session_as_it_was,
     rotation_on_its_own_moves_the_session,
     destroying_while_rotating_ends_the_session_under_both_ids,
     a_change_the_application_answered_holds_when_the_client_left_first,
@@ -193,6 +195,91 @@ async fn rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period(ba
     assert!(r.clears_session_cookie());
     let r = browser.get(&proxy.url("/")).await;
     assert_eq!(r.session_seen()["user"], "ann");
+}
+
+/// With renew_on_access, every answer on a session sets its cookie again. Requests that
+/// started on the old ID before a login rotated it must not: the browser would take the
+/// old cookie back in place of the new one, and lose the session with the grace period.
+async fn requests_in_flight_during_a_rotation_never_hand_back_the_old_cookie(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| {
+            c.session.renew_on_access = true;
+            c.session.rotate_grace = 5;
+        })
+        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
+    let old_cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let in_flight = [
+        "/slow?delay_ms=500".to_string(),
+        format!("/slow?delay_ms=500&patch={}", q(r#"{"seen":1}"#)),
+        format!("/slow?delay_ms=500&update={}", q(r#"{"cart":2}"#)),
+    ];
+    let slow: Vec<_> = in_flight
+        .iter()
+        .map(|path| {
+            let (url, cookie) = (proxy.url(path), old_cookie.clone());
+            tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = browser
+        .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#))))
+        .await;
+    assert!(
+        r.session_cookie().is_some(),
+        "the login sends the new cookie"
+    );
+    for (path, task) in in_flight.iter().zip(slow) {
+        let r = task.await.unwrap();
+        assert_eq!(r.status, 200, "{path}");
+        assert!(
+            r.set_cookies().is_empty(),
+            "{path}: answered after the rotation, it set {:?}",
+            r.set_cookies()
+        );
+    }
+    // A request on the old ID after the rotation, within the grace period: read, but its
+    // cookie is not renewed either.
+    let r = Client::new()
+        .get(&proxy.url("/"), &[("cookie", &old_cookie)])
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.set_cookies().is_empty(), "{:?}", r.set_cookies());
+    // The browser keeps the new session, which renews as usual.
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen(), json!({"cart": 1, "user": "ann"}));
+    assert!(
+        r.session_cookie().is_some(),
+        "renewal re-sends the new cookie"
+    );
+}
+
+/// A patch whose result would be too large is refused before the rotation it came with:
+/// the session stays under its ID, as it was, and no second session is left behind.
+async fn a_rotation_whose_patch_is_refused_leaves_the_session_as_it_was(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| {
+            c.session.max_bytes = 100;
+            c.session.rotate_grace = 1;
+            c.session.user_key = Some("user".into());
+        })
+        .await;
+    let session = json!({"user": "ann", "pad": "x".repeat(60)});
+    let mut browser = Browser::with_session(&proxy, &session.to_string()).await;
+    // Small on its own, too large merged into the session.
+    let more = json!({"more": "y".repeat(30)}).to_string();
+    let r = browser
+        .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(&more))))
+        .await;
+    assert_eq!(r.status, 502);
+    assert!(r.set_cookies().is_empty(), "{:?}", r.set_cookies());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen(), session);
+    let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
+    assert_eq!(listed.json()["sessions"].as_array().unwrap().len(), 1);
 }
 
 async fn rotation_on_its_own_moves_the_session(backend: Backend) {

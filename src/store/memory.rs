@@ -18,8 +18,8 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{
-    NewSession, PatchOutcome, Record, SessionInfo, Store, StoreError, StoreFuture, StoreSettings,
-    unix_now,
+    NewSession, PatchOutcome, Record, Replaced, SessionInfo, Store, StoreError, StoreFuture,
+    StoreSettings, unix_now,
 };
 use crate::session::codec::Merged;
 use crate::session::id::SessionId;
@@ -33,12 +33,15 @@ struct Entry {
     data: Box<[u8]>,
     /// Unix milliseconds after which the entry is gone.
     deadline: u64,
-    created: u64,
+    /// Unix seconds.
+    created: u32,
     /// Unix seconds at which the session ends whatever its activity; 0: never.
     ends: u32,
     /// Unix seconds of the last write or renewal.
     last_seen: u32,
     user: Option<Arc<str>>,
+    /// Rotated away: living out its grace period.
+    moved: bool,
 }
 
 /// Unix seconds in the entry's compact form (valid until 2106; later saturates).
@@ -245,7 +248,8 @@ impl MemoryStore {
         }
         Some(Record {
             data: Bytes::copy_from_slice(&entry.data),
-            created: entry.created,
+            created: u64::from(entry.created),
+            moved: entry.moved,
         })
     }
 
@@ -258,10 +262,12 @@ impl MemoryStore {
         // Under the shard lock: no other write to this session can interleave.
         match self.settings.merge(Some(&entry.data), patch)? {
             Merged::Data(data) => {
-                if self.write_entry(id, entry, data.clone(), now) {
-                    Ok(PatchOutcome::Updated(data))
-                } else {
+                if !self.write_entry(id, entry, data.clone(), now) {
                     Ok(PatchOutcome::Missing)
+                } else if entry.moved {
+                    Ok(PatchOutcome::Moved(data))
+                } else {
+                    Ok(PatchOutcome::Updated(data))
                 }
             }
             Merged::Empty => {
@@ -294,7 +300,9 @@ impl MemoryStore {
                 deadline: entry.deadline,
                 last_seen: secs32(now.as_secs()),
                 user: entry.user.clone(),
+                moved: false,
             };
+            entry.moved = true;
             entry.deadline = entry.deadline.min(millis(grace_end));
             let grace_end = secs32(grace_end.as_secs());
             entry.ends = if entry.ends == 0 {
@@ -319,7 +327,7 @@ impl MemoryStore {
                 let entry = shard.get(&id).filter(|e| e.live(now))?;
                 let info = SessionInfo {
                     handle: id.handle(),
-                    created: entry.created,
+                    created: u64::from(entry.created),
                     last_seen: u64::from(entry.last_seen),
                 };
                 Some((entry.deadline, info))
@@ -350,10 +358,11 @@ impl Store for MemoryStore {
                 let entry = Entry {
                     user: self.settings.user_of(&session.data).map(Arc::from),
                     data: Box::from(&session.data[..]),
-                    created: session.created,
+                    created: secs32(session.created),
                     ends: session.ends.map_or(0, secs32),
                     deadline,
                     last_seen: secs32(now.as_secs()),
+                    moved: false,
                 };
                 self.insert(id, entry, true)
             }
@@ -361,15 +370,27 @@ impl Store for MemoryStore {
         Box::pin(async move { result })
     }
 
-    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, bool> {
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Replaced> {
         let now = unix_now();
         let mut shard = lock(self.shard(id));
         let written = match shard.get_mut(id).filter(|e| e.live(millis(now))) {
-            Some(entry) => self.write_entry(id, entry, data, now),
-            None => false,
+            Some(entry) => match (self.write_entry(id, entry, data, now), entry.moved) {
+                (false, _) => Replaced::Missing,
+                (true, false) => Replaced::Done,
+                (true, true) => Replaced::Moved,
+            },
+            None => Replaced::Missing,
         };
         drop(shard);
         Box::pin(async move { Ok(written) })
+    }
+
+    fn current<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool> {
+        let now = millis(unix_now());
+        let current = lock(self.shard(id))
+            .get(id)
+            .is_some_and(|e| e.live(now) && !e.moved);
+        Box::pin(async move { Ok(current) })
     }
 
     fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Value) -> StoreFuture<'a, PatchOutcome> {
@@ -458,10 +479,11 @@ mod tests {
             &s.load(&a, false).await.unwrap().unwrap().data[..],
             br#"{"a":1}"#
         );
-        assert!(
+        assert_eq!(
             s.replace(&a, Bytes::from_static(br#"{"a":2}"#))
                 .await
-                .unwrap()
+                .unwrap(),
+            Replaced::Done
         );
         assert_eq!(
             &s.load(&a, false).await.unwrap().unwrap().data[..],
@@ -471,9 +493,10 @@ mod tests {
         s.delete(&a).await.unwrap();
         assert_eq!(s.load(&a, false).await.unwrap(), None);
         assert!(
-            !s.replace(&a, Bytes::from_static(br#"{"a":3}"#))
+            s.replace(&a, Bytes::from_static(br#"{"a":3}"#))
                 .await
                 .unwrap()
+                == Replaced::Missing
         );
         assert_eq!(s.session_count(), Some(0));
     }
@@ -513,10 +536,11 @@ mod tests {
             s.create(&c, new_session(r#"{"c":1}"#)).await,
             Err(StoreError::Full)
         ));
-        assert!(
+        assert_eq!(
             s.replace(&a, Bytes::from_static(br#"{"a":2}"#))
                 .await
-                .unwrap()
+                .unwrap(),
+            Replaced::Done
         );
     }
 

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::{NewSession, PatchOutcome, Record, SessionInfo, Store, StoreError, StoreFuture};
+use super::{
+    NewSession, PatchOutcome, Record, Replaced, SessionInfo, Store, StoreError, StoreFuture,
+};
 use crate::metrics::{Metrics, StoreOp};
 use crate::session::id::SessionId;
 
@@ -57,12 +59,16 @@ impl Store for Metered {
         self.measure(StoreOp::Create, self.inner.create(id, session))
     }
 
-    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, bool> {
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Replaced> {
         self.measure(StoreOp::Replace, self.inner.replace(id, data))
     }
 
     fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Value) -> StoreFuture<'a, PatchOutcome> {
         self.measure(StoreOp::Patch, self.inner.patch(id, patch))
+    }
+
+    fn current<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool> {
+        self.measure(StoreOp::Check, self.inner.current(id))
     }
 
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()> {

@@ -62,6 +62,19 @@ pub struct Record {
     pub data: Bytes,
     /// Creation time, unix seconds. Kept across rotation.
     pub created: u64,
+    /// The session was rotated away: this ID lives out its grace period, and its cookie
+    /// must not be handed out again.
+    pub moved: bool,
+}
+
+/// Where a replacement landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replaced {
+    Done,
+    /// Written to an ID rotated away meanwhile: it ends with its grace period.
+    Moved,
+    /// No session is stored under the ID; nothing was written.
+    Missing,
 }
 
 /// A session about to be stored for the first time (or under a rotated ID).
@@ -88,6 +101,8 @@ pub struct SessionInfo {
 pub enum PatchOutcome {
     /// The session now holds this data.
     Updated(Bytes),
+    /// The same, under an ID rotated away meanwhile: it ends with its grace period.
+    Moved(Bytes),
     /// The patch emptied the session: it was deleted.
     Destroyed,
     /// No session is stored under the ID; nothing was written.
@@ -138,13 +153,16 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a new session under a freshly generated ID.
     fn create<'a>(&'a self, id: &'a SessionId, session: NewSession) -> StoreFuture<'a, ()>;
 
-    /// Replaces the data of an existing session and resets its TTL. `Ok(false)` when no
-    /// session is stored under `id` any more (nothing was written).
-    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, bool>;
+    /// Replaces the data of an existing session and resets its TTL.
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Replaced>;
 
     /// Merges a JSON merge patch (RFC 7396) into the session as stored, atomically:
     /// concurrent patches never lose each other's changes.
     fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Value) -> StoreFuture<'a, PatchOutcome>;
+
+    /// Whether `id` names a live session that was not rotated away: one whose cookie may
+    /// be sent again. (A request that started before a rotation answers after it.)
+    fn current<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool>;
 
     /// Deletes a session; deleting a missing one is not an error.
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()>;

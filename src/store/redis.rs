@@ -9,6 +9,7 @@
 //! | `ends` | unix seconds at which the session ends whatever its activity; absent: never |
 //! | `ver` | counts the writes of `data`: the version a patch compares before it sets |
 //! | `user` | the user `session.user_key` names; absent: none |
+//! | `moved` | `1` once the session was rotated away to a new ID: this one lives out its grace period |
 //!
 //! Each change to a session is one Lua script on its key, so it is atomic and sets the TTL
 //! in the same step. The scripts never parse JSON: Redis' cjson loses integers above 2^53
@@ -50,8 +51,8 @@ use serde_json::Value as Json;
 use tokio::sync::Mutex;
 
 use super::{
-    NewSession, PatchOutcome, Record, SessionInfo, Store, StoreError, StoreFuture, StoreSettings,
-    unix_now,
+    NewSession, PatchOutcome, Record, Replaced, SessionInfo, Store, StoreError, StoreFuture,
+    StoreSettings, unix_now,
 };
 use crate::server::current_worker;
 use crate::session::codec::Merged;
@@ -143,6 +144,8 @@ impl From<StoreError> for Failure {
 enum Written {
     /// Done; for a delete, the user the session belonged to.
     Done(Option<String>),
+    /// Written, to a session rotated away (see `Replaced::Moved`).
+    Moved,
     /// No session under the key (or, for a delete restricted to a user, not theirs).
     Missing,
     /// `ver` was not the expected one: the session as it is now, to merge into again.
@@ -150,7 +153,7 @@ enum Written {
 }
 
 /// Scripts answer `1` or `0` when there is nothing more to say, else `{status, a, b}`:
-/// `{1, user}`, `{0}` or `{2, data, ver}`. (Redis turns a Lua table into a reply more
+/// `{1, user}`, `{0}` or `{2, data, ver}`; a write to a session rotated away answers `3`. (Redis turns a Lua table into a reply more
 /// slowly than a number, and most writes have nothing more to say.)
 impl FromRedisValue for Written {
     fn from_redis_value(v: Value) -> Result<Written, ParsingError> {
@@ -161,6 +164,7 @@ impl FromRedisValue for Written {
         Ok(match status {
             1 => Written::Done(String::from_utf8(a).ok().filter(|u| !u.is_empty())),
             2 => Written::Changed { data: a, ver: b },
+            3 => Written::Moved,
             _ => Written::Missing,
         })
     }
@@ -185,17 +189,17 @@ macro_rules! with_ttl {
 }
 
 /// Reads a session and resets its TTL, touching only `seen`.
-/// Answers nil, or `{data, created, user}`.
+/// Answers nil, or `{data, created, user, moved}`.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(with_ttl!(
         r"
-local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user')
+local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user', 'moved')
 if not f[1] then return false end
 local t = ttl(f[3])
 if not t then return false end
 redis.call('HSET', KEYS[1], 'seen', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], t)
-return {f[1], f[2] or '', f[4] or ''}
+return {f[1], f[2] or '', f[4] or '', f[5] or ''}
 "
     ))
 });
@@ -222,7 +226,7 @@ return 1
 static WRITE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(with_ttl!(
         r"
-local f = redis.call('HMGET', KEYS[1], 'ver', 'ends', 'user', 'created')
+local f = redis.call('HMGET', KEYS[1], 'ver', 'ends', 'user', 'created', 'moved')
 if not f[4] then return 0 end
 local ver = f[1] or '0'
 if ARGV[6] ~= '' and ver ~= ARGV[6] then
@@ -238,6 +242,7 @@ else
   if f[3] then redis.call('HDEL', KEYS[1], 'user') end
 end
 redis.call('PEXPIRE', KEYS[1], t)
+if f[5] then return 3 end
 return 1
 "
     ))
@@ -278,6 +283,7 @@ static SHORTEN: LazyLock<Script> = LazyLock::new(|| {
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local ends = tonumber(redis.call('HGET', KEYS[1], 'ends'))
 if not ends or ends > tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ends', ARGV[1]) end
+redis.call('HSET', KEYS[1], 'moved', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[2], 'LT')
 return 1
 ",
@@ -1045,28 +1051,42 @@ impl RedisStore {
         let mut conn = self.link.conn().await?;
         let key = self.keys.session(id);
         if !renew {
-            let (data, created): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
-                .arg(&key)
-                .arg("data")
-                .arg("created")
-                .query_async(&mut conn)
-                .await?;
-            return Ok(record(data, created));
+            let (data, created, moved): (Option<Vec<u8>>, Option<String>, Option<String>) =
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("data")
+                    .arg("created")
+                    .arg("moved")
+                    .query_async(&mut conn)
+                    .await?;
+            return Ok(record(data, created, moved.is_some()));
         }
         let now = unix_now();
         let mut call = RENEW.key(&key);
         call.arg(millis(now))
             .arg(millis(self.settings.max_age))
             .arg(now.as_secs());
-        let renewed: Option<(Vec<u8>, String, String)> = call.invoke_async(&mut conn).await?;
-        let Some((data, created, user)) = renewed else {
+        let renewed: Option<(Vec<u8>, String, String, String)> =
+            call.invoke_async(&mut conn).await?;
+        let Some((data, created, user, moved)) = renewed else {
             return Ok(None);
         };
         if !user.is_empty() {
             // The index entry must not expire before the session it names.
             self.index(&conn, &user, id, now).await?;
         }
-        Ok(record(Some(data), Some(created)))
+        Ok(record(Some(data), Some(created), !moved.is_empty()))
+    }
+
+    async fn is_current(&self, id: &SessionId) -> Result<bool, Failure> {
+        let mut conn = self.link.conn().await?;
+        let (created, moved): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.keys.session(id))
+            .arg("created")
+            .arg("moved")
+            .query_async(&mut conn)
+            .await?;
+        Ok(created.is_some() && moved.is_none())
     }
 
     async fn create_session(&self, id: &SessionId, session: NewSession) -> Result<(), Failure> {
@@ -1081,10 +1101,14 @@ impl RedisStore {
             .await
     }
 
-    async fn replace_session(&self, id: &SessionId, data: Bytes) -> Result<bool, Failure> {
+    async fn replace_session(&self, id: &SessionId, data: Bytes) -> Result<Replaced, Failure> {
         let mut conn = self.link.conn().await?;
         let written = self.write(&mut conn, id, &data, None, unix_now()).await?;
-        Ok(matches!(written, Written::Done(_)))
+        Ok(match written {
+            Written::Done(_) => Replaced::Done,
+            Written::Moved => Replaced::Moved,
+            Written::Missing | Written::Changed { .. } => Replaced::Missing,
+        })
     }
 
     async fn patch_session(&self, id: &SessionId, patch: &Json) -> Result<PatchOutcome, Failure> {
@@ -1118,6 +1142,12 @@ impl RedisStore {
             };
             match written {
                 Written::Done(_) => return Ok(done),
+                Written::Moved => {
+                    let PatchOutcome::Updated(merged) = done else {
+                        return Ok(done);
+                    };
+                    return Ok(PatchOutcome::Moved(merged));
+                }
                 Written::Missing => return Ok(PatchOutcome::Missing),
                 // Someone wrote in between: merge into what they wrote.
                 Written::Changed { data: now, ver: at } => (data, ver) = (now, at),
@@ -1282,10 +1312,11 @@ impl RedisStore {
 
 /// A session as read from its hash; one without a readable `created` was not written by
 /// the proxy and counts as absent.
-fn record(data: Option<Vec<u8>>, created: Option<String>) -> Option<Record> {
+fn record(data: Option<Vec<u8>>, created: Option<String>, moved: bool) -> Option<Record> {
     Some(Record {
         data: Bytes::from(data?),
         created: created?.parse().ok()?,
+        moved,
     })
 }
 
@@ -1298,8 +1329,12 @@ impl Store for RedisStore {
         Box::pin(self.run(self.create_session(id, session)))
     }
 
-    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, bool> {
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Replaced> {
         Box::pin(self.run(self.replace_session(id, data)))
+    }
+
+    fn current<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool> {
+        Box::pin(self.run(self.is_current(id)))
     }
 
     fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Json) -> StoreFuture<'a, PatchOutcome> {
