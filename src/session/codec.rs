@@ -24,7 +24,15 @@ pub enum Violation {
     NotBase64,
     NotJson(String),
     NotAnObject,
-    TooLarge { bytes: usize, max: usize },
+    TooLarge {
+        bytes: usize,
+        max: usize,
+    },
+    /// A patch longer than twice `max` (its result must fit `max`).
+    PatchTooLarge {
+        bytes: usize,
+        max: usize,
+    },
     Repeated(&'static str),
     UpdateAndPatch,
     BadRotate,
@@ -39,6 +47,10 @@ impl std::fmt::Display for Violation {
             Violation::TooLarge { bytes, max } => write!(
                 f,
                 "session of {bytes} bytes is larger than session.max_bytes ({max})"
+            ),
+            Violation::PatchTooLarge { bytes, max } => write!(
+                f,
+                "patch of {bytes} bytes is larger than twice session.max_bytes ({max})"
             ),
             Violation::Repeated(which) => write!(f, "{which} header sent more than once"),
             Violation::UpdateAndPatch => {
@@ -77,8 +89,18 @@ pub fn decode_update(value: &HeaderValue, max_bytes: usize) -> Result<Update, Vi
 }
 
 /// Decodes an `X-Session-Patch` value: a JSON merge patch, which must be an object.
+/// Its *result* must fit `max_bytes` (checked when it is merged); the patch itself may be
+/// up to twice that, so that one patch can delete every key of a full session
+/// (`{"k":null}` is longer than the `"k":1` it removes, by at most half).
 pub fn decode_patch(value: &HeaderValue, max_bytes: usize) -> Result<Value, Violation> {
-    decode_object(value, max_bytes).map(Value::Object)
+    match decode_object(value, max_bytes.saturating_mul(2)) {
+        Ok(object) => Ok(Value::Object(object)),
+        Err(Violation::TooLarge { bytes, .. }) => Err(Violation::PatchTooLarge {
+            bytes,
+            max: max_bytes,
+        }),
+        Err(e) => Err(e),
+    }
 }
 
 fn decode_object(value: &HeaderValue, max_bytes: usize) -> Result<Map<String, Value>, Violation> {
@@ -194,6 +216,39 @@ mod tests {
             Ok(Update::Replace(Bytes::from_static(br#"{"a":1}"#)))
         );
         assert_eq!(decode_update(&header("{}"), 100), Ok(Update::Destroy));
+    }
+
+    #[test]
+    fn one_patch_can_empty_a_full_session() {
+        // A session of exactly max_bytes, of the shortest keys and values: deleting all of
+        // them takes the longest patch there is for its size.
+        let keys: Vec<String> = (0..30).map(|n| format!("{n:x}")).collect();
+        let stored = format!(
+            "{{{}}}",
+            keys.iter()
+                .map(|k| format!(r#""{k}":1"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let max = stored.len();
+        let patch = format!(
+            "{{{}}}",
+            keys.iter()
+                .map(|k| format!(r#""{k}":null"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert!(patch.len() > max);
+        let patch = decode_patch(&header(&patch), max).unwrap();
+        assert_eq!(
+            merge_patch(Some(stored.as_bytes()), &patch, max),
+            Ok(Merged::Empty)
+        );
+        let twice = format!(r#"{{"a":"{}"}}"#, "x".repeat(2 * max));
+        assert!(matches!(
+            decode_patch(&header(&twice), max),
+            Err(Violation::PatchTooLarge { .. })
+        ));
     }
 
     #[test]
