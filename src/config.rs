@@ -352,10 +352,11 @@ impl Config {
             .unwrap_or_default();
         let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError(format!(
-                "invalid configuration: `{key}`{origin}: {}",
-                e.inner()
-            ))
+            let mut why = e.inner().to_string();
+            if holds_secrets(&key) {
+                why = redact_quoted(&why);
+            }
+            ConfigError(format!("invalid configuration: `{key}`{origin}: {why}"))
         })?;
         config.validate()?;
         Ok(config)
@@ -374,8 +375,17 @@ impl Config {
                 "must be a cookie token: visible ASCII without separators ()<>@,;:\\\"/[]?={} or spaces",
             ));
         }
-        if s.max_age < 1 {
-            return Err(invalid("session.max_age", "must be at least 1 second"));
+        if !(1..=MAX_LIFETIME).contains(&s.max_age) {
+            return Err(invalid(
+                "session.max_age",
+                format!("must be between 1 and {MAX_LIFETIME} seconds (ten years)"),
+            ));
+        }
+        if s.rotate_grace > MAX_LIFETIME {
+            return Err(invalid(
+                "session.rotate_grace",
+                format!("must be at most {MAX_LIFETIME} seconds (ten years)"),
+            ));
         }
         if !s.path.starts_with('/') || !s.path.bytes().all(is_cookie_attr_byte) {
             return Err(invalid(
@@ -403,6 +413,19 @@ impl Config {
                 "must be between 16 and 1048576",
             ));
         }
+        // Paths start with `/`: any other glob would be accepted and never match.
+        if let Some(glob) = s
+            .exclude
+            .iter()
+            .find(|g| !(g.starts_with('/') || g.starts_with("**")))
+        {
+            return Err(invalid(
+                "session.exclude",
+                format!(
+                    "`{glob}` can never match: request paths start with `/` (e.g. `/static/**`, `/**/*.css`)"
+                ),
+            ));
+        }
         crate::session::exclude::Exclusions::new(&s.exclude)
             .map_err(|e| invalid("session.exclude", e))?;
         let headers = [
@@ -415,7 +438,9 @@ impl Config {
         for (i, (key, name)) in headers.iter().enumerate() {
             let parsed = http::HeaderName::try_from(name.as_str())
                 .map_err(|_| invalid(key, format!("`{name}` is not a valid header name")))?;
-            if crate::upstream::is_hop_by_hop(&parsed) || parsed == http::header::COOKIE {
+            if crate::upstream::is_hop_by_hop(&parsed)
+                || RESERVED_HEADERS.contains(&parsed.as_str())
+            {
                 return Err(invalid(
                     key,
                     format!("`{name}` is a header the proxy cannot use"),
@@ -431,10 +456,12 @@ impl Config {
                 ));
             }
         }
-        if s.absolute_timeout == Some(0) {
+        if s.absolute_timeout
+            .is_some_and(|t| !(1..=MAX_LIFETIME).contains(&t))
+        {
             return Err(invalid(
                 "session.absolute_timeout",
-                "must be at least 1 second, or null",
+                format!("must be between 1 and {MAX_LIFETIME} seconds (ten years), or null"),
             ));
         }
         for (key, secret) in s.secret.iter().map(|v| ("session.secret", v)).chain(
@@ -442,7 +469,7 @@ impl Config {
                 .iter()
                 .map(|v| ("session.secret_fallbacks", v)),
         ) {
-            if secret.len() < 16 {
+            if secret.chars().count() < 16 {
                 return Err(invalid(
                     key,
                     "must be at least 16 characters (32 random bytes recommended)",
@@ -510,7 +537,7 @@ impl Config {
             ));
         }
         if let Some(level) = &self.log.level {
-            tracing_subscriber::EnvFilter::try_new(level).map_err(|e| invalid("log.level", e))?;
+            check_log_level(level).map_err(|e| invalid("log.level", e))?;
         }
         if self.admin_token.as_deref() == Some("") {
             return Err(invalid(
@@ -567,12 +594,7 @@ impl Config {
                     .flat_map(|c| c.nodes.iter().map(|u| ("store.cluster.nodes", u))),
             );
         for (key, url) in urls {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(invalid(
-                    key,
-                    format!("`{}` is not a redis:// or rediss:// URL", mask_url(url)),
-                ));
-            }
+            check_redis_url(url).map_err(|why| invalid(key, why))?;
         }
         if st
             .sentinel
@@ -612,10 +634,119 @@ impl Config {
     }
 }
 
+/// Longest `max_age`, `absolute_timeout` or `rotate_grace`: ten years, in seconds.
+const MAX_LIFETIME: u64 = 10 * 365 * 24 * 3600;
+
+/// Standard fields that mean something to HTTP, to the application or to the proxy
+/// itself: a session header of that name would break requests or answers.
+const RESERVED_HEADERS: [&str; 17] = [
+    "cookie",
+    "set-cookie",
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "authorization",
+    "cache-control",
+    "location",
+    "date",
+    "expect",
+    "range",
+    "www-authenticate",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "accept",
+];
+
+/// Whether the value at `key` (a path as serde reports it) may hold a secret or a
+/// password, so that an error about it must not repeat it.
+fn holds_secrets(key: &str) -> bool {
+    key == "store"
+        || [
+            "session.secret",
+            "admin_token",
+            "store.url",
+            "store.sentinel",
+            "store.cluster",
+        ]
+        .iter()
+        .any(|secret| key.starts_with(secret))
+}
+
+/// `message` with every quoted value masked (serde quotes the value it refused).
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (n, part) in parts.enumerate() {
+        out.push('"');
+        // Every other part is inside quotes.
+        if n % 2 == 0 && !part.is_empty() {
+            out.push_str(if part.contains('@') || part.contains("://") {
+                "********@…"
+            } else {
+                "********"
+            });
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// A Redis URL the store can use, checked as start-up will parse it.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let masked = mask_url(url);
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(format!("`{masked}` is not a redis:// or rediss:// URL"));
+    }
+    if url.contains('#') {
+        return Err(format!(
+            "`{masked}`: URL fragments such as `#insecure` are not supported (a rediss:// \
+             certificate is always verified; give its CA in SSL_CERT_FILE)"
+        ));
+    }
+    let refused = |e: redis::RedisError| {
+        // Its text names the part at fault and never repeats the URL.
+        let why = e.to_string();
+        let why = why.split(" - ").next().unwrap_or_default().to_string();
+        format!(
+            "`{masked}` is not a valid Redis URL ({why}): redis://[user:password@]host:port[/db] or rediss://…"
+        )
+    };
+    redis::Client::open(url).map_err(refused)?;
+    Ok(())
+}
+
+/// A `log.level` filter whose every directive names a level: a bare word that is not one
+/// (`infoo`) would be taken as a target and silence every log line.
+fn check_log_level(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(format!(
+                "`{directive}` names no level: use trace, debug, info, warn, error or off, or target=level"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// A Redis URL with its password replaced by `********`.
 pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        // Not a URL as written (`redis:/:pw@host`, a typo): whatever precedes the last
+        // `@` may be a password.
+        return match url.rsplit_once('@') {
+            Some((_, host)) => format!("********@{host}"),
+            None => url.to_string(),
+        };
     };
     // The last `@` ends the user information, as it does for the URL parser: a password
     // may hold an `@` of its own.
@@ -940,6 +1071,131 @@ mod tests {
         assert!(e.0.contains("session.cookie_name"), "{e}");
         let e = load(Some("store:\n  type: redis\n"), &[]).unwrap_err();
         assert!(e.0.contains("store"), "{e}");
+    }
+
+    /// Each YAML must be refused with a message naming `key`.
+    fn refused(cases: &[(&str, &str)]) {
+        for (yaml, key) in cases {
+            match load(Some(yaml), &[]) {
+                Ok(_) => panic!("accepted: {yaml}"),
+                Err(e) => assert!(e.0.contains(key), "{yaml}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused_before_start_up() {
+        refused(&[
+            // Durations past any use overflow the store's arithmetic.
+            (
+                "session:\n  max_age: 18446744073709551615\n",
+                "session.max_age",
+            ),
+            ("session:\n  max_age: 315360001\n", "session.max_age"),
+            (
+                "session:\n  absolute_timeout: 10000000000000000\n",
+                "session.absolute_timeout",
+            ),
+            (
+                "session:\n  rotate_grace: 10000000000000000\n",
+                "session.rotate_grace",
+            ),
+            // 15 characters, 30 bytes.
+            ("session:\n  secret: ééééééééééééééé\n", "session.secret"),
+            // Globs that can never match a path.
+            ("session:\n  exclude: ['*.css']\n", "session.exclude"),
+            ("session:\n  exclude: ['static/**']\n", "session.exclude"),
+            ("session:\n  exclude: ['']\n", "session.exclude"),
+            // Names HTTP or the application already use.
+            (
+                "session:\n  update_header: Set-Cookie\n",
+                "session.update_header",
+            ),
+            (
+                "session:\n  request_header: Content-Length\n",
+                "session.request_header",
+            ),
+            ("session:\n  handle_header: Host\n", "session.handle_header"),
+            (
+                "session:\n  patch_header: Authorization\n",
+                "session.patch_header",
+            ),
+            // A level name with a typo would be read as a target and silence every line.
+            ("log:\n  level: infoo\n", "log.level"),
+            ("log:\n  level: session_proxy=infoo\n", "log.level"),
+            ("upstream: http://127.0.0.1:65536\n", "upstream"),
+            ("upstream: http://127.0.0.1:abc\n", "upstream"),
+        ]);
+        let store = |url: &str| format!("store:\n  type: redis\n  url: '{url}'\n");
+        let cases: Vec<String> = [
+            "redis://h:99999",
+            "redis://h:notaport/0",
+            "redis://h:6379/abc",
+            "redis://",
+            "rediss://h:6379#insecure",
+        ]
+        .iter()
+        .map(|u| store(u))
+        .collect();
+        refused(
+            &cases
+                .iter()
+                .map(|y| (y.as_str(), "store.url"))
+                .collect::<Vec<_>>(),
+        );
+        refused(&[(
+            "store:\n  type: redis\n  cluster: {nodes: ['redis://a:1', 'redis://b:x']}\n",
+            "store.cluster.nodes",
+        )]);
+        // What stays accepted.
+        for yaml in [
+            "session:\n  exclude: ['/static/**', '**/*.css']\n",
+            "log:\n  level: 'warn,session_proxy::access=info'\n",
+            "session:\n  max_age: 315360000\n  absolute_timeout: 315360000\n",
+            "store:\n  type: redis\n  url: 'redis://:pw@127.0.0.1:6379/2'\n",
+        ] {
+            load(Some(yaml), &[]).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+        }
+    }
+
+    #[test]
+    fn errors_never_repeat_a_secret() {
+        // The YAML, the environment, and the secret that must not show.
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: [Case; 5] = [
+            (
+                "session:\n  secret_fallbacks: MyOldSecretValue0001\n",
+                &[],
+                "MyOldSecretValue0001",
+            ),
+            (
+                "store:\n  type: redis\n  cluster: {nodes: 'redis://:ClusterPw99@h:7000'}\n",
+                &[],
+                "ClusterPw99",
+            ),
+            (
+                "store:\n  type: redis\n",
+                &[(
+                    "SESSION_PROXY_STORE__SENTINEL",
+                    "redis://:EnvSentPw@h:26379",
+                )],
+                "EnvSentPw",
+            ),
+            (
+                "store:\n  type: redis\n  url: 'redis:/:TopSecret99@h:6379'\n",
+                &[],
+                "TopSecret99",
+            ),
+            (
+                "",
+                &[("SESSION_PROXY_STORE", "redis//:TopSecret98@h:6379")],
+                "TopSecret98",
+            ),
+        ];
+        for (yaml, env, secret) in cases {
+            let e = load(Some(yaml), env).unwrap_err();
+            assert!(!e.0.contains(secret), "{yaml} {env:?}: {e}");
+        }
     }
 
     #[test]

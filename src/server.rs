@@ -186,16 +186,14 @@ impl Server {
             let open = worker.open.clone();
             open.fetch_add(1, Ordering::Relaxed);
             let serve = async move {
-                metrics.connections().inc();
+                // Counted out when the task ends, however it ends.
+                let _open = Counted::new(metrics, open, slot);
                 match TcpStream::from_std(stream) {
                     Ok(stream) => {
                         serve_connection(stream, peer, proxy, &builder, closing, periods).await;
                     }
                     Err(e) => tracing::warn!(%peer, "cannot serve the connection: {e}"),
                 }
-                metrics.connections().dec();
-                open.fetch_sub(1, Ordering::Relaxed);
-                drop(slot);
             };
             connections.spawn_on(serve, &worker.runtime);
         }
@@ -216,6 +214,35 @@ impl Server {
             shutdown.cut_tunnels();
         }
         tracing::info!("shutdown complete");
+    }
+}
+
+/// A client connection as the metrics, its worker and the connection cap count it.
+struct Counted {
+    metrics: Arc<Metrics>,
+    open: Arc<AtomicUsize>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Counted {
+    fn new(
+        metrics: Arc<Metrics>,
+        open: Arc<AtomicUsize>,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Counted {
+        metrics.connections().inc();
+        Counted {
+            metrics,
+            open,
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.metrics.connections().dec();
+        self.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -49,14 +49,24 @@ impl UpstreamUrl {
         if authority.as_str().contains('@') {
             return Err(format!("`{url}` must not carry user information"));
         }
-        if uri.query().is_some() {
-            return Err(format!("`{url}` must not have a query"));
+        if uri.query().is_some() || url.contains('#') {
+            return Err(format!("`{url}` must not have a query or a fragment"));
         }
-        let address = format!(
-            "{}:{}",
-            authority.host(),
-            authority.port_u16().unwrap_or(80)
-        );
+        // What follows the host: nothing (port 80), or `:` and a port. A port that does
+        // not parse must not fall back to 80 and send the sessions somewhere else.
+        let after_host = authority
+            .as_str()
+            .get(authority.host().len()..)
+            .unwrap_or_default();
+        let port = match after_host.strip_prefix(':') {
+            None if after_host.is_empty() => 80,
+            Some(digits) => match digits.parse::<u16>() {
+                Ok(port) if port != 0 && digits.bytes().all(|b| b.is_ascii_digit()) => port,
+                _ => return Err(format!("`{url}` has no valid port (1–65535)")),
+            },
+            None => return Err(format!("`{url}` has no valid host")),
+        };
+        let address = format!("{}:{port}", authority.host());
         let prefix = uri.path().trim_end_matches('/').to_string();
         Ok(UpstreamUrl {
             authority,
@@ -601,6 +611,25 @@ mod tests {
         assert_eq!(plain.address, "[::1]:80");
         assert_eq!(plain.target(None).unwrap(), "/");
         assert!(UpstreamUrl::parse("https://a:1").is_err());
+        for bad in [
+            "http://127.0.0.1:65536",
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:abc",
+            "http://127.0.0.1:0",
+            "http://127.0.0.1:",
+            "http://127.0.0.1:+80",
+            "http://127.0.0.1:3000/#frag",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            UpstreamUrl::parse("http://a:65535").unwrap().address,
+            "a:65535"
+        );
+        assert_eq!(
+            UpstreamUrl::parse("http://[::1]:8080").unwrap().address,
+            "[::1]:8080"
+        );
         assert!(UpstreamUrl::parse("http://u:p@a:1").is_err());
         assert!(UpstreamUrl::parse("nope").is_err());
     }
