@@ -124,7 +124,8 @@ impl SessionCookie {
     }
 
     /// Removes the session cookie from the `Cookie` header(s), leaving every other
-    /// cookie byte for byte, joined into one header for an HTTP/1.1 upstream.
+    /// cookie byte for byte, joined with `; ` into one header for an HTTP/1.1 upstream
+    /// (empty pieces, `;;`, are dropped).
     pub fn strip(&self, headers: &mut HeaderMap) {
         let mut fields = headers.get_all(COOKIE).iter();
         let (Some(first), None) = (fields.next(), fields.next()) else {
