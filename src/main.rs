@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use session_proxy::config::{Config, Overrides};
+use session_proxy::config::{Config, Overrides, StoreConfig};
 use session_proxy::server::Server;
 use session_proxy::{demo, logging};
 
@@ -181,24 +181,35 @@ async fn wait_for_signal() {
     }
 }
 
+/// The demo: the proxy, configured as usual (file, environment, flags), in front of the
+/// built-in application, on the memory store.
 async fn run_demo(flags: &Flags) -> Result<(), Failure> {
+    for (given, flag) in [
+        (flags.upstream.is_some(), "--upstream"),
+        (flags.store.is_some(), "--store"),
+    ] {
+        if given {
+            return Err(format!(
+                "demo runs its own application on the memory store: {flag} is for running the proxy itself"
+            )
+            .into());
+        }
+    }
+    let mut config = load(flags)?;
     let app = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| format!("cannot start the demo application: {e}"))?;
     let app_addr = app.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(demo::serve(app));
-    let mut config = Config {
-        upstream: format!("http://{app_addr}"),
-        admin_listen: None,
-        ..Config::default()
+    config.upstream = format!("http://{app_addr}");
+    config.store = StoreConfig {
+        max_sessions: config.store.max_sessions,
+        ..StoreConfig::default()
     };
-    config.session.exclude = vec!["/static/**".into()];
-    config.session.user_key = Some("user".into());
-    if let Some(listen) = &flags.listen {
-        config.listen = listen
-            .parse()
-            .map_err(|e| format!("--listen `{listen}`: {e}"))?;
-    }
+    // The application's stylesheet needs no session; its login names the user.
+    config.session.exclude.push("/static/**".into());
+    config.session.user_key.get_or_insert_with(|| "user".into());
+    config.validate().map_err(|e| e.to_string())?;
     eprintln!(
         "session-proxy demo: open http://{} in a browser",
         config.listen

@@ -494,6 +494,7 @@ async fn demo_serves_a_working_session_app() {
     let port = free_port();
     let mut child = Command::new(BIN)
         .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", "null"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -533,6 +534,45 @@ async fn demo_serves_a_working_session_app() {
     assert_eq!(r.json()["user"], "ann");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The demo is configured like the proxy (file, environment, flags); only the
+/// application and the store are its own.
+#[tokio::test]
+async fn demo_takes_its_settings_from_the_configuration_layers() {
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config("session:\n  cookie_name: democ\n");
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["demo", "--config", config.to_str().unwrap()])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .env("SESSION_PROXY_LISTEN", &listen)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    support::wait_for_listener(&listen).await;
+    let client = support::Client::new();
+    let page = client.get(&format!("http://{listen}/"), &[]).await;
+    assert_eq!(page.status, 200);
+    let cookies = page.set_cookies();
+    assert!(
+        cookies.iter().any(|c| c.starts_with("democ=")),
+        "{cookies:?}"
+    );
+    let health = client
+        .get(&format!("http://127.0.0.1:{admin}/healthz"), &[])
+        .await;
+    assert_eq!(health.status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    for flag in ["--store", "--upstream"] {
+        let out = run(&["demo", flag, "redis://127.0.0.1:1"], &[]);
+        assert_eq!(out.status.code(), Some(1), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{flag}: {err}");
+    }
 }
 
 #[tokio::test]
