@@ -5,7 +5,9 @@
 //! `store.max_sessions` sessions: at the bound a *new* session is refused
 //! (`StoreError::Full`, answered 503 and counted), while existing sessions keep working.
 //! Refusing rather than evicting keeps a flood of new visitors from logging out the
-//! users already signed in.
+//! users already signed in. A rotation is not refused at the bound: for its grace period
+//! the old ID is one entry more, so the count may pass the bound by the rotations of the
+//! last `rotate_grace` seconds.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
