@@ -65,6 +65,26 @@ enum CookieAction {
     Clear,
 }
 
+/// A request the proxy answers itself, with a problem.
+struct Refused {
+    problem: Problem,
+    /// The session the request came with, for the access log.
+    session: Option<SessionId>,
+    /// What the answer does with the cookie: it follows a session that moved to a fresh
+    /// ID before the failure.
+    cookie: CookieAction,
+}
+
+impl From<Problem> for Refused {
+    fn from(problem: Problem) -> Refused {
+        Refused {
+            problem,
+            session: None,
+            cookie: CookieAction::Keep,
+        }
+    }
+}
+
 /// A finished request, for the metrics and the access log.
 struct Served {
     response: Response<ProxyBody>,
@@ -106,13 +126,19 @@ impl Proxy {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let outcome = if head_size(&req) > self.max_header_bytes {
-            Err((Problem::headers_too_large(self.max_header_bytes), None))
+            Err(Refused::from(Problem::headers_too_large(
+                self.max_header_bytes,
+            )))
         } else {
             self.serve(req, &client).await
         };
         let served = match outcome {
             Ok(served) => served,
-            Err((problem, session)) => {
+            Err(Refused {
+                problem,
+                session,
+                cookie,
+            }) => {
                 if problem.kind == "session-protocol-violation" {
                     self.metrics.protocol_violation();
                 }
@@ -130,8 +156,10 @@ impl Proxy {
                 } else {
                     log_at!(warn);
                 }
+                let mut response = problem.into_response();
+                self.set_cookie(response.headers_mut(), cookie);
                 Served {
-                    response: problem.into_response(),
+                    response,
                     outcome: Outcome::None,
                     session,
                 }
@@ -157,12 +185,12 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: &HeaderValue,
-    ) -> Result<Served, (Problem, Option<SessionId>)> {
-        check_target(&req).map_err(|why| (Problem::bad_request(why), None))?;
+    ) -> Result<Served, Refused> {
+        check_target(&req).map_err(Problem::bad_request)?;
         // First of all, so that no header the proxy adds can be named by the client's
         // `Connection` and dropped on the way out.
         upstream::remove_hop_by_hop(req.headers_mut(), true)
-            .map_err(|e| (Problem::bad_request(e.to_string()), None))?;
+            .map_err(|e| Problem::bad_request(e.to_string()))?;
         self.headers.strip(req.headers_mut());
         // Only a WebSocket upgrade is still asked for here: any other left with the
         // hop-by-hop headers.
@@ -172,9 +200,9 @@ impl Proxy {
         if self.exclusions.matches(req.uri().path()) {
             // No session here, but the application still never sees the session ID.
             self.cookie.strip(req.headers_mut());
-            let mut response = self.forward(req, client).await.map_err(|p| (p, None))?;
+            let mut response = self.forward(req, client).await?;
             self.headers.strip(response.headers_mut());
-            check_switch(&response, client_upgrade.is_some()).map_err(|p| (p, None))?;
+            check_switch(&response, client_upgrade.is_some())?;
             self.tunnel(client_upgrade, &mut response);
             return Ok(Served {
                 response: response.map(Either::Left),
@@ -185,7 +213,11 @@ impl Proxy {
 
         let presented = self.cookie.take(req.headers_mut());
         let presented_id = presented.as_ref().map(|p| p.id.clone());
-        let fail = |problem: Problem| (problem, presented_id.clone());
+        let fail = |problem: Problem| Refused {
+            problem,
+            session: presented_id.clone(),
+            cookie: CookieAction::Keep,
+        };
         let current = self.load(presented).await.map_err(fail)?;
         self.hand_session_to_app(&current, req.headers_mut());
 
@@ -197,20 +229,13 @@ impl Proxy {
             .take_answer(response.headers_mut(), self.max_bytes)
             .map_err(|v| fail(Problem::protocol_violation(v.to_string())))?;
 
-        let (outcome, action) = match self.apply(current, answer.change, answer.rotate).await {
-            Ok(applied) => applied,
-            Err((problem, CookieAction::Keep)) => return Err(fail(problem)),
-            Err((problem, action)) => {
-                // Failed after the session moved: the error keeps the client with it.
-                let mut response = problem.into_response();
-                self.set_cookie(response.headers_mut(), action);
-                return Ok(Served {
-                    response,
-                    outcome: Outcome::None,
-                    session: presented_id,
-                });
-            }
-        };
+        let (outcome, action) = self
+            .apply(current, answer.change, answer.rotate)
+            .await
+            .map_err(|(problem, cookie)| Refused {
+                cookie,
+                ..fail(problem)
+            })?;
         let session = match &action {
             CookieAction::Set(id) => Some(id.clone()),
             _ => presented_id,

@@ -66,6 +66,7 @@ on_both_stores!(
     rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period,
     requests_in_flight_during_a_rotation_never_hand_back_the_old_cookie,
     a_rotation_whose_patch_is_refused_leaves_the_session_as_it_was,
+    a_patch_refused_after_its_rotation_still_moves_the_cookie,
     rotation_on_its_own_moves_the_session,
     destroying_while_rotating_ends_the_session_under_both_ids,
     a_change_the_application_answered_holds_when_the_client_left_first,
@@ -280,6 +281,41 @@ async fn a_rotation_whose_patch_is_refused_leaves_the_session_as_it_was(backend:
     assert_eq!(r.session_seen(), session);
     let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
     assert_eq!(listed.json()["sessions"].as_array().unwrap().len(), 1);
+}
+
+/// When the patch that came with a rotation turns out too large only once merged into
+/// what is stored by then (another request grew the session meanwhile), the session has
+/// already moved: the 502 sets the new ID's cookie, where the session is, unpatched.
+async fn a_patch_refused_after_its_rotation_still_moves_the_cookie(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |c| c.session.max_bytes = 100).await;
+    let browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let login = {
+        let more = json!({"login": "y".repeat(50)}).to_string();
+        let url = proxy.url(&format!("/login?delay_ms=400&rotate=1&patch={}", q(&more)));
+        let cookie = cookie.clone();
+        tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let grow = json!({"cart": "z".repeat(50)}).to_string();
+    let r = Client::new()
+        .get(
+            &proxy.url(&format!("/cart?patch={}", q(&grow))),
+            &[("cookie", &cookie)],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = login.await.unwrap();
+    assert_eq!(r.status, 502);
+    let moved = r
+        .session_cookie()
+        .expect("the 502 follows the session to its new ID");
+    assert_ne!(format!("session={moved}"), cookie);
+    let r = Client::new()
+        .get(&proxy.url("/"), &[("cookie", &format!("session={moved}"))])
+        .await;
+    assert_eq!(r.session_seen(), json!({"a": 1, "cart": "z".repeat(50)}));
 }
 
 async fn rotation_on_its_own_moves_the_session(backend: Backend) {
