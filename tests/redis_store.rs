@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use redis_harness::{RedisCluster, RedisSentinel, RedisServer, SENTINEL_MASTER};
+use redis_harness::{RedisCluster, RedisSentinel, RedisServer, SENTINEL_MASTER, wait_until};
 use serde_json::{Value, json};
 use session_proxy::session::id::{IdShape, SessionId};
 use session_proxy::store::redis::{RedisOptions, RedisStore, Topology};
@@ -47,6 +47,11 @@ async fn connect(topology: Topology, max_age: Duration) -> RedisStore {
 
 async fn standalone(server: &RedisServer, max_age: Duration) -> RedisStore {
     connect(Topology::Standalone { url: server.url() }, max_age).await
+}
+
+async fn clustered(cluster: &RedisCluster, max_age: Duration) -> RedisStore {
+    let nodes = cluster.urls();
+    connect(Topology::Cluster { nodes }, max_age).await
 }
 
 fn new_id() -> SessionId {
@@ -842,13 +847,7 @@ async fn a_cluster_spreads_sessions_over_its_nodes_and_every_operation_works() {
     let cluster = tokio::task::spawn_blocking(RedisCluster::start)
         .await
         .unwrap();
-    let store = connect(
-        Topology::Cluster {
-            nodes: cluster.urls(),
-        },
-        MINUTE,
-    )
-    .await;
+    let store = clustered(&cluster, MINUTE).await;
     store.ping().await.unwrap();
 
     let ids: Vec<SessionId> = (0..30).map(|_| new_id()).collect();
@@ -910,4 +909,59 @@ async fn a_cluster_spreads_sessions_over_its_nodes_and_every_operation_works() {
         assert!(store.load(id, false).await.unwrap().is_none());
     }
     assert!(store.load(&ids[8], false).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_that_lost_a_master_fails_the_ping_until_it_is_back() {
+    let mut cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let store = clustered(&cluster, MINUTE).await;
+    store.ping().await.unwrap();
+
+    // The other nodes declare the master failed after cluster-node-timeout (5 s); from then
+    // on every node answers CLUSTERDOWN to key commands, and PING as before.
+    cluster.nodes_mut()[0].stop();
+    let cluster = tokio::task::spawn_blocking(move || {
+        wait_until("cluster_state:fail", Duration::from_secs(30), || {
+            cluster.nodes()[1..].iter().all(|n| {
+                n.try_cli::<String>(&["CLUSTER", "INFO"])
+                    .is_ok_and(|info| info.contains("cluster_state:fail"))
+            })
+        });
+        cluster
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster.nodes()[1].cli::<String>(&["PING"]), "PONG");
+    let why = unavailable(store.ping().await);
+    assert!(
+        why.contains("cluster_state:fail") && why.contains("CLUSTERDOWN"),
+        "{why}"
+    );
+    let started = Instant::now();
+    let why = unavailable(store.load(&new_id(), false).await);
+    eprintln!(
+        "a session read while the cluster is down failed after {:?}: {why}",
+        started.elapsed()
+    );
+    assert!(why.contains("CLUSTERDOWN"), "{why}");
+
+    let mut cluster = cluster;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.nodes_mut()[0].restart();
+        cluster
+    })
+    .await
+    .unwrap();
+    eventually(
+        "the ping to succeed again",
+        Duration::from_secs(30),
+        || async { store.ping().await.is_ok() },
+    )
+    .await;
+    let id = new_id();
+    store.create(&id, session(r#"{"a":1}"#)).await.unwrap();
+    assert!(store.load(&id, false).await.unwrap().is_some());
+    drop(cluster);
 }

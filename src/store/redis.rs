@@ -27,7 +27,8 @@
 //! while Redis is away every operation fails with `StoreError::Unavailable`, and the first
 //! one after it is back reconnects. Under Sentinel the store follows failovers and writes
 //! are confirmed by a replica (see `SentinelLink`); under Cluster, redirections are
-//! followed by the cluster client.
+//! followed by the cluster client, and the store answers a ping only while the cluster
+//! serves keys (see `cluster_serves`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -40,6 +41,7 @@ use futures_util::future::{try_join, try_join_all};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use redis::io::tcp::TcpSettings;
 use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{
@@ -392,6 +394,14 @@ fn cluster(
     })
     .map_err(|e| StoreError::Unavailable(format!("store.cluster: {}", describe(&e))))
 }
+
+/// What a Cluster operation that ran out of time reports. The cluster client retries a
+/// node that cannot be reached or answers CLUSTERDOWN until the overall timeout, so the
+/// timeout is all that is left of those errors: a cluster that is down (every node
+/// answering CLUSTERDOWN at once) fails like a node that does not answer.
+const CLUSTER_TIMEOUT: &str = "Redis Cluster did not complete the command within \
+    store.connect_timeout + 2 × store.response_timeout: a node did not answer, could not be \
+    reached, or answered CLUSTERDOWN until then (/readyz says whether the cluster is down)";
 
 /// How a connection of a `PerWorker` is opened.
 type Opener<T> = Box<dyn Fn() -> RedisResult<T> + Send + Sync>;
@@ -870,7 +880,11 @@ impl RedisStore {
             Err(Failure::Store(e)) => Err(e),
             Err(Failure::Redis(e)) => {
                 self.link.recover().await;
-                Err(StoreError::Unavailable(describe(&e)))
+                let why = match self.link {
+                    Link::Cluster(_) if e.is_timeout() => CLUSTER_TIMEOUT.into(),
+                    _ => describe(&e),
+                };
+                Err(StoreError::Unavailable(why))
             }
             Err(Failure::Unconfirmed) => {
                 self.link.recover().await;
@@ -1305,9 +1319,47 @@ impl RedisStore {
 
     async fn ping_redis(&self) -> Result<(), Failure> {
         let mut conn = self.link.conn().await?;
+        if let Conn::Cluster(cluster) = &mut conn {
+            return cluster_serves(cluster).await;
+        }
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
         Ok(())
     }
+}
+
+/// Succeeds when a Redis Cluster serves keys: every master the client knows answers
+/// `CLUSTER INFO` with `cluster_state:ok`. `PING` is not enough: once a master has failed,
+/// a cluster with `cluster-require-full-coverage yes` (the default) refuses every key
+/// command with CLUSTERDOWN, while each node still answers `PING`.
+async fn cluster_serves(conn: &mut ClusterConnection) -> Result<(), Failure> {
+    let masters = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+    let answers = conn
+        .route_command(redis::cmd("CLUSTER").arg("INFO").clone(), masters)
+        .await?;
+    // Without a response policy, a fan-out answers with each node's reply by address.
+    let answers = match answers {
+        Value::Map(answers) => answers,
+        other => vec![(Value::Nil, other)],
+    };
+    for (node, answer) in answers {
+        let info = match answer {
+            Value::ServerError(e) => return Err(RedisError::from(e).into()),
+            answer => String::from_redis_value(answer).map_err(RedisError::from)?,
+        };
+        let state = info
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("cluster_state:"))
+            .unwrap_or("unknown");
+        if state != "ok" {
+            let node = String::from_redis_value(node).unwrap_or_else(|_| "a master".into());
+            return Err(StoreError::Unavailable(format!(
+                "Redis Cluster is down: {node} reports cluster_state:{state}, so key \
+                 commands fail with CLUSTERDOWN until every hash slot has a reachable master"
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// A session as read from its hash; one without a readable `created` was not written by

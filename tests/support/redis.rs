@@ -383,6 +383,12 @@ impl RedisCluster {
         &self.nodes
     }
 
+    /// The nodes, to stop and restart them. A restarted node keeps its cluster identity
+    /// and slots (its `nodes.conf` stays), but none of its keys.
+    pub fn nodes_mut(&mut self) -> &mut [RedisServer] {
+        &mut self.nodes
+    }
+
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
