@@ -436,3 +436,32 @@ async fn rediss_connects_over_tls_and_verifies_the_certificate() {
         .await;
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_redis_certificate_is_explained_in_the_503() {
+    let server = RedisServer::start_tls();
+    let app = App::scripted().await;
+    let update = format!("/?update={}", q(r#"{"a":1}"#));
+    let detail = |r: &support::Reply| {
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["detail"].as_str().unwrap_or_default().to_string()
+    };
+
+    // Signed by a CA that SSL_CERT_FILE does not hold.
+    let stranger = RedisServer::start_tls();
+    let proxy = TlsProxy::start(&app, &server.url(), stranger.ca_path().unwrap()).await;
+    let r = Client::new()
+        .get(&format!("http://{}{update}", proxy.addr), &[])
+        .await;
+    let why = detail(&r);
+    assert!(why.contains("CA") && why.contains("SSL_CERT_FILE"), "{why}");
+
+    // Trusted, but issued for 127.0.0.1, not for the host the URL names.
+    let by_name = format!("rediss://localhost:{}", server.port());
+    let proxy = TlsProxy::start(&app, &by_name, server.ca_path().unwrap()).await;
+    let r = Client::new()
+        .get(&format!("http://{}{update}", proxy.addr), &[])
+        .await;
+    let why = detail(&r);
+    assert!(why.contains("does not name the host"), "{why}");
+}

@@ -664,6 +664,98 @@ async fn invalid_urls_are_refused_without_echoing_them() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_the_server_lacks_is_named_in_the_error() {
+    let server = RedisServer::start();
+    let url = format!("{}/99", server.url());
+    let store = connect(Topology::Standalone { url }, MINUTE).await;
+    let why = unavailable(store.load(&new_id(), false).await);
+    assert!(
+        why.contains("DB index is out of range") && why.contains("databases"),
+        "{why}"
+    );
+    assert_eq!(unavailable(store.ping().await), why);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_without_access_to_the_key_prefix_is_told_to_check_its_acl() {
+    let server = RedisServer::start();
+    let password = "pw-s3cret";
+    server.cli::<()>(&[
+        "ACL",
+        "SETUSER",
+        "proxy",
+        "on",
+        &format!(">{password}"),
+        "~other:*",
+        "+@all",
+    ]);
+    let url = format!("redis://proxy:{password}@127.0.0.1:{}", server.port());
+    let store = connect(Topology::Standalone { url }, MINUTE).await;
+    store.ping().await.expect("the user may PING");
+    let id = new_id();
+    let errors = [
+        unavailable(
+            store
+                .create(&id, session(r#"{"user":"ann","secret":"hunter2"}"#))
+                .await,
+        ),
+        unavailable(store.load(&id, false).await),
+        unavailable(store.load(&id, true).await),
+    ];
+    for why in &errors {
+        assert!(
+            why.contains("NOPERM") && why.contains("no permissions") && why.contains("ACL"),
+            "{why}"
+        );
+        assert!(
+            why.contains(&format!("~{PREFIX}*")),
+            "names the keys: {why}"
+        );
+        assert!(
+            !why.contains(password) && !why.contains(id.as_str()) && !why.contains("hunter2"),
+            "leaks: {why}"
+        );
+    }
+
+    // What the hint asks for is enough.
+    server.cli::<()>(&[
+        "ACL",
+        "SETUSER",
+        "proxy",
+        "resetkeys",
+        "-@all",
+        &format!("~{PREFIX}*"),
+        "+@read",
+        "+@write",
+        "+@scripting",
+        "+ping",
+    ]);
+    store
+        .create(&id, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    assert!(store.load(&id, true).await.unwrap().is_some());
+    let patched = store.patch(&id, &patch(r#"{"a":1}"#)).await.unwrap();
+    assert!(matches!(patched, PatchOutcome::Updated(_)), "{patched:?}");
+    let moved = new_id();
+    assert!(store.rotate(&id, &moved, MINUTE).await.unwrap());
+    assert_eq!(store.user_sessions("ann").await.unwrap().len(), 2);
+    assert_eq!(store.revoke_user("ann").await.unwrap(), 2);
+    store.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_from_an_untrusted_ca_is_named_in_the_error() {
+    let server = RedisServer::start_tls();
+    let store = connect(Topology::Standalone { url: server.url() }, MINUTE).await;
+    let why = unavailable(store.load(&new_id(), false).await);
+    assert!(
+        why.contains("UnknownIssuer") && why.contains("CA") && why.contains("SSL_CERT_FILE"),
+        "{why}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sentinel_failover_loses_no_acknowledged_write() {
     let setup = Arc::new(

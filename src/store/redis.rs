@@ -316,19 +316,138 @@ fn stored_id(member: &str) -> Option<SessionId> {
     IdShape::new(member.len() * 3 / 4)?.parse(member)
 }
 
-/// What a failure reports: the kind of error, never keys or values, which would carry
-/// session IDs and data.
-fn describe(e: &RedisError) -> String {
+/// What a failure reports: what Redis answered, or why the connection failed, and for
+/// the usual mistakes in the settings what to check. `prefix` is `store.key_prefix`, for
+/// the keys an ACL must allow. Never keys or values, which would carry session IDs and
+/// data (see `redact`); no error carries the password.
+fn describe(e: &RedisError, prefix: &str) -> String {
     if e.is_timeout() {
         return "Redis did not answer in time".into();
     }
     if e.is_connection_refusal() {
         return "Redis refused the connection".into();
     }
-    match e.code() {
-        Some(code) => format!("Redis answered {code} ({})", e.category()),
-        None => format!("Redis connection failed: {}", e.category()),
+    match (e.kind(), e.code()) {
+        (ErrorKind::AuthenticationFailed, _) => {
+            "Redis refused the user name or password: check those in the URL".into()
+        }
+        (ErrorKind::Io, _) => match tls_error(e).and_then(certificate_hint) {
+            Some(hint) => format!("Redis connection failed: {e}; {hint}"),
+            None => format!("Redis connection failed: {e}"),
+        },
+        (_, Some(code)) => {
+            let detail = e.detail().map(redact).unwrap_or_default();
+            let answer = format!("Redis answered {code} {detail}");
+            match server_hint(code, &detail, prefix) {
+                Some(hint) => format!("{}; {hint}", answer.trim_end()),
+                None => answer.trim_end().to_string(),
+            }
+        }
+        // The library's own errors: their details may quote a reply, which may hold data.
+        (_, None) => format!("Redis connection failed: {}", e.category()),
     }
+}
+
+/// What to check when Redis answers `code` to the store's commands.
+fn server_hint(code: &str, detail: &str, prefix: &str) -> Option<String> {
+    let hint = match code {
+        "NOPERM" => format!(
+            "the Redis user's ACL must allow the keys ~{prefix}* and the commands the store \
+             runs (+@read +@write +@scripting +ping; +cluster|info under Cluster, +wait \
+             under Sentinel)"
+        ),
+        "NOAUTH" => "Redis requires a password: give it in the URL \
+                     (redis://user:password@host:port)"
+            .into(),
+        "WRONGPASS" => "check the user name and password in the URL".into(),
+        "READONLY" => "the URL names a replica: name the master, or use store.sentinel".into(),
+        "MOVED" | "ASK" => "the URL names a Redis Cluster node: use store.cluster".into(),
+        _ if detail.contains("DB index is out of range") => "the database in the URL \
+             (redis://host:port/DB) must be below the server's `databases` setting \
+             (16 by default)"
+            .into(),
+        _ if detail.contains("SELECT is not allowed in cluster mode") => {
+            "a Redis Cluster has only database 0: remove /DB from the node URLs".into()
+        }
+        _ => return None,
+    };
+    Some(hint)
+}
+
+/// The TLS error behind an I/O failure, if that is what it was.
+fn tls_error(e: &RedisError) -> Option<&rustls::Error> {
+    let source = std::error::Error::source(e)?;
+    // redis-rs keeps the I/O error in an `Arc`, which is what `source` hands out.
+    let io = match source.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+        Some(shared) => shared.downcast_ref::<std::io::Error>()?,
+        None => source.downcast_ref::<std::io::Error>()?,
+    };
+    io.get_ref()?.downcast_ref()
+}
+
+/// What to check when Redis's certificate was refused.
+fn certificate_hint(e: &rustls::Error) -> Option<&'static str> {
+    use rustls::CertificateError as Refused;
+    let rustls::Error::InvalidCertificate(refused) = e else {
+        return None;
+    };
+    Some(match refused {
+        // A bad signature: a trusted CA has the issuer's name, but did not sign it.
+        Refused::UnknownIssuer | Refused::BadSignature => {
+            "Redis's certificate is not signed by a CA the proxy trusts: rediss:// \
+             certificates are checked against the system's CA certificates, or the file \
+             SSL_CERT_FILE names, which must then hold the CA that signed it"
+        }
+        Refused::NotValidForName | Refused::NotValidForNameContext { .. } => {
+            "Redis's certificate does not name the host in the URL: connect by a name (or IP \
+             address) the certificate lists"
+        }
+        Refused::Expired
+        | Refused::ExpiredContext { .. }
+        | Refused::NotValidYet
+        | Refused::NotValidYetContext { .. } => {
+            "Redis's certificate is outside its validity period (check its dates and the clock)"
+        }
+        _ => "Redis's certificate was refused",
+    })
+}
+
+/// Shortest run of ID characters that is taken for a session ID (16 bytes in base64url).
+const ID_LIKE: usize = 22;
+
+/// A server's error detail without what could carry a session ID or session data. Redis
+/// quotes the arguments of a command it does not know (", with args beginning with: …"),
+/// which are dropped, and may quote the key an ACL refused: a quoted word that could be
+/// one of the store's keys (with a `:`, or long) becomes `'…'`, as does any unquoted run
+/// of base64url characters as long as a session ID.
+fn redact(detail: &str) -> String {
+    let detail = detail
+        .split(", with args beginning with")
+        .next()
+        .unwrap_or(detail);
+    let mut out = String::with_capacity(detail.len());
+    // Every other piece between quotes is quoted.
+    for (i, piece) in detail.split('\'').enumerate() {
+        if i % 2 == 1 {
+            let keyish = piece.contains(':') || piece.chars().count() >= ID_LIKE;
+            out.push('\'');
+            out.push_str(if keyish { "…" } else { piece });
+            out.push('\'');
+            continue;
+        }
+        let mut run = String::new();
+        for c in piece.chars().chain([' ']) {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                run.push(c);
+                continue;
+            }
+            out.push_str(if run.len() >= ID_LIKE { "…" } else { &run });
+            run.clear();
+            out.push(c);
+        }
+        out.pop();
+    }
+    out
 }
 
 fn invalid_url(what: &str) -> StoreError {
@@ -366,7 +485,7 @@ fn standalone(
     PerWorker::new(options.workers, move || {
         ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
     })
-    .map_err(|e| StoreError::Unavailable(describe(&e)))
+    .map_err(|e| StoreError::Unavailable(describe(&e, &options.key_prefix)))
 }
 
 fn cluster(
@@ -385,14 +504,24 @@ fn cluster(
         // Room for a redirection or a reconnection within one operation.
         .overall_response_timeout(Some(options.connect_timeout + options.response_timeout * 2))
         .build()
-        .map_err(|e| StoreError::Unavailable(format!("store.cluster: {}", describe(&e))))?;
+        .map_err(|e| {
+            StoreError::Unavailable(format!(
+                "store.cluster: {}",
+                describe(&e, &options.key_prefix)
+            ))
+        })?;
     let config = ClusterConfig::new()
         .set_connection_timeout(options.connect_timeout)
         .set_response_timeout(options.response_timeout);
     PerWorker::new(options.workers, move || {
         Ok(client.get_pending_async_connection_with_config(config.clone()))
     })
-    .map_err(|e| StoreError::Unavailable(format!("store.cluster: {}", describe(&e))))
+    .map_err(|e| {
+        StoreError::Unavailable(format!(
+            "store.cluster: {}",
+            describe(&e, &options.key_prefix)
+        ))
+    })
 }
 
 /// What a Cluster operation that ran out of time reports. The cluster client retries a
@@ -618,9 +747,18 @@ impl SentinelLink {
             .iter()
             .map(|info| Client::open(info.clone()))
             .collect::<RedisResult<Vec<_>>>()
-            .map_err(|e| StoreError::Unavailable(format!("store.sentinel: {}", describe(&e))))?;
-        let sentinel = Sentinel::build(infos)
-            .map_err(|e| StoreError::Unavailable(format!("store.sentinel: {}", describe(&e))))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "store.sentinel: {}",
+                    describe(&e, &options.key_prefix)
+                ))
+            })?;
+        let sentinel = Sentinel::build(infos).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "store.sentinel: {}",
+                describe(&e, &options.key_prefix)
+            ))
+        })?;
         Ok(SentinelLink {
             service,
             node,
@@ -882,7 +1020,7 @@ impl RedisStore {
                 self.link.recover().await;
                 let why = match self.link {
                     Link::Cluster(_) if e.is_timeout() => CLUSTER_TIMEOUT.into(),
-                    _ => describe(&e),
+                    _ => describe(&e, &self.keys.prefix),
                 };
                 Err(StoreError::Unavailable(why))
             }
@@ -1420,5 +1558,39 @@ impl Store for RedisStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.run(self.ping_redis()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn error_details_lose_what_could_be_keys_and_arguments() {
+        let id = "Wm9vbGFuZGVyLWZvby1iYXItYmF6LXF1eC1xdXV4LWZvbw";
+        assert_eq!(
+            redact(&format!(
+                "unknown command 'EVALSHA', with args beginning with: 'abc' '1' 'session:{id}' '{{\"a\":1}}' "
+            )),
+            "unknown command 'EVALSHA'"
+        );
+        assert_eq!(
+            redact(&format!(
+                "User proxy has no permissions to access the 'session:{id}' key"
+            )),
+            "User proxy has no permissions to access the '…' key"
+        );
+        assert_eq!(
+            redact(&format!("no such key session:{id}, sorry")),
+            "no such key session:…, sorry"
+        );
+        assert_eq!(
+            redact("DB index is out of range"),
+            "DB index is out of range"
+        );
+        assert_eq!(
+            redact("User proxy has no permissions to run the 'evalsha' command"),
+            "User proxy has no permissions to run the 'evalsha' command"
+        );
     }
 }
