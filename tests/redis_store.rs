@@ -556,6 +556,137 @@ async fn the_user_index_forgets_expired_sessions() {
     .await;
 }
 
+/// How long, in ms, Redis keeps `key`: its PTTL, or the time left until its `score` in
+/// the sorted set `key` when `member` is given. Negative once gone.
+fn ms_left(server: &RedisServer, key: &str, member: Option<&str>) -> i64 {
+    match member {
+        None => server.cli(&["PTTL", key]),
+        Some(member) => {
+            let score: Option<f64> = server.cli(&["ZSCORE", key, member]);
+            score.map_or(-2, |ms| ms as i64 - unix_now().as_millis() as i64)
+        }
+    }
+}
+
+/// Asserts that the index entries of `id` (under `user`) expire no later than the session.
+fn assert_index_ends_with_session(server: &RedisServer, id: &SessionId, user: &str, when: &str) {
+    let session = ms_left(server, &key(id), None);
+    let handle = ms_left(server, &format!("{PREFIX}handle:{}", id.handle()), None);
+    let entry = ms_left(server, &format!("{PREFIX}user:{user}"), Some(id.as_str()));
+    assert!(session > 0, "{when}: the session is gone");
+    // Some slack for the milliseconds between the commands that set each.
+    for (what, left) in [("handle key", handle), ("user index entry", entry)] {
+        assert!(
+            (0..=session + 100).contains(&left),
+            "{when}: the {what} expires in {left} ms, the session in {session} ms"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_entries_expire_with_a_session_its_absolute_end_cuts_short() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let now = unix_now().as_secs();
+    let ends = now + 3;
+    let id = new_id();
+    store
+        .create(
+            &id,
+            NewSession {
+                data: bytes(r#"{"user":"ann"}"#),
+                created: now,
+                ends: Some(ends),
+            },
+        )
+        .await
+        .unwrap();
+    assert_index_ends_with_session(&server, &id, "ann", "after creation");
+    assert_eq!(
+        store
+            .replace(&id, bytes(r#"{"user":"ann","a":1}"#))
+            .await
+            .unwrap(),
+        Replaced::Done
+    );
+    assert_index_ends_with_session(&server, &id, "ann", "after a replacement");
+    assert!(store.load(&id, true).await.unwrap().is_some());
+    assert_index_ends_with_session(&server, &id, "ann", "after a renewal");
+    let patched = store.patch(&id, &patch(r#"{"b":2}"#)).await.unwrap();
+    assert!(matches!(patched, PatchOutcome::Updated(_)), "{patched:?}");
+    assert_index_ends_with_session(&server, &id, "ann", "after a patch");
+    // Rotated with a grace period longer than what is left: the end still rules.
+    let rotated = new_id();
+    assert!(store.rotate(&id, &rotated, MINUTE).await.unwrap());
+    assert_index_ends_with_session(&server, &rotated, "ann", "the new ID after rotation");
+    assert_index_ends_with_session(&server, &id, "ann", "the old ID after rotation");
+
+    eventually(
+        "the sessions and every index key to expire",
+        Duration::from_secs(6),
+        || async {
+            let keys: Vec<String> = server.cli(&["KEYS", &format!("{PREFIX}*")]);
+            keys.is_empty()
+        },
+    )
+    .await;
+    assert!(unix_now().as_secs() >= ends, "expired before the end");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_entries_of_a_rotated_away_id_expire_with_its_grace_period() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let grace = Duration::from_secs(1);
+    let first = new_id();
+    store
+        .create(&first, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    let mut ids = vec![first];
+    for _ in 0..3 {
+        let next = new_id();
+        let last = ids.last().unwrap();
+        assert!(store.rotate(last, &next, grace).await.unwrap());
+        assert_index_ends_with_session(&server, last, "ann", "the old ID after rotation");
+        assert_index_ends_with_session(&server, &next, "ann", "the new ID after rotation");
+        ids.push(next);
+    }
+    let current = ids.pop().unwrap();
+
+    let current_handle = format!("{PREFIX}handle:{}", current.handle());
+    eventually(
+        "the old IDs' handle keys to expire",
+        Duration::from_secs(3),
+        || {
+            let keys: Vec<String> = server.cli(&["KEYS", &format!("{PREFIX}handle:*")]);
+            let only_current = keys == [current_handle.as_str()];
+            async move { only_current }
+        },
+    )
+    .await;
+    let live: Vec<String> = server.cli(&[
+        "ZRANGE",
+        &format!("{PREFIX}user:ann"),
+        &unix_now().as_millis().to_string(),
+        "+inf",
+        "BYSCORE",
+    ]);
+    assert_eq!(
+        live,
+        [current.as_str()],
+        "only the current ID's entry is unexpired"
+    );
+    let ttl: i64 = server.cli(&["PTTL", &format!("{PREFIX}user:ann")]);
+    assert!(
+        ttl > 55_000,
+        "the index lives as long as the current ID: {ttl}"
+    );
+    for old in &ids {
+        assert!(store.load(old, false).await.unwrap().is_none());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn operations_fail_as_unavailable_while_redis_is_down_and_recover_within_two_seconds() {
     let mut server = RedisServer::start();

@@ -23,6 +23,14 @@
 //! always *before* the session: the index may name sessions that are gone or changed user,
 //! never miss one. Reading the index drops the entries that no longer match.
 //!
+//! Index entries expire with their session, not `max_age` after their last write, since a
+//! session's end (`ends`) and rotation's grace period cut it short. Creation and rotation
+//! index a session for the lifetime it is stored with, renewal for the TTL its script set;
+//! a replacement is indexed for `max_age` first (only its script reads `ends`), then cut
+//! to the TTL the script reports; a rotated-away ID's entries are cut to its grace period.
+//! Cutting comes *after* the session's own TTL was cut, so that, here too, the entries
+//! never expire before the session.
+//!
 //! Connecting never waits for Redis, and no operation waits past the configured timeouts:
 //! while Redis is away every operation fails with `StoreError::Unavailable`, and the first
 //! one after it is back reconnects. Under Sentinel the store follows failovers and writes
@@ -155,8 +163,10 @@ enum Written {
 }
 
 /// Scripts answer `1` or `0` when there is nothing more to say, else `{status, a, b}`:
-/// `{1, user}`, `{0}` or `{2, data, ver}`; a write to a session rotated away answers `3`. (Redis turns a Lua table into a reply more
-/// slowly than a number, and most writes have nothing more to say.)
+/// `{1, user}`, `{0}` or `{2, data, ver}`; a write to a session rotated away answers `3`.
+/// (Redis turns a Lua table into a reply more slowly than a number, and most writes have
+/// nothing more to say.) `WRITE` adds its TTL, as `{1 or 3, '', ttl}`, when the session's
+/// end cut it short of `max_age` (see `WriteAnswer`).
 impl FromRedisValue for Written {
     fn from_redis_value(v: Value) -> Result<Written, ParsingError> {
         let (status, a, b) = match v {
@@ -168,6 +178,29 @@ impl FromRedisValue for Written {
             2 => Written::Changed { data: a, ver: b },
             3 => Written::Moved,
             _ => Written::Missing,
+        })
+    }
+}
+
+/// What `WRITE` answers: how the write went and, when the session's end cut its TTL short
+/// of `max_age`, that TTL, to which its index entries are cut.
+struct WriteAnswer {
+    written: Written,
+    cut: Option<Duration>,
+}
+
+impl FromRedisValue for WriteAnswer {
+    fn from_redis_value(v: Value) -> Result<WriteAnswer, ParsingError> {
+        let cut = match &v {
+            Value::Array(items) if matches!(items.first(), Some(Value::Int(1 | 3))) => items
+                .get(2)
+                .and_then(|ttl| u64::from_redis_value_ref(ttl).ok())
+                .map(Duration::from_millis),
+            _ => None,
+        };
+        Ok(WriteAnswer {
+            written: Written::from_redis_value(v)?,
+            cut,
         })
     }
 }
@@ -191,7 +224,7 @@ macro_rules! with_ttl {
 }
 
 /// Reads a session and resets its TTL, touching only `seen`.
-/// Answers nil, or `{data, created, user, moved}`.
+/// Answers nil, or `{data, created, user, moved, ttl_ms}`.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(with_ttl!(
         r"
@@ -201,7 +234,7 @@ local t = ttl(f[3])
 if not t then return false end
 redis.call('HSET', KEYS[1], 'seen', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], t)
-return {f[1], f[2] or '', f[4] or '', f[5] or ''}
+return {f[1], f[2] or '', f[4] or '', f[5] or '', t}
 "
     ))
 });
@@ -223,7 +256,7 @@ return 1
 
 /// Replaces the data of an existing session, if its `ver` is the expected one: three
 /// commands (read, write, expire) in the common case, since Redis's CPU per call is
-/// most of a write's cost. Only a conflict reads `data`.
+/// most of a write's cost. Only a conflict reads `data`. Answers as `WriteAnswer` reads.
 /// ARGV: now_ms, max_age_ms, now_s, data, user ('' for none), ver ('' for any).
 static WRITE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(with_ttl!(
@@ -244,8 +277,10 @@ else
   if f[3] then redis.call('HDEL', KEYS[1], 'user') end
 end
 redis.call('PEXPIRE', KEYS[1], t)
-if f[5] then return 3 end
-return 1
+local status = 1
+if f[5] then status = 3 end
+if tonumber(t) < tonumber(ARGV[2]) then return {status, '', t} end
+return status
 "
     ))
 });
@@ -292,12 +327,17 @@ return 1
     )
 });
 
-/// Adds a session to a user's index, drops the entries past their expiry, and lets the
-/// index itself expire with its last entry. ARGV: id, expires_ms, now_ms.
+/// Adds a session to a user's index or moves its expiry later (`GT`), or moves the expiry
+/// of an indexed session earlier (`LT`); drops the entries past their expiry, and lets the
+/// index itself expire with its last entry. ARGV: id, expires_ms, now_ms, `GT` or `LT`.
 static INDEX: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+if ARGV[4] == 'LT' then
+  redis.call('ZADD', KEYS[1], 'XX', 'LT', ARGV[2], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if last[2] then redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(last[2]))) end
@@ -1066,24 +1106,23 @@ impl RedisStore {
         Ok(value)
     }
 
-    /// Indexes a session under its user, before the session itself is written.
+    /// Indexes a session under its user until `until` (unix time), by which it expires at
+    /// the latest, before the session itself is written.
     async fn index(
         &self,
         conn: &Conn,
         user: &str,
         id: &SessionId,
+        until: Duration,
         now: Duration,
     ) -> Result<(), Failure> {
-        // No write or renewal can make the session outlive this.
-        let expires = millis(now + self.settings.max_age);
-        let mut call = INDEX.key(self.keys.user(user));
-        call.arg(id.as_str()).arg(expires).arg(millis(now));
+        let call = self.index_call(user, id, until, now, "GT");
         let mut handle = redis::cmd("SET");
         handle
             .arg(self.keys.handle(&id.handle()))
             .arg(user)
             .arg("PXAT")
-            .arg(expires);
+            .arg(millis(until));
         let (mut by_user, mut by_handle) = (conn.clone(), conn.clone());
         try_join(
             call.invoke_async::<()>(&mut by_user),
@@ -1091,6 +1130,49 @@ impl RedisStore {
         )
         .await?;
         Ok(())
+    }
+
+    /// Cuts a session's index entries to `until` (unix time), after the session itself was
+    /// cut to expire by then (by its end, or rotation's grace period). Best effort: an
+    /// entry left longer only outlives its session, and reading the index drops it.
+    async fn cut_index(
+        &self,
+        conn: &Conn,
+        user: &str,
+        id: &SessionId,
+        until: Duration,
+        now: Duration,
+    ) {
+        let call = self.index_call(user, id, until, now, "LT");
+        let mut handle = redis::cmd("PEXPIREAT");
+        handle
+            .arg(self.keys.handle(&id.handle()))
+            .arg(millis(until))
+            .arg("LT");
+        let (mut by_user, mut by_handle) = (conn.clone(), conn.clone());
+        let _ = try_join(
+            call.invoke_async::<()>(&mut by_user),
+            handle.query_async::<()>(&mut by_handle),
+        )
+        .await;
+    }
+
+    /// The `INDEX` call that moves a session's expiry in its user's index to `until`,
+    /// later only (`GT`) or earlier only (`LT`).
+    fn index_call(
+        &self,
+        user: &str,
+        id: &SessionId,
+        until: Duration,
+        now: Duration,
+        only: &str,
+    ) -> ScriptInvocation<'static> {
+        let mut call = INDEX.key(self.keys.user(user));
+        call.arg(id.as_str())
+            .arg(millis(until))
+            .arg(millis(now))
+            .arg(only);
+        call
     }
 
     /// Takes a deleted session out of its user's index. Best effort: reading the index
@@ -1138,7 +1220,7 @@ impl RedisStore {
         now: Duration,
     ) -> Result<(), Failure> {
         if let Some(user) = user {
-            self.index(conn, user, id, now).await?;
+            self.index(conn, user, id, now + ttl, now).await?;
         }
         let mut call = CREATE.key(self.keys.session(id));
         call.arg(millis(ttl))
@@ -1170,7 +1252,9 @@ impl RedisStore {
     ) -> Result<Written, Failure> {
         let user = self.settings.user_of(data);
         if let Some(user) = &user {
-            self.index(conn, user, id, now).await?;
+            // Only the script reads the session's end: until then, max_age bounds it.
+            self.index(conn, user, id, now + self.settings.max_age, now)
+                .await?;
         }
         let mut call = WRITE.key(self.keys.session(id));
         call.arg(millis(now))
@@ -1179,7 +1263,11 @@ impl RedisStore {
             .arg(data)
             .arg(user.as_deref().unwrap_or(""))
             .arg(ver.unwrap_or(""));
-        self.commit(conn, &call).await
+        let WriteAnswer { written, cut } = self.commit(conn, &call).await?;
+        if let (Some(user), Some(ttl)) = (&user, cut) {
+            self.cut_index(conn, user, id, now + ttl, now).await;
+        }
+        Ok(written)
     }
 
     /// Deletes a session; with `ver`, only at that version; with `user`, only if theirs.
@@ -1218,14 +1306,15 @@ impl RedisStore {
         call.arg(millis(now))
             .arg(millis(self.settings.max_age))
             .arg(now.as_secs());
-        let renewed: Option<(Vec<u8>, String, String, String)> =
+        let renewed: Option<(Vec<u8>, String, String, String, u64)> =
             call.invoke_async(&mut conn).await?;
-        let Some((data, created, user, moved)) = renewed else {
+        let Some((data, created, user, moved, ttl)) = renewed else {
             return Ok(None);
         };
         if !user.is_empty() {
             // The index entry must not expire before the session it names.
-            self.index(&conn, &user, id, now).await?;
+            let until = now + Duration::from_millis(ttl);
+            self.index(&conn, &user, id, until, now).await?;
         }
         Ok(record(Some(data), Some(created), !moved.is_empty()))
     }
@@ -1353,6 +1442,9 @@ impl RedisStore {
         let mut call = SHORTEN.key(self.keys.session(old));
         call.arg((now + grace).as_secs()).arg(millis(grace));
         let _: i64 = self.commit(&mut conn, &call).await?;
+        if let Some(user) = &user {
+            self.cut_index(&conn, user, old, now + grace, now).await;
+        }
         Ok(true)
     }
 
