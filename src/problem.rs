@@ -16,6 +16,9 @@ pub struct Problem {
     pub kind: &'static str,
     pub title: &'static str,
     pub detail: String,
+    /// For the log only: what an operator needs beyond `detail` (a Redis error and what to
+    /// check), which is no business of the client's.
+    pub cause: Option<String>,
 }
 
 impl Problem {
@@ -30,6 +33,7 @@ impl Problem {
             kind,
             title,
             detail: detail.into(),
+            cause: None,
         }
     }
 
@@ -58,6 +62,16 @@ impl Problem {
             "Session store unavailable",
             detail,
         )
+    }
+
+    /// The store failed for a reason of its own: the client learns that, the log why.
+    pub fn store_failed(cause: String) -> Problem {
+        Problem {
+            cause: Some(cause),
+            ..Problem::store_unavailable(
+                "the session store could not be used; the proxy's log says why",
+            )
+        }
     }
 
     pub fn timeout() -> Problem {

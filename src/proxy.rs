@@ -148,7 +148,8 @@ impl Proxy {
                     ($level:ident) => {
                         tracing::$level!(status = problem.status.as_u16(),
                             session_tag = %tag_of(&session), %method, %path,
-                            "{}: {}", problem.title, problem.detail)
+                            "{}: {}", problem.title,
+                            problem.cause.as_deref().unwrap_or(&problem.detail))
                     };
                 }
                 if problem.status.is_client_error() {
@@ -568,8 +569,8 @@ fn merge_into(
 fn unavailable(e: StoreError) -> Problem {
     match e {
         StoreError::TooLarge(_) => Problem::protocol_violation(e.to_string()),
-        // The title already says "session store unavailable".
-        StoreError::Unavailable(why) => Problem::store_unavailable(why),
+        // The title already says "session store unavailable"; why is for the log.
+        StoreError::Unavailable(why) => Problem::store_failed(why),
         e => Problem::store_unavailable(e.to_string()),
     }
 }
