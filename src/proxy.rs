@@ -25,7 +25,9 @@ use crate::session::exclude::Exclusions;
 use crate::session::id::{IdShape, SessionId};
 use crate::session::protocol::{Change, ProtocolHeaders};
 use crate::shutdown::Shutdown;
-use crate::store::{NewSession, PatchOutcome, Record, Replaced, Store, StoreError, unix_now};
+use crate::store::{
+    NewSession, PatchOutcome, Record, Replaced, Rotated, Store, StoreError, unix_now,
+};
 use crate::upstream::{self, ProxyBody, Upstream, UpstreamBody, UpstreamError};
 
 /// Everything one request needs, shared by all connections.
@@ -348,20 +350,27 @@ impl Proxy {
             // period.
             let fresh = SessionId::generate(self.shape);
             let rotated = self.store.rotate(&id, &fresh, self.rotate_grace).await;
-            if !rotated.map_err(|e| (unavailable(e), CookieAction::Keep))? {
-                return self
-                    .without_session(change, CookieAction::Clear)
-                    .await
-                    .map_err(|p| (p, CookieAction::Keep));
+            match rotated.map_err(|e| (unavailable(e), CookieAction::Keep))? {
+                Rotated::Done => {
+                    previous = Some(std::mem::replace(&mut id, fresh));
+                    moved = false;
+                }
+                // Another request (a second login at once) moved it first: this one's
+                // change stays with the old copy, and the browser keeps the new ID.
+                Rotated::Moved => moved = true,
+                Rotated::Missing => {
+                    return self
+                        .without_session(change, CookieAction::Clear)
+                        .await
+                        .map_err(|p| (p, CookieAction::Keep));
+                }
             }
-            previous = Some(std::mem::replace(&mut id, fresh));
-            moved = false;
         }
         let fresh = previous.is_some().then(|| id.clone());
         let on_failure = || fresh.clone().map_or(CookieAction::Keep, CookieAction::Set);
         let failed = |e: StoreError| (unavailable(e), on_failure());
         let outcome = match change {
-            Change::Nothing if rotate => Outcome::Updated,
+            Change::Nothing if previous.is_some() => Outcome::Updated,
             Change::Nothing => Outcome::Read,
             Change::Destroy => {
                 self.store.delete(&id).await.map_err(failed)?;
@@ -373,6 +382,9 @@ impl Proxy {
                     moved = true;
                     Outcome::Updated
                 }
+                // The copy a rotation left behind ended (its grace period ran out): the
+                // session lives on under its new ID, which the browser has.
+                Ok(Replaced::Missing) if moved => return Ok((Outcome::None, CookieAction::Keep)),
                 Ok(Replaced::Missing) => {
                     // Ended while the application worked on it: store the data under a new
                     // ID rather than bring the old one back.
@@ -393,6 +405,9 @@ impl Proxy {
                         self.store.delete(previous).await.map_err(failed)?;
                     }
                     return Ok((Outcome::Destroyed, CookieAction::Clear));
+                }
+                Ok(PatchOutcome::Missing) if moved => {
+                    return Ok((Outcome::None, CookieAction::Keep));
                 }
                 Ok(PatchOutcome::Missing) => {
                     let change = Change::Patch(patch);

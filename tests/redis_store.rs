@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use session_proxy::session::id::{IdShape, SessionId};
 use session_proxy::store::redis::{RedisOptions, RedisStore, Topology};
 use session_proxy::store::{
-    NewSession, PatchOutcome, Replaced, Store, StoreError, StoreSettings, unix_now,
+    NewSession, PatchOutcome, Replaced, Rotated, Store, StoreError, StoreSettings, unix_now,
 };
 
 const PREFIX: &str = "session:";
@@ -393,11 +393,20 @@ async fn rotation_moves_the_session_and_the_old_id_lasts_only_the_grace_period()
         )
         .await
         .unwrap();
-    assert!(
+    assert_eq!(
         store
             .rotate(&old, &new, Duration::from_secs(1))
             .await
-            .unwrap()
+            .unwrap(),
+        Rotated::Done
+    );
+    // A second rotation of the same ID (a second login at once) moves nothing again.
+    assert_eq!(
+        store
+            .rotate(&old, &new_id(), Duration::from_secs(1))
+            .await
+            .unwrap(),
+        Rotated::Moved
     );
 
     let moved = store.load(&new, false).await.unwrap().expect("new ID");
@@ -439,11 +448,12 @@ async fn rotation_moves_the_session_and_the_old_id_lasts_only_the_grace_period()
     assert!(store.load(&new, false).await.unwrap().is_some());
 
     let (gone, target) = (new_id(), new_id());
-    assert!(
-        !store
+    assert_eq!(
+        store
             .rotate(&gone, &target, Duration::from_secs(1))
             .await
-            .unwrap()
+            .unwrap(),
+        Rotated::Missing
     );
     assert_eq!(server.cli::<i64>(&["EXISTS", &key(&target)]), 0);
 }
@@ -617,7 +627,10 @@ async fn index_entries_expire_with_a_session_its_absolute_end_cuts_short() {
     assert_index_ends_with_session(&server, &id, "ann", "after a patch");
     // Rotated with a grace period longer than what is left: the end still rules.
     let rotated = new_id();
-    assert!(store.rotate(&id, &rotated, MINUTE).await.unwrap());
+    assert_eq!(
+        store.rotate(&id, &rotated, MINUTE).await.unwrap(),
+        Rotated::Done
+    );
     assert_index_ends_with_session(&server, &rotated, "ann", "the new ID after rotation");
     assert_index_ends_with_session(&server, &id, "ann", "the old ID after rotation");
 
@@ -647,7 +660,10 @@ async fn index_entries_of_a_rotated_away_id_expire_with_its_grace_period() {
     for _ in 0..3 {
         let next = new_id();
         let last = ids.last().unwrap();
-        assert!(store.rotate(last, &next, grace).await.unwrap());
+        assert_eq!(
+            store.rotate(last, &next, grace).await.unwrap(),
+            Rotated::Done
+        );
         assert_index_ends_with_session(&server, last, "ann", "the old ID after rotation");
         assert_index_ends_with_session(&server, &next, "ann", "the new ID after rotation");
         ids.push(next);
@@ -870,7 +886,10 @@ async fn a_user_without_access_to_the_key_prefix_is_told_to_check_its_acl() {
     let patched = store.patch(&id, &patch(r#"{"a":1}"#)).await.unwrap();
     assert!(matches!(patched, PatchOutcome::Updated(_)), "{patched:?}");
     let moved = new_id();
-    assert!(store.rotate(&id, &moved, MINUTE).await.unwrap());
+    assert_eq!(
+        store.rotate(&id, &moved, MINUTE).await.unwrap(),
+        Rotated::Done
+    );
     assert_eq!(store.user_sessions("ann").await.unwrap().len(), 2);
     assert_eq!(store.revoke_user("ann").await.unwrap(), 2);
     store.ping().await.unwrap();
@@ -1114,11 +1133,12 @@ async fn a_cluster_spreads_sessions_over_its_nodes_and_every_operation_works() {
         PatchOutcome::Destroyed
     );
     let rotated = new_id();
-    assert!(
+    assert_eq!(
         store
             .rotate(&ids[5], &rotated, Duration::from_secs(1))
             .await
-            .unwrap()
+            .unwrap(),
+        Rotated::Done
     );
     assert_eq!(data(&store, &rotated).await.as_deref(), Some(r#"{"i":5}"#));
     store.delete(&ids[7]).await.unwrap();
@@ -1187,4 +1207,81 @@ async fn a_cluster_that_lost_a_master_fails_the_ping_until_it_is_back() {
     store.create(&id, session(r#"{"a":1}"#)).await.unwrap();
     assert!(store.load(&id, false).await.unwrap().is_some());
     drop(cluster);
+}
+
+/// "Log out everywhere" while a session of the user is being rotated: neither the old ID
+/// nor the new one may survive it, whichever way the two interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotation_racing_a_revocation_leaves_no_session_of_the_user() {
+    let server = RedisServer::start();
+    let store = Arc::new(standalone(&server, MINUTE).await);
+    for round in 0..40 {
+        let (old, new) = (new_id(), new_id());
+        store
+            .create(&old, session(r#"{"user":"ann"}"#))
+            .await
+            .unwrap();
+        let rotating = {
+            let (store, old, new) = (store.clone(), old.clone(), new.clone());
+            tokio::spawn(async move { store.rotate(&old, &new, MINUTE).await.unwrap() })
+        };
+        let revoking = {
+            let store = store.clone();
+            tokio::spawn(async move { store.revoke_user("ann").await.unwrap() })
+        };
+        let (rotated, _) = (rotating.await.unwrap(), revoking.await.unwrap());
+        for (which, id) in [("old", &old), ("new", &new)] {
+            assert!(
+                store.load(id, false).await.unwrap().is_none(),
+                "round {round}: the {which} ID survived (rotation: {rotated:?})"
+            );
+        }
+    }
+}
+
+/// Sessions created while the user's sessions are being revoked: each one that lives on
+/// is still in the user's index, so that the next revocation ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_created_during_a_revocation_stay_indexed() {
+    let server = RedisServer::start();
+    let store = Arc::new(standalone(&server, MINUTE).await);
+    let mut created = Vec::new();
+    for _ in 0..60 {
+        let ids: Vec<SessionId> = (0..10).map(|_| new_id()).collect();
+        let creating = ids.iter().cloned().map(|id| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .create(&id, session(r#"{"user":"ann"}"#))
+                    .await
+                    .unwrap()
+            })
+        });
+        let creating: Vec<_> = creating.collect();
+        tokio::task::yield_now().await;
+        store.revoke_user("ann").await.unwrap();
+        for task in creating {
+            task.await.unwrap();
+        }
+        created.extend(ids);
+    }
+    let listed: Vec<String> = store
+        .user_sessions("ann")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.handle)
+        .collect();
+    for id in &created {
+        if store.load(id, false).await.unwrap().is_some() {
+            assert!(
+                listed.contains(&id.handle()),
+                "a live session is not indexed"
+            );
+        }
+    }
+    store.revoke_user("ann").await.unwrap();
+    for id in &created {
+        assert!(store.load(id, false).await.unwrap().is_none());
+    }
 }

@@ -67,6 +67,7 @@ on_both_stores!(
     requests_in_flight_during_a_rotation_never_hand_back_the_old_cookie,
     a_rotation_whose_patch_is_refused_leaves_the_session_as_it_was,
     a_patch_refused_after_its_rotation_still_moves_the_cookie,
+    two_logins_at_once_leave_the_browser_a_session_that_lasts,
     rotation_on_its_own_moves_the_session,
     destroying_while_rotating_ends_the_session_under_both_ids,
     a_change_the_application_answered_holds_when_the_client_left_first,
@@ -316,6 +317,41 @@ async fn a_patch_refused_after_its_rotation_still_moves_the_cookie(backend: Back
         .get(&proxy.url("/"), &[("cookie", &format!("session={moved}"))])
         .await;
     assert_eq!(r.session_seen(), json!({"a": 1, "cart": "z".repeat(50)}));
+}
+
+/// Two logins on one session at once (a double click): the first to answer moves the
+/// session; the second finds it moved and leaves the browser with the first one's ID,
+/// which outlives the grace period (a second copy would inherit the old ID's shortened
+/// end, and its cookie, arriving last, would log the user out).
+async fn two_logins_at_once_leave_the_browser_a_session_that_lasts(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |c| c.session.rotate_grace = 1).await;
+    let browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let login = |delay_ms: u64| {
+        let url = proxy.url(&format!(
+            "/login?delay_ms={delay_ms}&rotate=1&patch={}",
+            q(r#"{"user":"ann"}"#)
+        ));
+        let cookie = cookie.clone();
+        tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
+    };
+    let slow = login(400);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fast = login(0).await.unwrap();
+    let slow = slow.await.unwrap();
+    assert_eq!(fast.status, 200);
+    assert_eq!(slow.status, 200);
+    // What the browser keeps: the last cookie it was sent.
+    let kept = slow
+        .session_cookie()
+        .or(fast.session_cookie())
+        .expect("a login cookie");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = Client::new()
+        .get(&proxy.url("/"), &[("cookie", &format!("session={kept}"))])
+        .await;
+    assert_eq!(r.session_seen(), json!({"cart": 1, "user": "ann"}));
 }
 
 async fn rotation_on_its_own_moves_the_session(backend: Backend) {

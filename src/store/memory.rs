@@ -20,8 +20,8 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{
-    NewSession, PatchOutcome, Record, Replaced, SessionInfo, Store, StoreError, StoreFuture,
-    StoreSettings, unix_now,
+    NewSession, PatchOutcome, REVOKE_PASSES, Record, Replaced, Rotated, SessionInfo, Store,
+    StoreError, StoreFuture, StoreSettings, unix_now,
 };
 use crate::session::codec::Merged;
 use crate::session::id::SessionId;
@@ -181,6 +181,19 @@ impl MemoryStore {
         self.forget(id, removed)
     }
 
+    /// Removes `id` if it still belongs to `user` (it may have changed hands since the
+    /// index was read); returns whether a live session was removed.
+    fn remove_owned(&self, id: &SessionId, user: &str) -> bool {
+        let removed = {
+            let mut shard = lock(self.shard(id));
+            match shard.get(id) {
+                Some(entry) if entry.user.as_deref() == Some(user) => shard.remove(id),
+                _ => None,
+            }
+        };
+        self.forget(id, removed)
+    }
+
     /// Accounts for an entry taken out of its shard; returns whether it was live.
     fn forget(&self, id: &SessionId, removed: Option<Box<Entry>>) -> bool {
         let Some(entry) = removed else { return false };
@@ -221,17 +234,26 @@ impl MemoryStore {
             .unwrap_or_default()
     }
 
+    /// Stores a new entry. Counted first, so that concurrent inserts cannot pass the bound
+    /// together; indexed before it is stored, so that a sweep between the two cannot leave
+    /// an index entry behind (the index may name a session not stored yet, never miss one).
     fn insert(&self, id: &SessionId, entry: Entry, bounded: bool) -> Result<(), StoreError> {
-        if bounded && self.count.load(Ordering::Relaxed) >= self.max_sessions {
-            return Err(StoreError::Full);
-        }
-        let user = entry.user.clone();
-        let previous = lock(self.shard(id)).insert(id.clone(), Box::new(entry));
-        if previous.is_none() {
+        if bounded {
+            self.count
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < self.max_sessions).then_some(n + 1)
+                })
+                .map_err(|_| StoreError::Full)?;
+        } else {
             self.count.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(user) = &user {
+        if let Some(user) = &entry.user {
             self.index(id, user);
+        }
+        let previous = lock(self.shard(id)).insert(id.clone(), Box::new(entry));
+        if previous.is_some() {
+            // Only with a broken random number generator: one entry replaced another.
+            self.count.fetch_sub(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -287,14 +309,17 @@ impl MemoryStore {
         old: &SessionId,
         new: &SessionId,
         grace: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Rotated, StoreError> {
         let now = unix_now();
         let grace_end = now + grace;
         let moved = {
             let mut shard = lock(self.shard(old));
             let Some(entry) = shard.get_mut(old).filter(|e| e.live(millis(now))) else {
-                return Ok(false);
+                return Ok(Rotated::Missing);
             };
+            if entry.moved {
+                return Ok(Rotated::Moved);
+            }
             let moved = Entry {
                 data: entry.data.clone(),
                 created: entry.created,
@@ -315,7 +340,13 @@ impl MemoryStore {
             moved
         };
         self.insert(new, moved, false)?;
-        Ok(true)
+        // Ended meanwhile (a logout, "log out everywhere"): so does its copy. A revocation
+        // after this finds the new ID in the index.
+        if !lock(self.shard(old)).contains_key(old) {
+            self.remove(new);
+            return Ok(Rotated::Missing);
+        }
+        Ok(Rotated::Done)
     }
 
     /// A user's live sessions, the soonest to end first (as the Redis store lists them).
@@ -326,7 +357,9 @@ impl MemoryStore {
             .into_iter()
             .filter_map(|id| {
                 let shard = lock(self.shard(&id));
-                let entry = shard.get(&id).filter(|e| e.live(now))?;
+                let entry = shard
+                    .get(&id)
+                    .filter(|e| e.live(now) && e.user.as_deref() == Some(user))?;
                 let info = SessionInfo {
                     handle: id.handle(),
                     created: u64::from(entry.created),
@@ -410,7 +443,7 @@ impl Store for MemoryStore {
         old: &'a SessionId,
         new: &'a SessionId,
         grace: Duration,
-    ) -> StoreFuture<'a, bool> {
+    ) -> StoreFuture<'a, Rotated> {
         let rotated = self.rotate_now(old, new, grace);
         Box::pin(async move { rotated })
     }
@@ -421,11 +454,20 @@ impl Store for MemoryStore {
     }
 
     fn revoke_user<'a>(&'a self, user: &'a str) -> StoreFuture<'a, usize> {
-        let ended = self
-            .ids_of(user)
-            .iter()
-            .filter(|id| self.remove(id))
-            .count();
+        // Until a pass ends nothing: a rotation that ran alongside has indexed its new ID
+        // by the time the old one could be ended.
+        let mut ended = 0;
+        for _ in 0..REVOKE_PASSES {
+            let now = self
+                .ids_of(user)
+                .iter()
+                .filter(|id| self.remove_owned(id, user))
+                .count();
+            ended += now;
+            if now == 0 {
+                break;
+            }
+        }
         Box::pin(async move { Ok(ended) })
     }
 
@@ -544,6 +586,72 @@ mod tests {
                 .unwrap(),
             Replaced::Done
         );
+    }
+
+    #[tokio::test]
+    async fn an_id_rotated_away_is_not_rotated_again() {
+        let s = store(Duration::from_secs(600), 10);
+        let (old, first, second) = (id(), id(), id());
+        s.create(&old, new_session(r#"{"cart":1}"#)).await.unwrap();
+        let grace = Duration::from_secs(1);
+        assert_eq!(s.rotate(&old, &first, grace).await.unwrap(), Rotated::Done);
+        let patch = serde_json::json!({"user": "ann"});
+        assert!(matches!(
+            s.patch(&first, &patch).await.unwrap(),
+            PatchOutcome::Updated(_)
+        ));
+        assert_eq!(
+            s.rotate(&old, &second, grace).await.unwrap(),
+            Rotated::Moved
+        );
+        assert!(s.load(&second, false).await.unwrap().is_none());
+        let kept = s.load(&first, false).await.unwrap().unwrap();
+        assert_eq!(&kept.data[..], br#"{"cart":1,"user":"ann"}"#);
+        assert!(!kept.moved && s.load(&old, false).await.unwrap().unwrap().moved);
+    }
+
+    #[tokio::test]
+    async fn a_revocation_spares_a_session_that_changed_hands() {
+        let s = store(Duration::from_secs(600), 10);
+        let a = id();
+        s.create(&a, new_session(r#"{"user":"ann"}"#))
+            .await
+            .unwrap();
+        // As a revocation of ann's sessions would find it, had it read her index just
+        // before the session became bob's.
+        assert_eq!(
+            s.replace(&a, Bytes::from_static(br#"{"user":"bob"}"#))
+                .await
+                .unwrap(),
+            Replaced::Done
+        );
+        assert!(!s.remove_owned(&a, "ann"));
+        assert!(s.load(&a, false).await.unwrap().is_some());
+        assert!(s.remove_owned(&a, "bob"));
+    }
+
+    #[test]
+    fn a_rotation_racing_a_revocation_leaves_no_session_of_the_user() {
+        use futures_util::FutureExt;
+        let s = store(Duration::from_secs(600), 1_000);
+        let grace = Duration::from_secs(60);
+        for round in 0..2_000 {
+            let (old, new) = (id(), id());
+            s.create(&old, new_session(r#"{"user":"ann"}"#))
+                .now_or_never()
+                .unwrap()
+                .unwrap();
+            std::thread::scope(|scope| {
+                scope.spawn(|| s.rotate_now(&old, &new, grace).unwrap());
+                scope.spawn(|| s.revoke_user("ann").now_or_never().unwrap().unwrap());
+            });
+            for (which, id) in [("old", &old), ("new", &new)] {
+                assert!(
+                    s.load_now(id, false).is_none(),
+                    "round {round}: the {which} ID survived"
+                );
+            }
+        }
     }
 
     #[tokio::test]

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{
-    NewSession, PatchOutcome, Record, Replaced, SessionInfo, Store, StoreError, StoreFuture,
+    NewSession, PatchOutcome, Record, Replaced, Rotated, SessionInfo, Store, StoreError,
+    StoreFuture,
 };
 use crate::metrics::{Metrics, StoreOp};
 use crate::session::id::SessionId;
@@ -80,7 +81,7 @@ impl Store for Metered {
         old: &'a SessionId,
         new: &'a SessionId,
         grace: Duration,
-    ) -> StoreFuture<'a, bool> {
+    ) -> StoreFuture<'a, Rotated> {
         self.measure(StoreOp::Rotate, self.inner.rotate(old, new, grace))
     }
 

@@ -67,6 +67,20 @@ pub struct Record {
     pub moved: bool,
 }
 
+/// Most passes over a user's index one revocation makes (see `Store::revoke_user`).
+pub(crate) const REVOKE_PASSES: usize = 8;
+
+/// What became of a rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotated {
+    Done,
+    /// The session had already been rotated away from this ID (by a request that ended
+    /// first): nothing was moved again.
+    Moved,
+    /// No session under the old ID, or it ended while being moved: nothing was moved.
+    Missing,
+}
+
 /// Where a replacement landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Replaced {
@@ -168,18 +182,20 @@ pub trait Store: Send + Sync + 'static {
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()>;
 
     /// Moves the session stored under `old` to `new`, keeping its creation time and end.
-    /// `old` stays readable for `grace`, then disappears. `Ok(false)` when `old` is gone.
+    /// `old` stays readable for `grace`, then disappears. If `old` ends while it is being
+    /// moved (deleted, revoked), `new` ends too.
     fn rotate<'a>(
         &'a self,
         old: &'a SessionId,
         new: &'a SessionId,
         grace: Duration,
-    ) -> StoreFuture<'a, bool>;
+    ) -> StoreFuture<'a, Rotated>;
 
     /// The live sessions of a user.
     fn user_sessions<'a>(&'a self, user: &'a str) -> StoreFuture<'a, Vec<SessionInfo>>;
 
-    /// Ends every session of a user; returns how many were ended.
+    /// Ends every session of a user, including those indexed under the user while this
+    /// runs (a rotation's new ID); returns how many were ended.
     fn revoke_user<'a>(&'a self, user: &'a str) -> StoreFuture<'a, usize>;
 
     /// Ends the session with this public handle; `Ok(false)` when none has it.

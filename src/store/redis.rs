@@ -61,8 +61,8 @@ use serde_json::Value as Json;
 use tokio::sync::Mutex;
 
 use super::{
-    NewSession, PatchOutcome, Record, Replaced, SessionInfo, Store, StoreError, StoreFuture,
-    StoreSettings, unix_now,
+    NewSession, PatchOutcome, REVOKE_PASSES, Record, Replaced, Rotated, SessionInfo, Store,
+    StoreError, StoreFuture, StoreSettings, unix_now,
 };
 use crate::server::current_worker;
 use crate::session::codec::Merged;
@@ -301,13 +301,13 @@ return {1, f[2] or '', ''}
     )
 });
 
-/// Reads what rotation copies. Answers nil, or `{data, created, ends, user, pttl}`.
+/// Reads what rotation copies. Answers nil, or `{data, created, ends, user, pttl, moved}`.
 static PEEK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user')
+local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user', 'moved')
 if not f[1] then return false end
-return {f[1], f[2] or '', f[3] or '', f[4] or '', redis.call('PTTL', KEYS[1])}
+return {f[1], f[2] or '', f[3] or '', f[4] or '', redis.call('PTTL', KEYS[1]), f[5] or ''}
 ",
     )
 });
@@ -1408,18 +1408,21 @@ impl RedisStore {
         old: &SessionId,
         new: &SessionId,
         grace: Duration,
-    ) -> Result<bool, Failure> {
+    ) -> Result<Rotated, Failure> {
         let mut conn = self.link.conn().await?;
         let now = unix_now();
-        let peeked: Option<(Vec<u8>, String, String, String, i64)> = PEEK
+        let peeked: Option<(Vec<u8>, String, String, String, i64, String)> = PEEK
             .key(self.keys.session(old))
             .invoke_async(&mut conn)
             .await?;
-        let Some((data, created, ends, user, pttl)) = peeked else {
-            return Ok(false);
+        let Some((data, created, ends, user, pttl, moved)) = peeked else {
+            return Ok(Rotated::Missing);
         };
+        if !moved.is_empty() {
+            return Ok(Rotated::Moved);
+        }
         let Ok(created) = created.parse() else {
-            return Ok(false);
+            return Ok(Rotated::Missing);
         };
         let ends = ends.parse().ok();
         // The new ID keeps what is left of the old one's lifetime.
@@ -1427,9 +1430,9 @@ impl RedisStore {
             Ok(ms) if ms > 0 => Duration::from_millis(ms),
             _ if pttl == -1 => match self.settings.ttl(ends, now) {
                 Some(ttl) => ttl,
-                None => return Ok(false),
+                None => return Ok(Rotated::Missing),
             },
-            _ => return Ok(false),
+            _ => return Ok(Rotated::Missing),
         };
         let user = (!user.is_empty()).then_some(user);
         let moved = NewSession {
@@ -1441,11 +1444,17 @@ impl RedisStore {
             .await?;
         let mut call = SHORTEN.key(self.keys.session(old));
         call.arg((now + grace).as_secs()).arg(millis(grace));
-        let _: i64 = self.commit(&mut conn, &call).await?;
+        let shortened: i64 = self.commit(&mut conn, &call).await?;
+        if shortened == 0 {
+            // Ended meanwhile (a logout, "log out everywhere"): so does its copy. A
+            // revocation after this finds the new ID in the index.
+            self.remove(&mut conn, new, None, None).await?;
+            return Ok(Rotated::Missing);
+        }
         if let Some(user) = &user {
             self.cut_index(&conn, user, old, now + grace, now).await;
         }
-        Ok(true)
+        Ok(Rotated::Done)
     }
 
     async fn list_user(&self, user: &str) -> Result<Vec<SessionInfo>, Failure> {
@@ -1502,28 +1511,32 @@ impl RedisStore {
         Ok(sessions)
     }
 
+    /// Until a pass ends nothing: a rotation that ran alongside has indexed its new ID by
+    /// the time the old one could be ended. An entry whose session was not found stays:
+    /// the session may be about to be written (sessions are indexed first), and reading
+    /// the index drops it once it is past its expiry.
     async fn revoke_user_sessions(&self, user: &str) -> Result<usize, Failure> {
         let mut conn = self.link.conn().await?;
-        let members = self.indexed(&mut conn, user).await?;
-        let ids: Vec<SessionId> = members.iter().filter_map(|m| stored_id(m)).collect();
-        let removed = try_join_all(ids.iter().map(|id| {
-            let mut conn = conn.clone();
-            // Only sessions that still belong to the user: one may have changed hands.
-            async move { self.remove(&mut conn, id, None, Some(user)).await }
-        }))
-        .await?;
-        if !members.is_empty() {
-            // Only the entries read above: a session indexed meanwhile stays indexed.
-            redis::cmd("ZREM")
-                .arg(self.keys.user(user))
-                .arg(&members)
-                .query_async::<()>(&mut conn)
-                .await?;
+        let mut ended = 0;
+        for _ in 0..REVOKE_PASSES {
+            let members = self.indexed(&mut conn, user).await?;
+            let ids: Vec<SessionId> = members.iter().filter_map(|m| stored_id(m)).collect();
+            let removed = try_join_all(ids.iter().map(|id| {
+                let mut conn = conn.clone();
+                // Only sessions that still belong to the user: one may have changed hands.
+                async move { self.remove(&mut conn, id, None, Some(user)).await }
+            }))
+            .await?;
+            let now = removed
+                .iter()
+                .filter(|w| matches!(w, Written::Done(_)))
+                .count();
+            ended += now;
+            if now == 0 {
+                break;
+            }
         }
-        Ok(removed
-            .iter()
-            .filter(|w| matches!(w, Written::Done(_)))
-            .count())
+        Ok(ended)
     }
 
     async fn revoke_by_handle(&self, handle: &str) -> Result<bool, Failure> {
@@ -1632,7 +1645,7 @@ impl Store for RedisStore {
         old: &'a SessionId,
         new: &'a SessionId,
         grace: Duration,
-    ) -> StoreFuture<'a, bool> {
+    ) -> StoreFuture<'a, Rotated> {
         Box::pin(self.run(self.rotate_session(old, new, grace)))
     }
 
