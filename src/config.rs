@@ -413,12 +413,13 @@ impl Config {
                 "must be between 16 and 1048576",
             ));
         }
-        // Paths start with `/`: any other glob would be accepted and never match.
-        if let Some(glob) = s
-            .exclude
-            .iter()
-            .find(|g| !(g.starts_with('/') || g.starts_with("**")))
-        {
+        // Paths start with `/`: a glob that cannot begin with one (`*.css`: `*` stops at
+        // `/`; `static/**`) would be accepted and never match.
+        if let Some(glob) = s.exclude.iter().find(|g| {
+            !(["/", "**", "*/", "{", "["]
+                .iter()
+                .any(|start| g.starts_with(start)))
+        }) {
             return Err(invalid(
                 "session.exclude",
                 format!(
@@ -724,12 +725,16 @@ fn check_redis_url(url: &str) -> Result<(), String> {
 /// A `log.level` filter whose every directive names a level: a bare word that is not one
 /// (`infoo`) would be taken as a target and silence every log line.
 fn check_log_level(filter: &str) -> Result<(), String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    // Names, or the numbers tracing also reads (0: off … 5: trace).
+    const LEVELS: [&str; 12] = [
+        "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
+    ];
     for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
         if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
             return Err(format!(
-                "`{directive}` names no level: use trace, debug, info, warn, error or off, or target=level"
+                "`{directive}` names no level: use trace, debug, info, warn, error or off, or \
+                 target=level (target=trace for all of a target's events)"
             ));
         }
     }
@@ -1149,6 +1154,9 @@ mod tests {
         )]);
         // What stays accepted.
         for yaml in [
+            "session:\n  exclude: ['{/static,/assets}/**', '*/static/**']\n",
+            "log:\n  level: '3'\n",
+            "log:\n  level: 'warn,session_proxy=4'\n",
             "session:\n  exclude: ['/static/**', '**/*.css']\n",
             "log:\n  level: 'warn,session_proxy::access=info'\n",
             "session:\n  max_age: 315360000\n  absolute_timeout: 315360000\n",

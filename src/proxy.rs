@@ -26,7 +26,7 @@ use crate::session::id::{IdShape, SessionId};
 use crate::session::protocol::{Change, ProtocolHeaders};
 use crate::shutdown::Shutdown;
 use crate::store::{
-    NewSession, PatchOutcome, Record, Replaced, Rotated, Store, StoreError, unix_now,
+    Landed, NewSession, PatchOutcome, Record, Rotated, Store, StoreError, unix_now,
 };
 use crate::upstream::{self, ProxyBody, Upstream, UpstreamBody, UpstreamError};
 
@@ -372,23 +372,29 @@ impl Proxy {
         let outcome = match change {
             Change::Nothing if previous.is_some() => Outcome::Updated,
             Change::Nothing => Outcome::Read,
-            Change::Destroy => {
-                self.store.delete(&id).await.map_err(failed)?;
-                return Ok((Outcome::Destroyed, CookieAction::Clear));
-            }
+            Change::Destroy => match self.store.delete(&id).await.map_err(failed)? {
+                // Only the copy a rotation left behind: the old ID has no say over the
+                // session under the new one (the browser's), not even to end it.
+                Landed::Moved => return Ok((Outcome::None, CookieAction::Keep)),
+                _ if moved => return Ok((Outcome::None, CookieAction::Keep)),
+                _ => return Ok((Outcome::Destroyed, CookieAction::Clear)),
+            },
             Change::Replace(data) => match self.store.replace(&id, data.clone()).await {
-                Ok(Replaced::Done) => Outcome::Updated,
-                Ok(Replaced::Moved) => {
+                Ok(Landed::Done) => Outcome::Updated,
+                Ok(Landed::Moved) => {
                     moved = true;
                     Outcome::Updated
                 }
                 // The copy a rotation left behind ended (its grace period ran out): the
                 // session lives on under its new ID, which the browser has.
-                Ok(Replaced::Missing) if moved => return Ok((Outcome::None, CookieAction::Keep)),
-                Ok(Replaced::Missing) => {
+                Ok(Landed::Missing) if moved => return Ok((Outcome::None, CookieAction::Keep)),
+                Ok(Landed::Missing) => {
                     // Ended while the application worked on it: store the data under a new
                     // ID rather than bring the old one back.
-                    let fresh = self.create(data).await.map_err(|p| (p, on_failure()))?;
+                    let fresh = self
+                        .create(data)
+                        .await
+                        .map_err(|p| (p, CookieAction::Keep))?;
                     return Ok((Outcome::Created, CookieAction::Set(fresh)));
                 }
                 Err(e) => return Err(failed(e)),
@@ -402,7 +408,8 @@ impl Proxy {
                 Ok(PatchOutcome::Destroyed) => {
                     // The rotation left the old ID readable: it ends now too.
                     if let Some(previous) = &previous {
-                        self.store.delete(previous).await.map_err(failed)?;
+                        let deleted = self.store.delete(previous).await;
+                        deleted.map_err(|e| (unavailable(e), CookieAction::Clear))?;
                     }
                     return Ok((Outcome::Destroyed, CookieAction::Clear));
                 }
@@ -414,7 +421,7 @@ impl Proxy {
                     return self
                         .without_session(change, CookieAction::Clear)
                         .await
-                        .map_err(|p| (p, on_failure()));
+                        .map_err(|p| (p, CookieAction::Keep));
                 }
                 Err(e) => return Err(failed(e)),
             },

@@ -183,11 +183,10 @@ impl Server {
                 metrics.clone(),
             );
             let worker = workers.least_busy();
-            let open = worker.open.clone();
-            open.fetch_add(1, Ordering::Relaxed);
+            // Counted out when the task ends, however it ends (even unpolled).
+            let counted = Counted::new(metrics, worker.open.clone(), slot);
             let serve = async move {
-                // Counted out when the task ends, however it ends.
-                let _open = Counted::new(metrics, open, slot);
+                let _counted = counted;
                 match TcpStream::from_std(stream) {
                     Ok(stream) => {
                         serve_connection(stream, peer, proxy, &builder, closing, periods).await;
@@ -231,6 +230,7 @@ impl Counted {
         slot: tokio::sync::OwnedSemaphorePermit,
     ) -> Counted {
         metrics.connections().inc();
+        open.fetch_add(1, Ordering::Relaxed);
         Counted {
             metrics,
             open,

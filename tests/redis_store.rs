@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use session_proxy::session::id::{IdShape, SessionId};
 use session_proxy::store::redis::{RedisOptions, RedisStore, Topology};
 use session_proxy::store::{
-    NewSession, PatchOutcome, Replaced, Rotated, Store, StoreError, StoreSettings, unix_now,
+    Landed, NewSession, PatchOutcome, Rotated, Store, StoreError, StoreSettings, unix_now,
 };
 
 const PREFIX: &str = "session:";
@@ -117,7 +117,7 @@ async fn sessions_are_created_read_replaced_and_deleted() {
     assert_eq!(data(&store, &id).await.as_deref(), Some(r#"{"a":1}"#));
     assert_eq!(
         store.replace(&id, bytes(r#"{"a":2}"#)).await.unwrap(),
-        Replaced::Done
+        Landed::Done
     );
     assert_eq!(data(&store, &id).await.as_deref(), Some(r#"{"a":2}"#));
     store.delete(&id).await.unwrap();
@@ -125,7 +125,7 @@ async fn sessions_are_created_read_replaced_and_deleted() {
     assert_eq!(store.load(&id, false).await.unwrap(), None);
     assert_eq!(
         store.replace(&id, bytes(r#"{"a":3}"#)).await.unwrap(),
-        Replaced::Missing
+        Landed::Missing
     );
     assert_eq!(
         server.cli::<i64>(&["EXISTS", &key(&id)]),
@@ -187,10 +187,7 @@ async fn a_session_is_one_readable_hash_under_the_key_prefix_with_its_ttl() {
     .into_iter()
     .enumerate()
     {
-        assert_eq!(
-            store.replace(&id, bytes(json)).await.unwrap(),
-            Replaced::Done
-        );
+        assert_eq!(store.replace(&id, bytes(json)).await.unwrap(), Landed::Done);
         let fields: HashMap<String, String> = server.cli(&["HGETALL", &key]);
         assert_eq!(fields["data"], json);
         assert_eq!(fields["ver"], (n + 2).to_string());
@@ -282,7 +279,7 @@ async fn the_absolute_end_caps_every_ttl_and_an_ended_session_is_not_stored() {
     assert!(capped(server.cli(&["PTTL", &key(&id)])));
     assert_eq!(
         store.replace(&id, bytes(r#"{"a":2}"#)).await.unwrap(),
-        Replaced::Done
+        Landed::Done
     );
     assert!(capped(server.cli(&["PTTL", &key(&id)])));
     assert!(store.load(&id, true).await.unwrap().is_some());
@@ -512,7 +509,7 @@ async fn the_user_index_lists_and_revokes_sessions_by_user_and_handle() {
     // A session that changes hands is listed, and revoked, only under its current user.
     assert_eq!(
         store.replace(&c, bytes(r#"{"user":"ann"}"#)).await.unwrap(),
-        Replaced::Done
+        Landed::Done
     );
     assert!(store.user_sessions("bob").await.unwrap().is_empty());
     assert_eq!(store.user_sessions("ann").await.unwrap().len(), 1);
@@ -617,7 +614,7 @@ async fn index_entries_expire_with_a_session_its_absolute_end_cuts_short() {
             .replace(&id, bytes(r#"{"user":"ann","a":1}"#))
             .await
             .unwrap(),
-        Replaced::Done
+        Landed::Done
     );
     assert_index_ends_with_session(&server, &id, "ann", "after a replacement");
     assert!(store.load(&id, true).await.unwrap().is_some());
@@ -1120,7 +1117,7 @@ async fn a_cluster_spreads_sessions_over_its_nodes_and_every_operation_works() {
             .replace(&ids[1], bytes(r#"{"i":"replaced"}"#))
             .await
             .unwrap(),
-        Replaced::Done
+        Landed::Done
     );
     assert_eq!(
         cluster.cli::<String>(&["HGET", &key(&ids[1]), "data"]),
@@ -1283,5 +1280,59 @@ async fn sessions_created_during_a_revocation_stay_indexed() {
     store.revoke_user("ann").await.unwrap();
     for id in &created {
         assert!(store.load(id, false).await.unwrap().is_none());
+    }
+}
+
+/// Two rotations of one ID at the same time (a double-clicked login): one moves the
+/// session, the other finds it moved, never two live copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_rotations_of_one_id_at_once_move_it_once() {
+    let server = RedisServer::start();
+    let store = Arc::new(standalone(&server, MINUTE).await);
+    for round in 0..50 {
+        let old = new_id();
+        store
+            .create(&old, session(r#"{"user":"ann"}"#))
+            .await
+            .unwrap();
+        let rotate = || {
+            let (store, old, new) = (store.clone(), old.clone(), new_id());
+            tokio::spawn(async move { store.rotate(&old, &new, MINUTE).await.unwrap() })
+        };
+        let (a, b) = (rotate(), rotate());
+        let mut results = [a.await.unwrap(), b.await.unwrap()];
+        results.sort_by_key(|r| *r != Rotated::Done);
+        assert_eq!(results, [Rotated::Done, Rotated::Moved], "round {round}");
+    }
+}
+
+/// A patch that lands on the old ID while it is being rotated is either carried to the
+/// new ID or reported as landing on the old copy (so that its answer does not hand the
+/// old cookie back): never reported done and lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_patch_racing_a_rotation_is_carried_over_or_reported_moved() {
+    let server = RedisServer::start();
+    let store = Arc::new(standalone(&server, MINUTE).await);
+    for round in 0..100 {
+        let (old, new) = (new_id(), new_id());
+        store.create(&old, session(r#"{"a":1}"#)).await.unwrap();
+        let rotating = {
+            let (store, old, new) = (store.clone(), old.clone(), new.clone());
+            tokio::spawn(async move { store.rotate(&old, &new, MINUTE).await.unwrap() })
+        };
+        let patching = {
+            let (store, old) = (store.clone(), old.clone());
+            tokio::spawn(async move { store.patch(&old, &patch(r#"{"b":2}"#)).await.unwrap() })
+        };
+        let (rotated, patched) = (rotating.await.unwrap(), patching.await.unwrap());
+        assert_eq!(rotated, Rotated::Done, "round {round}");
+        match patched {
+            PatchOutcome::Updated(_) => {
+                let copied = data(&store, &new).await.unwrap();
+                assert!(copied.contains(r#""b":2"#), "round {round}: lost: {copied}");
+            }
+            PatchOutcome::Moved(_) => {}
+            other => panic!("round {round}: {other:?}"),
+        }
     }
 }

@@ -68,6 +68,7 @@ on_both_stores!(
     a_rotation_whose_patch_is_refused_leaves_the_session_as_it_was,
     a_patch_refused_after_its_rotation_still_moves_the_cookie,
     two_logins_at_once_leave_the_browser_a_session_that_lasts,
+    a_logout_through_the_old_id_leaves_the_new_session_alone,
     rotation_on_its_own_moves_the_session,
     destroying_while_rotating_ends_the_session_under_both_ids,
     a_change_the_application_answered_holds_when_the_client_left_first,
@@ -352,6 +353,39 @@ async fn two_logins_at_once_leave_the_browser_a_session_that_lasts(backend: Back
         .get(&proxy.url("/"), &[("cookie", &format!("session={kept}"))])
         .await;
     assert_eq!(r.session_seen(), json!({"cart": 1, "user": "ann"}));
+}
+
+/// A logout whose request started before a login rotated the session ends only the copy
+/// the old ID keeps: the old ID has no say over the session under the new one (which a
+/// planted ID must not be able to end either), and its answer leaves the browser's new
+/// cookie alone.
+async fn a_logout_through_the_old_id_leaves_the_new_session_alone(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |c| c.session.rotate_grace = 5).await;
+    let mut browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
+    let old_cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let logout = {
+        let url = proxy.url(&format!("/logout?delay_ms=400&update={}", q("{}")));
+        let cookie = old_cookie.clone();
+        tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = browser
+        .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#))))
+        .await;
+    assert!(
+        r.session_cookie().is_some(),
+        "the login sends the new cookie"
+    );
+    let out = logout.await.unwrap();
+    assert_eq!(out.status, 200);
+    assert!(out.set_cookies().is_empty(), "{:?}", out.set_cookies());
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen(), json!({"cart": 1, "user": "ann"}));
+    let r = Client::new()
+        .get(&proxy.url("/"), &[("cookie", &old_cookie)])
+        .await;
+    assert_eq!(r.session_seen(), json!({}), "the old copy is gone");
 }
 
 async fn rotation_on_its_own_moves_the_session(backend: Backend) {

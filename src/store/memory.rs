@@ -20,7 +20,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{
-    NewSession, PatchOutcome, REVOKE_PASSES, Record, Replaced, Rotated, SessionInfo, Store,
+    Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SessionInfo, Store,
     StoreError, StoreFuture, StoreSettings, unix_now,
 };
 use crate::session::codec::Merged;
@@ -298,8 +298,13 @@ impl MemoryStore {
                 // Removed under the same lock, so that no write lands in between.
                 let removed = shard.remove(id);
                 drop(shard);
+                let moved = removed.as_ref().is_some_and(|e| e.moved);
                 self.forget(id, removed);
-                Ok(PatchOutcome::Destroyed)
+                if moved {
+                    Ok(PatchOutcome::Moved(Bytes::new()))
+                } else {
+                    Ok(PatchOutcome::Destroyed)
+                }
             }
         }
     }
@@ -405,16 +410,16 @@ impl Store for MemoryStore {
         Box::pin(async move { result })
     }
 
-    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Replaced> {
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Landed> {
         let now = unix_now();
         let mut shard = lock(self.shard(id));
         let written = match shard.get_mut(id).filter(|e| e.live(millis(now))) {
             Some(entry) => match (self.write_entry(id, entry, data, now), entry.moved) {
-                (false, _) => Replaced::Missing,
-                (true, false) => Replaced::Done,
-                (true, true) => Replaced::Moved,
+                (false, _) => Landed::Missing,
+                (true, false) => Landed::Done,
+                (true, true) => Landed::Moved,
             },
-            None => Replaced::Missing,
+            None => Landed::Missing,
         };
         drop(shard);
         Box::pin(async move { Ok(written) })
@@ -433,9 +438,15 @@ impl Store for MemoryStore {
         Box::pin(async move { outcome })
     }
 
-    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()> {
-        self.remove(id);
-        Box::pin(async { Ok(()) })
+    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed> {
+        let removed = lock(self.shard(id)).remove(id);
+        let moved = removed.as_ref().is_some_and(|e| e.moved);
+        let landed = match (self.forget(id, removed), moved) {
+            (false, _) => Landed::Missing,
+            (true, false) => Landed::Done,
+            (true, true) => Landed::Moved,
+        };
+        Box::pin(async move { Ok(landed) })
     }
 
     fn rotate<'a>(
@@ -527,7 +538,7 @@ mod tests {
             s.replace(&a, Bytes::from_static(br#"{"a":2}"#))
                 .await
                 .unwrap(),
-            Replaced::Done
+            Landed::Done
         );
         assert_eq!(
             &s.load(&a, false).await.unwrap().unwrap().data[..],
@@ -540,7 +551,7 @@ mod tests {
             s.replace(&a, Bytes::from_static(br#"{"a":3}"#))
                 .await
                 .unwrap()
-                == Replaced::Missing
+                == Landed::Missing
         );
         assert_eq!(s.session_count(), Some(0));
     }
@@ -584,7 +595,7 @@ mod tests {
             s.replace(&a, Bytes::from_static(br#"{"a":2}"#))
                 .await
                 .unwrap(),
-            Replaced::Done
+            Landed::Done
         );
     }
 
@@ -623,7 +634,7 @@ mod tests {
             s.replace(&a, Bytes::from_static(br#"{"user":"bob"}"#))
                 .await
                 .unwrap(),
-            Replaced::Done
+            Landed::Done
         );
         assert!(!s.remove_owned(&a, "ann"));
         assert!(s.load(&a, false).await.unwrap().is_some());

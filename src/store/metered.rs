@@ -8,8 +8,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{
-    NewSession, PatchOutcome, Record, Replaced, Rotated, SessionInfo, Store, StoreError,
-    StoreFuture,
+    Landed, NewSession, PatchOutcome, Record, Rotated, SessionInfo, Store, StoreError, StoreFuture,
 };
 use crate::metrics::{Metrics, StoreOp};
 use crate::session::id::SessionId;
@@ -60,7 +59,7 @@ impl Store for Metered {
         self.measure(StoreOp::Create, self.inner.create(id, session))
     }
 
-    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Replaced> {
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Landed> {
         self.measure(StoreOp::Replace, self.inner.replace(id, data))
     }
 
@@ -72,7 +71,7 @@ impl Store for Metered {
         self.measure(StoreOp::Check, self.inner.current(id))
     }
 
-    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()> {
+    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed> {
         self.measure(StoreOp::Delete, self.inner.delete(id))
     }
 

@@ -81,13 +81,14 @@ pub enum Rotated {
     Missing,
 }
 
-/// Where a replacement landed.
+/// Where a replacement or a deletion landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Replaced {
+pub enum Landed {
     Done,
-    /// Written to an ID rotated away meanwhile: it ends with its grace period.
+    /// On an ID rotated away meanwhile: the copy it left for its grace period. The session
+    /// itself lives on under its new ID.
     Moved,
-    /// No session is stored under the ID; nothing was written.
+    /// No session is stored under the ID; nothing was written or deleted.
     Missing,
 }
 
@@ -115,7 +116,8 @@ pub struct SessionInfo {
 pub enum PatchOutcome {
     /// The session now holds this data.
     Updated(Bytes),
-    /// The same, under an ID rotated away meanwhile: it ends with its grace period.
+    /// The same, under an ID rotated away meanwhile: it ends with its grace period. Empty
+    /// when the patch emptied that copy, which was deleted.
     Moved(Bytes),
     /// The patch emptied the session: it was deleted.
     Destroyed,
@@ -168,7 +170,7 @@ pub trait Store: Send + Sync + 'static {
     fn create<'a>(&'a self, id: &'a SessionId, session: NewSession) -> StoreFuture<'a, ()>;
 
     /// Replaces the data of an existing session and resets its TTL.
-    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Replaced>;
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Landed>;
 
     /// Merges a JSON merge patch (RFC 7396) into the session as stored, atomically:
     /// concurrent patches never lose each other's changes.
@@ -179,7 +181,7 @@ pub trait Store: Send + Sync + 'static {
     fn current<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool>;
 
     /// Deletes a session; deleting a missing one is not an error.
-    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()>;
+    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed>;
 
     /// Moves the session stored under `old` to `new`, keeping its creation time and end.
     /// `old` stays readable for `grace`, then disappears. If `old` ends while it is being

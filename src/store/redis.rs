@@ -61,7 +61,7 @@ use serde_json::Value as Json;
 use tokio::sync::Mutex;
 
 use super::{
-    NewSession, PatchOutcome, REVOKE_PASSES, Record, Replaced, Rotated, SessionInfo, Store,
+    Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SessionInfo, Store,
     StoreError, StoreFuture, StoreSettings, unix_now,
 };
 use crate::server::current_worker;
@@ -154,8 +154,9 @@ impl From<StoreError> for Failure {
 enum Written {
     /// Done; for a delete, the user the session belonged to.
     Done(Option<String>),
-    /// Written, to a session rotated away (see `Replaced::Moved`).
-    Moved,
+    /// Done, to a session rotated away (see `Landed::Moved`); for a delete, the user the
+    /// session belonged to.
+    Moved(Option<String>),
     /// No session under the key (or, for a delete restricted to a user, not theirs).
     Missing,
     /// `ver` was not the expected one: the session as it is now, to merge into again.
@@ -163,7 +164,7 @@ enum Written {
 }
 
 /// Scripts answer `1` or `0` when there is nothing more to say, else `{status, a, b}`:
-/// `{1, user}`, `{0}` or `{2, data, ver}`; a write to a session rotated away answers `3`.
+/// `{1, user}`, `{0}` or `{2, data, ver}`; on a session rotated away, `3` or `{3, user}`.
 /// (Redis turns a Lua table into a reply more slowly than a number, and most writes have
 /// nothing more to say.) `WRITE` adds its TTL, as `{1 or 3, '', ttl}`, when the session's
 /// end cut it short of `max_age` (see `WriteAnswer`).
@@ -176,7 +177,7 @@ impl FromRedisValue for Written {
         Ok(match status {
             1 => Written::Done(String::from_utf8(a).ok().filter(|u| !u.is_empty())),
             2 => Written::Changed { data: a, ver: b },
-            3 => Written::Moved,
+            3 => Written::Moved(String::from_utf8(a).ok().filter(|u| !u.is_empty())),
             _ => Written::Missing,
         })
     }
@@ -290,35 +291,46 @@ return status
 static DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local f = redis.call('HMGET', KEYS[1], 'ver', 'user', 'data')
+local f = redis.call('HMGET', KEYS[1], 'ver', 'user', 'data', 'moved')
 if not f[3] then return {0, '', ''} end
 local ver = f[1] or '0'
 if ARGV[1] ~= '' and ver ~= ARGV[1] then return {2, f[3], ver} end
 if ARGV[2] ~= '' and f[2] ~= ARGV[2] then return {0, '', ''} end
 redis.call('DEL', KEYS[1])
+if f[4] then return {3, f[2] or '', ''} end
 return {1, f[2] or '', ''}
 ",
     )
 });
 
-/// Reads what rotation copies. Answers nil, or `{data, created, ends, user, pttl, moved}`.
+/// Reads what rotation copies. Answers nil, or `{data, created, ends, user, pttl, moved,
+/// ver}`.
 static PEEK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user', 'moved')
+local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user', 'moved', 'ver')
 if not f[1] then return false end
-return {f[1], f[2] or '', f[3] or '', f[4] or '', redis.call('PTTL', KEYS[1]), f[5] or ''}
+return {f[1], f[2] or '', f[3] or '', f[4] or '', redis.call('PTTL', KEYS[1]), f[5] or '',
+  f[6] or '0'}
 ",
     )
 });
 
-/// Ends a rotated-away session within the grace period: `ends` and the TTL only shrink.
-/// ARGV: grace_end_s, grace_ms.
+/// What `PEEK` answers: data, created, ends, user, pttl, moved, ver.
+type Peeked = (Vec<u8>, String, String, String, i64, String, String);
+
+/// Marks a session rotated away and ends it within the grace period (`ends` and the TTL
+/// only shrink), if it is still at the version its copy was made from and not moved yet.
+/// ARGV: grace_end_s, grace_ms, ver. Answers 1 (done), 0 (gone), 2 (written since the
+/// copy was made) or 3 (moved already, by another rotation).
 static SHORTEN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local ends = tonumber(redis.call('HGET', KEYS[1], 'ends'))
+local f = redis.call('HMGET', KEYS[1], 'created', 'moved', 'ver', 'ends')
+if not f[1] then return 0 end
+if f[2] then return 3 end
+if (f[3] or '0') ~= ARGV[3] then return 2 end
+local ends = tonumber(f[4])
 if not ends or ends > tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ends', ARGV[1]) end
 redis.call('HSET', KEYS[1], 'moved', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[2], 'LT')
@@ -1281,7 +1293,7 @@ impl RedisStore {
         let mut call = DELETE.key(self.keys.session(id));
         call.arg(ver.unwrap_or("")).arg(user.unwrap_or(""));
         let removed: Written = self.commit(conn, &call).await?;
-        if let Written::Done(Some(owner)) = &removed {
+        if let Written::Done(Some(owner)) | Written::Moved(Some(owner)) = &removed {
             self.unindex(conn, owner, id).await;
         }
         Ok(removed)
@@ -1342,13 +1354,13 @@ impl RedisStore {
             .await
     }
 
-    async fn replace_session(&self, id: &SessionId, data: Bytes) -> Result<Replaced, Failure> {
+    async fn replace_session(&self, id: &SessionId, data: Bytes) -> Result<Landed, Failure> {
         let mut conn = self.link.conn().await?;
         let written = self.write(&mut conn, id, &data, None, unix_now()).await?;
         Ok(match written {
-            Written::Done(_) => Replaced::Done,
-            Written::Moved => Replaced::Moved,
-            Written::Missing | Written::Changed { .. } => Replaced::Missing,
+            Written::Done(_) => Landed::Done,
+            Written::Moved(_) => Landed::Moved,
+            Written::Missing | Written::Changed { .. } => Landed::Missing,
         })
     }
 
@@ -1383,11 +1395,12 @@ impl RedisStore {
             };
             match written {
                 Written::Done(_) => return Ok(done),
-                Written::Moved => {
-                    let PatchOutcome::Updated(merged) = done else {
-                        return Ok(done);
-                    };
-                    return Ok(PatchOutcome::Moved(merged));
+                // The copy a rotation left behind: written, or emptied and deleted.
+                Written::Moved(_) => {
+                    return Ok(match done {
+                        PatchOutcome::Updated(merged) => PatchOutcome::Moved(merged),
+                        _ => PatchOutcome::Moved(Bytes::new()),
+                    });
                 }
                 Written::Missing => return Ok(PatchOutcome::Missing),
                 // Someone wrote in between: merge into what they wrote.
@@ -1397,12 +1410,19 @@ impl RedisStore {
         Err(StoreError::Contended.into())
     }
 
-    async fn delete_session(&self, id: &SessionId) -> Result<(), Failure> {
+    async fn delete_session(&self, id: &SessionId) -> Result<Landed, Failure> {
         let mut conn = self.link.conn().await?;
-        self.remove(&mut conn, id, None, None).await?;
-        Ok(())
+        Ok(match self.remove(&mut conn, id, None, None).await? {
+            Written::Done(_) => Landed::Done,
+            Written::Moved(_) => Landed::Moved,
+            Written::Missing | Written::Changed { .. } => Landed::Missing,
+        })
     }
 
+    /// Copies the session to the new ID, then marks the old one moved, if nothing changed
+    /// it in between: a write to the old ID meanwhile is copied again; a rotation that
+    /// got there first, or the session's end, undoes the copy. Until the old ID is marked,
+    /// it stays as it was, so a failure on the way leaves the session where it is.
     async fn rotate_session(
         &self,
         old: &SessionId,
@@ -1410,51 +1430,61 @@ impl RedisStore {
         grace: Duration,
     ) -> Result<Rotated, Failure> {
         let mut conn = self.link.conn().await?;
-        let now = unix_now();
-        let peeked: Option<(Vec<u8>, String, String, String, i64, String)> = PEEK
-            .key(self.keys.session(old))
-            .invoke_async(&mut conn)
-            .await?;
-        let Some((data, created, ends, user, pttl, moved)) = peeked else {
-            return Ok(Rotated::Missing);
-        };
-        if !moved.is_empty() {
-            return Ok(Rotated::Moved);
-        }
-        let Ok(created) = created.parse() else {
-            return Ok(Rotated::Missing);
-        };
-        let ends = ends.parse().ok();
-        // The new ID keeps what is left of the old one's lifetime.
-        let ttl = match u64::try_from(pttl) {
-            Ok(ms) if ms > 0 => Duration::from_millis(ms),
-            _ if pttl == -1 => match self.settings.ttl(ends, now) {
-                Some(ttl) => ttl,
-                None => return Ok(Rotated::Missing),
-            },
-            _ => return Ok(Rotated::Missing),
-        };
-        let user = (!user.is_empty()).then_some(user);
-        let moved = NewSession {
-            data: data.into(),
-            created,
-            ends,
-        };
-        self.insert(&mut conn, new, &moved, user.as_deref(), ttl, now)
-            .await?;
-        let mut call = SHORTEN.key(self.keys.session(old));
-        call.arg((now + grace).as_secs()).arg(millis(grace));
-        let shortened: i64 = self.commit(&mut conn, &call).await?;
-        if shortened == 0 {
-            // Ended meanwhile (a logout, "log out everywhere"): so does its copy. A
-            // revocation after this finds the new ID in the index.
+        for _ in 0..PATCH_ATTEMPTS {
+            let now = unix_now();
+            let peeked: Option<Peeked> = PEEK
+                .key(self.keys.session(old))
+                .invoke_async(&mut conn)
+                .await?;
+            let Some((data, created, ends, user, pttl, moved, ver)) = peeked else {
+                return Ok(Rotated::Missing);
+            };
+            if !moved.is_empty() {
+                return Ok(Rotated::Moved);
+            }
+            let Ok(created) = created.parse() else {
+                return Ok(Rotated::Missing);
+            };
+            let ends = ends.parse().ok();
+            // The new ID keeps what is left of the old one's lifetime.
+            let ttl = match u64::try_from(pttl) {
+                Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                _ if pttl == -1 => match self.settings.ttl(ends, now) {
+                    Some(ttl) => ttl,
+                    None => return Ok(Rotated::Missing),
+                },
+                _ => return Ok(Rotated::Missing),
+            };
+            let user = (!user.is_empty()).then_some(user);
+            let copy = NewSession {
+                data: data.into(),
+                created,
+                ends,
+            };
+            self.insert(&mut conn, new, &copy, user.as_deref(), ttl, now)
+                .await?;
+            let mut call = SHORTEN.key(self.keys.session(old));
+            call.arg((now + grace).as_secs())
+                .arg(millis(grace))
+                .arg(&ver);
+            let shortened: i64 = self.commit(&mut conn, &call).await?;
+            if shortened == 1 {
+                if let Some(user) = &user {
+                    self.cut_index(&conn, user, old, now + grace, now).await;
+                }
+                return Ok(Rotated::Done);
+            }
+            // The copy is not the session: gone, moved by another rotation, or out of date.
             self.remove(&mut conn, new, None, None).await?;
-            return Ok(Rotated::Missing);
+            match shortened {
+                // Ended meanwhile (a logout, "log out everywhere"): so does its copy.
+                0 => return Ok(Rotated::Missing),
+                3 => return Ok(Rotated::Moved),
+                // Written meanwhile: copy it again.
+                _ => {}
+            }
         }
-        if let Some(user) = &user {
-            self.cut_index(&conn, user, old, now + grace, now).await;
-        }
-        Ok(Rotated::Done)
+        Err(StoreError::Contended.into())
     }
 
     async fn list_user(&self, user: &str) -> Result<Vec<SessionInfo>, Failure> {
@@ -1529,7 +1559,7 @@ impl RedisStore {
             .await?;
             let now = removed
                 .iter()
-                .filter(|w| matches!(w, Written::Done(_)))
+                .filter(|w| matches!(w, Written::Done(_) | Written::Moved(_)))
                 .count();
             ended += now;
             if now == 0 {
@@ -1557,7 +1587,7 @@ impl RedisStore {
             return Ok(false);
         };
         let removed = self.remove(&mut conn, &id, None, None).await?;
-        Ok(matches!(removed, Written::Done(_)))
+        Ok(matches!(removed, Written::Done(_) | Written::Moved(_)))
     }
 
     async fn ping_redis(&self) -> Result<(), Failure> {
@@ -1624,7 +1654,7 @@ impl Store for RedisStore {
         Box::pin(self.run(self.create_session(id, session)))
     }
 
-    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Replaced> {
+    fn replace<'a>(&'a self, id: &'a SessionId, data: Bytes) -> StoreFuture<'a, Landed> {
         Box::pin(self.run(self.replace_session(id, data)))
     }
 
@@ -1636,7 +1666,7 @@ impl Store for RedisStore {
         Box::pin(self.run(self.patch_session(id, patch)))
     }
 
-    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, ()> {
+    fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed> {
         Box::pin(self.run(self.delete_session(id)))
     }
 
