@@ -1336,3 +1336,176 @@ async fn a_patch_racing_a_rotation_is_carried_over_or_reported_moved() {
         }
     }
 }
+
+// A rotation whose marking of the old ID (the `SHORTEN` script) goes wrong on the way.
+
+/// What the relay does with the reply to the first command that carries `MARKER`.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// Holds the reply past the store's response timeout.
+    Delay,
+    /// Closes the client's connection instead of passing the reply on.
+    Drop,
+    /// Never passes the command on (it does not run; the store times out).
+    Hold,
+}
+
+/// `millis(grace)` for a grace period of 4321 s, as RESP sends it: only SHORTEN carries it.
+const MARKER: &[u8] = b"$7\r\n4321000\r\n";
+
+/// A TCP relay in front of Redis that, once armed, lets the first command carrying
+/// `MARKER` reach Redis and run, then loses its reply (`fault`).
+async fn faulty_relay(redis_port: u16, fault: Fault, armed: Arc<AtomicBool>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
+                .await
+                .unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let swallow = Arc::new(AtomicBool::new(false));
+            let (armed, swallow2) = (armed.clone(), swallow.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if buf[..n].windows(MARKER.len()).any(|w| w == MARKER)
+                        && armed.swap(false, Ordering::SeqCst)
+                    {
+                        if fault == Fault::Hold {
+                            continue;
+                        }
+                        swallow2.store(true, Ordering::SeqCst);
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if swallow.swap(false, Ordering::SeqCst) {
+                        match fault {
+                            Fault::Delay => tokio::time::sleep(Duration::from_millis(1500)).await,
+                            Fault::Drop => {
+                                let _ = cw.shutdown().await;
+                                return;
+                            }
+                            Fault::Hold => {}
+                        }
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+async fn rotation_with_lost_shorten_reply(fault: Fault) {
+    let server = RedisServer::start();
+    let armed = Arc::new(AtomicBool::new(false));
+    let port = faulty_relay(server.port(), fault, armed.clone()).await;
+    let store = connect(
+        Topology::Standalone {
+            url: format!("redis://127.0.0.1:{port}"),
+        },
+        MINUTE,
+    )
+    .await;
+    // Warm the script cache, so that the next SHORTEN is one EVALSHA that runs.
+    let (a, b) = (new_id(), new_id());
+    store
+        .create(&a, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    assert_eq!(store.rotate(&a, &b, MINUTE).await.unwrap(), Rotated::Done);
+
+    let (old, new) = (new_id(), new_id());
+    store
+        .create(&old, session(r#"{"user":"ann","cart":1}"#))
+        .await
+        .unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let rotated = store.rotate(&old, &new, Duration::from_secs(4321)).await;
+    let old_moved = server
+        .cli::<Option<String>>(&["HGET", &key(&old), "moved"])
+        .is_some();
+    let new_exists = server.cli::<i64>(&["EXISTS", &key(&new)]) == 1;
+    match rotated {
+        // The proxy then keeps the old cookie: the old ID must still be the session.
+        Err(_) | Ok(Rotated::Moved) | Ok(Rotated::Missing) => assert!(
+            !old_moved,
+            "rotation reported {rotated:?} (the proxy keeps the old cookie), yet the old ID \
+             was marked moved and ends with its grace period; new ID exists: {new_exists}"
+        ),
+        Ok(Rotated::Done) => assert!(new_exists),
+    }
+}
+
+/// The old ID was marked, but the answer came after the response timeout: the rotation
+/// happened, and is reported so (else the browser would stay on an ID that is ending).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_whose_answer_is_late_is_done_when_it_ran() {
+    rotation_with_lost_shorten_reply(Fault::Delay).await;
+}
+
+/// The old ID was marked, the connection dropped before the answer and the script was
+/// sent again: the second run finds the ID moved to this same copy, which stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_sent_again_after_a_dropped_answer_keeps_its_copy() {
+    rotation_with_lost_shorten_reply(Fault::Drop).await;
+}
+
+/// The marking never reaches Redis: the rotation fails and the session stays under the
+/// old ID, unmarked, so the browser's cookie goes on working. (The copy cannot be removed
+/// while Redis does not answer; no cookie names it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_that_never_reached_redis_leaves_the_session_where_it_was() {
+    let server = RedisServer::start();
+    let armed = Arc::new(AtomicBool::new(false));
+    let port = faulty_relay(server.port(), Fault::Hold, armed.clone()).await;
+    let store = connect(
+        Topology::Standalone {
+            url: format!("redis://127.0.0.1:{port}"),
+        },
+        MINUTE,
+    )
+    .await;
+    let (a, b) = (new_id(), new_id());
+    store
+        .create(&a, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    assert_eq!(store.rotate(&a, &b, MINUTE).await.unwrap(), Rotated::Done);
+    let (old, new) = (new_id(), new_id());
+    store
+        .create(&old, session(r#"{"user":"ann","cart":1}"#))
+        .await
+        .unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let rotated = store.rotate(&old, &new, Duration::from_secs(4321)).await;
+    let old_moved = server
+        .cli::<Option<String>>(&["HGET", &key(&old), "moved"])
+        .is_some();
+    assert!(rotated.is_err(), "{rotated:?}");
+    assert!(!old_moved);
+    let kept: String = server.cli(&["HGET", &key(&old), "data"]);
+    assert_eq!(kept, r#"{"user":"ann","cart":1}"#);
+}

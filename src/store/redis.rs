@@ -245,7 +245,12 @@ return {f[1], f[2] or '', f[4] or '', f[5] or '', t}
 static CREATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local f = redis.call('HMGET', KEYS[1], 'data', 'created')
+if f[1] or f[2] then
+  -- Sent again after a dropped connection: this very session is there already.
+  if f[1] == ARGV[2] and f[2] == ARGV[3] then return 1 end
+  return 0
+end
 redis.call('HSET', KEYS[1], 'data', ARGV[2], 'created', ARGV[3], 'seen', ARGV[4], 'ver', 1)
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'ends', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'user', ARGV[6]) end
@@ -321,18 +326,20 @@ type Peeked = (Vec<u8>, String, String, String, i64, String, String);
 
 /// Marks a session rotated away and ends it within the grace period (`ends` and the TTL
 /// only shrink), if it is still at the version its copy was made from and not moved yet.
-/// ARGV: grace_end_s, grace_ms, ver. Answers 1 (done), 0 (gone), 2 (written since the
-/// copy was made) or 3 (moved already, by another rotation).
+/// ARGV: grace_end_s, grace_ms, ver, new ID (what `moved` then holds, so that the same
+/// rotation sent again after a dropped connection answers 1 again). Answers 1 (done), 0
+/// (gone), 2 (written since the copy was made) or 3 (moved already, by another rotation).
 static SHORTEN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local f = redis.call('HMGET', KEYS[1], 'created', 'moved', 'ver', 'ends')
 if not f[1] then return 0 end
+if f[2] == ARGV[4] then return 1 end
 if f[2] then return 3 end
 if (f[3] or '0') ~= ARGV[3] then return 2 end
 local ends = tonumber(f[4])
 if not ends or ends > tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ends', ARGV[1]) end
-redis.call('HSET', KEYS[1], 'moved', '1')
+redis.call('HSET', KEYS[1], 'moved', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[2], 'LT')
 return 1
 ",
@@ -1461,13 +1468,35 @@ impl RedisStore {
                 created,
                 ends,
             };
-            self.insert(&mut conn, new, &copy, user.as_deref(), ttl, now)
-                .await?;
+            if let Err(e) = self
+                .insert(&mut conn, new, &copy, user.as_deref(), ttl, now)
+                .await
+            {
+                // The old ID is untouched: the session stays there, and no stray copy.
+                let _ = self.remove(&mut conn, new, None, None).await;
+                return Err(e);
+            }
             let mut call = SHORTEN.key(self.keys.session(old));
             call.arg((now + grace).as_secs())
                 .arg(millis(grace))
-                .arg(&ver);
-            let shortened: i64 = self.commit(&mut conn, &call).await?;
+                .arg(&ver)
+                .arg(new.as_str());
+            let shortened: i64 = match self.commit(&mut conn, &call).await {
+                Ok(shortened) => shortened,
+                // A timeout, or under Sentinel no replica confirmed it in time: whether it
+                // ran decides where the session is. (A write to the new ID that follows
+                // is confirmed after it, replication keeping the order.)
+                Err(e) => match self.moved_to(&mut conn, old).await {
+                    Ok(Some(to)) if to == new.as_str() => 1,
+                    Ok(_) => {
+                        // Not moved: the session stays under the old ID, without a copy.
+                        let _ = self.remove(&mut conn, new, None, None).await;
+                        return Err(e);
+                    }
+                    // Nothing known: the copy stays, in case the move happened.
+                    Err(_) => return Err(e),
+                },
+            };
             if shortened == 1 {
                 if let Some(user) = &user {
                     self.cut_index(&conn, user, old, now + grace, now).await;
@@ -1485,6 +1514,15 @@ impl RedisStore {
             }
         }
         Err(StoreError::Contended.into())
+    }
+
+    /// The ID a session was rotated away to, if it was.
+    async fn moved_to(&self, conn: &mut Conn, id: &SessionId) -> Result<Option<String>, Failure> {
+        Ok(redis::cmd("HGET")
+            .arg(self.keys.session(id))
+            .arg("moved")
+            .query_async(conn)
+            .await?)
     }
 
     async fn list_user(&self, user: &str) -> Result<Vec<SessionInfo>, Failure> {
