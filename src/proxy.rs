@@ -372,22 +372,29 @@ impl Proxy {
         let outcome = match change {
             Change::Nothing if previous.is_some() => Outcome::Updated,
             Change::Nothing => Outcome::Read,
-            Change::Destroy => match self.store.delete(&id).await.map_err(failed)? {
+            Change::Destroy => {
+                let landed = self.store.delete(&id).await.map_err(failed)?;
                 // Only the copy a rotation left behind: the old ID has no say over the
                 // session under the new one (the browser's), not even to end it.
-                Landed::Moved => return Ok((Outcome::None, CookieAction::Keep)),
-                _ if moved => return Ok((Outcome::None, CookieAction::Keep)),
-                _ => return Ok((Outcome::Destroyed, CookieAction::Clear)),
-            },
+                let copy = match landed {
+                    Landed::Done => false,
+                    Landed::Moved => true,
+                    Landed::Missing => self.moved_away(&id, moved).await,
+                };
+                return Ok(match copy {
+                    true => (Outcome::None, CookieAction::Keep),
+                    false => (Outcome::Destroyed, CookieAction::Clear),
+                });
+            }
             Change::Replace(data) => match self.store.replace(&id, data.clone()).await {
                 Ok(Landed::Done) => Outcome::Updated,
                 Ok(Landed::Moved) => {
                     moved = true;
                     Outcome::Updated
                 }
-                // The copy a rotation left behind ended (its grace period ran out): the
-                // session lives on under its new ID, which the browser has.
-                Ok(Landed::Missing) if moved => return Ok((Outcome::None, CookieAction::Keep)),
+                Ok(Landed::Missing) if self.moved_away(&id, moved).await => {
+                    return Ok((Outcome::None, CookieAction::Keep));
+                }
                 Ok(Landed::Missing) => {
                     // Ended while the application worked on it: store the data under a new
                     // ID rather than bring the old one back.
@@ -413,7 +420,7 @@ impl Proxy {
                     }
                     return Ok((Outcome::Destroyed, CookieAction::Clear));
                 }
-                Ok(PatchOutcome::Missing) if moved => {
+                Ok(PatchOutcome::Missing) if self.moved_away(&id, moved).await => {
                     return Ok((Outcome::None, CookieAction::Keep));
                 }
                 Ok(PatchOutcome::Missing) => {
@@ -439,6 +446,14 @@ impl Proxy {
             return Ok((outcome, CookieAction::Keep));
         }
         Ok((outcome, CookieAction::Set(id)))
+    }
+
+    /// Whether a session a write found missing was one a rotation moved away, and whose
+    /// copy has ended since (its grace period ran out while the application worked): the
+    /// session lives on under its new ID, which the browser has, so the write changes
+    /// nothing and the cookie stays. `known`: the move was seen already.
+    async fn moved_away(&self, id: &SessionId, known: bool) -> bool {
+        known || self.store.was_moved(id).await.unwrap_or(false)
     }
 
     /// The answer for a request that has no live session: only a write that leaves a

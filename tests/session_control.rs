@@ -69,6 +69,7 @@ on_both_stores!(
     a_patch_refused_after_its_rotation_still_moves_the_cookie,
     two_logins_at_once_leave_the_browser_a_session_that_lasts,
     a_logout_through_the_old_id_leaves_the_new_session_alone,
+    writes_through_the_old_id_that_outlive_its_grace_period_leave_the_cookie_alone,
     rotation_on_its_own_moves_the_session,
     destroying_while_rotating_ends_the_session_under_both_ids,
     a_change_the_application_answered_holds_when_the_client_left_first,
@@ -386,6 +387,49 @@ async fn a_logout_through_the_old_id_leaves_the_new_session_alone(backend: Backe
         .get(&proxy.url("/"), &[("cookie", &old_cookie)])
         .await;
     assert_eq!(r.session_seen(), json!({}), "the old copy is gone");
+}
+
+/// Requests that loaded the session before a login rotated it, and answer with a write
+/// after the old ID's grace period ran out: the old copy is gone, but the session lives
+/// on under the new ID, so they change nothing and set no cookie (no fresh session in
+/// the browser's place, no cleared cookie).
+async fn writes_through_the_old_id_that_outlive_its_grace_period_leave_the_cookie_alone(
+    backend: Backend,
+) {
+    let app = App::scripted().await;
+    let proxy = backend.proxy(&app, |c| c.session.rotate_grace = 1).await;
+    let mut browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
+    let old_cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let writes = [
+        format!("update={}", q(r#"{"cart":2}"#)),
+        format!("patch={}", q(r#"{"seen":1}"#)),
+        format!("patch={}", q(r#"{"cart":null}"#)),
+        format!("update={}", q("{}")),
+    ];
+    let slow: Vec<_> = writes
+        .iter()
+        .map(|write| {
+            let url = proxy.url(&format!("/slow?delay_ms=2500&{write}"));
+            let cookie = old_cookie.clone();
+            tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = browser
+        .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#))))
+        .await;
+    assert!(r.session_cookie().is_some());
+    for (write, task) in writes.iter().zip(slow) {
+        let r = task.await.unwrap();
+        assert_eq!(r.status, 200, "{write}");
+        assert!(
+            r.set_cookies().is_empty(),
+            "{write}: set {:?}",
+            r.set_cookies()
+        );
+    }
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen(), json!({"cart": 1, "user": "ann"}));
 }
 
 async fn rotation_on_its_own_moves_the_session(backend: Backend) {

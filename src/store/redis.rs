@@ -9,7 +9,7 @@
 //! | `ends` | unix seconds at which the session ends whatever its activity; absent: never |
 //! | `ver` | counts the writes of `data`: the version a patch compares before it sets |
 //! | `user` | the user `session.user_key` names; absent: none |
-//! | `moved` | `1` once the session was rotated away to a new ID: this one lives out its grace period |
+//! | `moved` | the new ID, once the session was rotated away to it: this one lives out its grace period |
 //!
 //! Each change to a session is one Lua script on its key, so it is atomic and sets the TTL
 //! in the same step. The scripts never parse JSON: Redis' cjson loses integers above 2^53
@@ -19,6 +19,8 @@
 //! With `session.user_key`, a sorted set `key_prefix + "user:" + USER` holds the IDs of the
 //! user's sessions, scored by the unix milliseconds at which each expires at the latest,
 //! and a string `key_prefix + "handle:" + HANDLE` names the user of each indexed session.
+//! A string `key_prefix + "moved:" + ID` remembers an ID rotated away for the grace period
+//! plus `StoreSettings::moved_memory`.
 //! Both live in other cluster slots than the session, so separate commands write them,
 //! always *before* the session: the index may name sessions that are gone or changed user,
 //! never miss one. Reading the index drops the entries that no longer match.
@@ -127,6 +129,11 @@ impl Keys {
 
     fn handle(&self, handle: &str) -> String {
         format!("{}handle:{handle}", self.prefix)
+    }
+
+    /// Remembers an ID rotated away past its grace period (see `Store::was_moved`).
+    fn moved(&self, id: &SessionId) -> String {
+        format!("{}moved:{}", self.prefix, id.as_str())
     }
 }
 
@@ -1501,6 +1508,15 @@ impl RedisStore {
                 if let Some(user) = &user {
                     self.cut_index(&conn, user, old, now + grace, now).await;
                 }
+                // Best effort, like the index: without it a write that outlives the grace
+                // period may start a session of its own.
+                let _ = redis::cmd("SET")
+                    .arg(self.keys.moved(old))
+                    .arg(new.as_str())
+                    .arg("PX")
+                    .arg(millis(grace + self.settings.moved_memory))
+                    .query_async::<()>(&mut conn)
+                    .await;
                 return Ok(Rotated::Done);
             }
             // The copy is not the session: gone, moved by another rotation, or out of date.
@@ -1514,6 +1530,15 @@ impl RedisStore {
             }
         }
         Err(StoreError::Contended.into())
+    }
+
+    async fn is_moved(&self, id: &SessionId) -> Result<bool, Failure> {
+        let mut conn = self.link.conn().await?;
+        let remembered: i64 = redis::cmd("EXISTS")
+            .arg(self.keys.moved(id))
+            .query_async(&mut conn)
+            .await?;
+        Ok(remembered == 1)
     }
 
     /// The ID a session was rotated away to, if it was.
@@ -1702,6 +1727,10 @@ impl Store for RedisStore {
 
     fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Json) -> StoreFuture<'a, PatchOutcome> {
         Box::pin(self.run(self.patch_session(id, patch)))
+    }
+
+    fn was_moved<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool> {
+        Box::pin(self.run(self.is_moved(id)))
     }
 
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed> {
