@@ -395,15 +395,10 @@ impl Proxy {
                 Ok(Landed::Missing) if self.moved_away(&id, moved).await => {
                     return Ok((Outcome::None, CookieAction::Keep));
                 }
-                Ok(Landed::Missing) => {
-                    // Ended while the application worked on it: store the data under a new
-                    // ID rather than bring the old one back.
-                    let fresh = self
-                        .create(data)
-                        .await
-                        .map_err(|p| (p, CookieAction::Keep))?;
-                    return Ok((Outcome::Created, CookieAction::Set(fresh)));
-                }
+                // Ended while the application worked on it (revoked, expired): the answer
+                // was made from the session as it was, and must not bring it back under a
+                // new ID ("log out everywhere" would not hold).
+                Ok(Landed::Missing) => return Ok((Outcome::None, CookieAction::Clear)),
                 Err(e) => return Err(failed(e)),
             },
             Change::Patch(patch) => match self.store.patch(&id, &patch).await {
@@ -423,13 +418,7 @@ impl Proxy {
                 Ok(PatchOutcome::Missing) if self.moved_away(&id, moved).await => {
                     return Ok((Outcome::None, CookieAction::Keep));
                 }
-                Ok(PatchOutcome::Missing) => {
-                    let change = Change::Patch(patch);
-                    return self
-                        .without_session(change, CookieAction::Clear)
-                        .await
-                        .map_err(|p| (p, CookieAction::Keep));
-                }
+                Ok(PatchOutcome::Missing) => return Ok((Outcome::None, CookieAction::Clear)),
                 Err(e) => return Err(failed(e)),
             },
         };

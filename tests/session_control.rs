@@ -79,6 +79,7 @@ on_both_stores!(
     forged_or_truncated_signed_cookies_cost_no_store_access,
     fallback_signed_cookies_are_accepted_and_resigned,
     revoke_all_ends_every_session_of_the_user_and_no_other,
+    a_write_in_flight_does_not_bring_back_a_revoked_session,
     revoke_by_handle_ends_one_session,
     admin_token_guards_sessions_but_not_probes,
 );
@@ -730,6 +731,42 @@ async fn revoke_all_ends_every_session_of_the_user_and_no_other(backend: Backend
         bob.get(&proxy.url("/")).await.session_seen(),
         json!({"user_id": "bob"})
     );
+    let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
+    assert_eq!(listed.json()["sessions"], json!([]));
+}
+
+/// "Log out everywhere" while a request is in flight whose answer writes the session (as
+/// the application saw it, user and all): the answer must not bring the session back
+/// under a new ID, or a stolen cookie with a slow request outlives the revocation.
+async fn a_write_in_flight_does_not_bring_back_a_revoked_session(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| c.session.user_key = Some("user".into()))
+        .await;
+    let browser = Browser::with_session(&proxy, r#"{"user":"ann","cart":1}"#).await;
+    let cookie = format!("session={}", browser.cookie.clone().unwrap());
+    let writes = [
+        format!("update={}", q(r#"{"user":"ann","cart":2}"#)),
+        format!("patch={}", q(r#"{"cart":3}"#)),
+    ];
+    let slow: Vec<_> = writes
+        .iter()
+        .map(|write| {
+            let url = proxy.url(&format!("/slow?delay_ms=500&{write}"));
+            let cookie = cookie.clone();
+            tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let r = proxy
+        .admin_request("DELETE", "/sessions?user=ann", None)
+        .await;
+    assert_eq!(r.status, 200);
+    for (write, task) in writes.iter().zip(slow) {
+        let r = task.await.unwrap();
+        assert!(r.session_cookie().is_none(), "{write}: {:?}", r.set_cookies());
+        assert!(r.clears_session_cookie(), "{write}: {:?}", r.set_cookies());
+    }
     let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
     assert_eq!(listed.json()["sessions"], json!([]));
 }
