@@ -764,7 +764,11 @@ async fn a_write_in_flight_does_not_bring_back_a_revoked_session(backend: Backen
     assert_eq!(r.status, 200);
     for (write, task) in writes.iter().zip(slow) {
         let r = task.await.unwrap();
-        assert!(r.session_cookie().is_none(), "{write}: {:?}", r.set_cookies());
+        assert!(
+            r.session_cookie().is_none(),
+            "{write}: {:?}",
+            r.set_cookies()
+        );
         assert!(r.clears_session_cookie(), "{write}: {:?}", r.set_cookies());
     }
     let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
