@@ -146,7 +146,6 @@ fn memory_store(c: &mut Criterion) {
         max_age: Duration::from_secs(1_209_600),
         user_key: None,
         max_bytes: 4096,
-        moved_memory: Duration::from_secs(60),
     };
     let data = Bytes::from_static(SESSION_JSON.as_bytes());
     let new_session = || NewSession {

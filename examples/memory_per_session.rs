@@ -51,7 +51,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_age: Duration::from_secs(1_209_600),
         user_key: None,
         max_bytes: 4096,
-        moved_memory: Duration::from_secs(60),
     };
     let store = MemoryStore::new(settings, count);
     let shape = IdShape::default();

@@ -63,14 +63,20 @@ enum Command {
 enum SessionsAction {
     /// List the sessions of a user.
     List {
-        #[arg(long)]
+        // Handles and user names may begin with `-`.
+        #[arg(long, allow_hyphen_values = true)]
         user: String,
     },
     /// End every session of a user, or one session by its handle.
     Revoke {
-        #[arg(long, conflicts_with = "handle", required_unless_present = "handle")]
+        #[arg(
+            long,
+            conflicts_with = "handle",
+            required_unless_present = "handle",
+            allow_hyphen_values = true
+        )]
         user: Option<String>,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         handle: Option<String>,
     },
 }

@@ -67,6 +67,14 @@ enum CookieAction {
     Clear,
 }
 
+/// The answer to a request whose session was gone by the time its answer was applied:
+/// revoked or expired meanwhile, or a copy a rotation left behind that ran out. The answer
+/// was made from the session as it was, so it changes nothing: it must not start a session
+/// of its own (that would bring back a revoked one, or push a new ID out of the browser)
+/// and does not touch the cookie. The browser's cookie is either the session's new ID or
+/// one that the next request finds gone, and clears.
+const VANISHED: (Outcome, CookieAction) = (Outcome::None, CookieAction::Keep);
+
 /// A request the proxy answers itself, with a problem.
 struct Refused {
     problem: Problem,
@@ -358,12 +366,8 @@ impl Proxy {
                 // Another request (a second login at once) moved it first: this one's
                 // change stays with the old copy, and the browser keeps the new ID.
                 Rotated::Moved => moved = true,
-                Rotated::Missing => {
-                    return self
-                        .without_session(change, CookieAction::Clear)
-                        .await
-                        .map_err(|p| (p, CookieAction::Keep));
-                }
+                // Ended while the application worked on it: see `VANISHED`.
+                Rotated::Missing => return Ok(VANISHED),
             }
         }
         let fresh = previous.is_some().then(|| id.clone());
@@ -372,33 +376,21 @@ impl Proxy {
         let outcome = match change {
             Change::Nothing if previous.is_some() => Outcome::Updated,
             Change::Nothing => Outcome::Read,
-            Change::Destroy => {
-                let landed = self.store.delete(&id).await.map_err(failed)?;
-                // Only the copy a rotation left behind: the old ID has no say over the
-                // session under the new one (the browser's), not even to end it.
-                let copy = match landed {
-                    Landed::Done => false,
-                    Landed::Moved => true,
-                    Landed::Missing => self.moved_away(&id, moved).await,
-                };
-                return Ok(match copy {
-                    true => (Outcome::None, CookieAction::Keep),
-                    false => (Outcome::Destroyed, CookieAction::Clear),
-                });
-            }
+            Change::Destroy => match self.store.delete(&id).await.map_err(failed)? {
+                Landed::Done if !moved => return Ok((Outcome::Destroyed, CookieAction::Clear)),
+                // Only the copy a rotation left behind (the old ID has no say over the
+                // session under the new one, the browser's, not even to end it), or
+                // nothing left to end: see `VANISHED`.
+                _ => return Ok(VANISHED),
+            },
             Change::Replace(data) => match self.store.replace(&id, data.clone()).await {
                 Ok(Landed::Done) => Outcome::Updated,
                 Ok(Landed::Moved) => {
                     moved = true;
                     Outcome::Updated
                 }
-                Ok(Landed::Missing) if self.moved_away(&id, moved).await => {
-                    return Ok((Outcome::None, CookieAction::Keep));
-                }
-                // Ended while the application worked on it (revoked, expired): the answer
-                // was made from the session as it was, and must not bring it back under a
-                // new ID ("log out everywhere" would not hold).
-                Ok(Landed::Missing) => return Ok((Outcome::None, CookieAction::Clear)),
+                // Ended while the application worked on it: see `VANISHED`.
+                Ok(Landed::Missing) => return Ok(VANISHED),
                 Err(e) => return Err(failed(e)),
             },
             Change::Patch(patch) => match self.store.patch(&id, &patch).await {
@@ -415,10 +407,7 @@ impl Proxy {
                     }
                     return Ok((Outcome::Destroyed, CookieAction::Clear));
                 }
-                Ok(PatchOutcome::Missing) if self.moved_away(&id, moved).await => {
-                    return Ok((Outcome::None, CookieAction::Keep));
-                }
-                Ok(PatchOutcome::Missing) => return Ok((Outcome::None, CookieAction::Clear)),
+                Ok(PatchOutcome::Missing) => return Ok(VANISHED),
                 Err(e) => return Err(failed(e)),
             },
         };
@@ -435,14 +424,6 @@ impl Proxy {
             return Ok((outcome, CookieAction::Keep));
         }
         Ok((outcome, CookieAction::Set(id)))
-    }
-
-    /// Whether a session a write found missing was one a rotation moved away, and whose
-    /// copy has ended since (its grace period ran out while the application worked): the
-    /// session lives on under its new ID, which the browser has, so the write changes
-    /// nothing and the cookie stays. `known`: the move was seen already.
-    async fn moved_away(&self, id: &SessionId, known: bool) -> bool {
-        known || self.store.was_moved(id).await.unwrap_or(false)
     }
 
     /// The answer for a request that has no live session: only a write that leaves a

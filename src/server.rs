@@ -585,7 +585,6 @@ pub async fn build_store(config: &Config, workers: usize) -> Result<Arc<dyn Stor
         max_age: Duration::from_secs(config.session.max_age),
         user_key: config.session.user_key.clone(),
         max_bytes: config.session.max_bytes,
-        moved_memory: secs(config.timeouts.upstream_response),
     };
     let st = &config.store;
     if st.kind == StoreType::Memory {

@@ -633,3 +633,25 @@ async fn sessions_command_lists_and_revokes_through_the_admin_port() {
     assert_eq!(code, Some(1));
     assert!(err.contains("404"), "{err}");
 }
+
+/// Handles are base64url, so about one in 32 begins with `-`; user names may too. Such a
+/// value after `--handle` or `--user` is the value, not an unknown flag.
+#[test]
+fn handles_and_users_beginning_with_a_dash_are_values() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    for args in [
+        ["sessions", "revoke", "--handle", "-qAbC"],
+        ["sessions", "revoke", "--user", "-ann"],
+        ["sessions", "list", "--user", "-ann"],
+    ] {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--admin-listen", &admin]);
+        let out = run(&all, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot reach the admin port"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -72,9 +72,6 @@ pub struct MemoryStore {
     count: AtomicUsize,
     max_sessions: usize,
     settings: StoreSettings,
-    /// IDs rotated away, with the unix milliseconds until which they are remembered (see
-    /// `Store::was_moved`). Only as many as there were rotations in that time.
-    moved: Mutex<HashMap<SessionId, u64>>,
     /// The per-user index. Entries leave it when their session is deleted, revoked or
     /// swept.
     users: Mutex<UserIndex>,
@@ -107,7 +104,6 @@ impl MemoryStore {
             count: AtomicUsize::new(0),
             max_sessions,
             settings,
-            moved: Mutex::new(HashMap::new()),
             users: Mutex::new(UserIndex::default()),
         }
     }
@@ -149,7 +145,6 @@ impl MemoryStore {
                 self.unindex(&id, user.as_deref());
             }
         }
-        lock(&self.moved).retain(|_, until| *until > now);
     }
 
     fn shard(&self, id: &SessionId) -> &Mutex<Shard> {
@@ -356,8 +351,6 @@ impl MemoryStore {
             self.remove(new);
             return Ok(Rotated::Missing);
         }
-        let until = grace_end + self.settings.moved_memory;
-        lock(&self.moved).insert(old.clone(), millis(until));
         Ok(Rotated::Done)
     }
 
@@ -445,12 +438,6 @@ impl Store for MemoryStore {
         Box::pin(async move { outcome })
     }
 
-    fn was_moved<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool> {
-        let now = millis(unix_now());
-        let moved = lock(&self.moved).get(id).is_some_and(|until| *until > now);
-        Box::pin(async move { Ok(moved) })
-    }
-
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed> {
         let removed = lock(self.shard(id)).remove(id);
         let moved = removed.as_ref().is_some_and(|e| e.moved);
@@ -520,7 +507,6 @@ mod tests {
                 max_age,
                 user_key: Some("user".into()),
                 max_bytes: 4096,
-                moved_memory: Duration::from_secs(60),
             },
             max_sessions,
         )

@@ -71,10 +71,6 @@ impl Store for Metered {
         self.measure(StoreOp::Check, self.inner.current(id))
     }
 
-    fn was_moved<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool> {
-        self.measure(StoreOp::Check, self.inner.was_moved(id))
-    }
-
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed> {
         self.measure(StoreOp::Delete, self.inner.delete(id))
     }

@@ -134,10 +134,6 @@ pub struct StoreSettings {
     pub user_key: Option<String>,
     /// Largest session a patch may produce (`session.max_bytes`).
     pub max_bytes: usize,
-    /// How long an ID rotated away is remembered after its grace period: as long as a
-    /// request that started on it may still be waiting for the application
-    /// (`timeouts.upstream_response`). See [`Store::was_moved`].
-    pub moved_memory: Duration,
 }
 
 impl StoreSettings {
@@ -183,10 +179,6 @@ pub trait Store: Send + Sync + 'static {
     /// Whether `id` names a live session that was not rotated away: one whose cookie may
     /// be sent again. (A request that started before a rotation answers after it.)
     fn current<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool>;
-
-    /// Whether `id` was rotated away within its grace period plus `moved_memory`: a write
-    /// through it that finds nothing must not start a session in the new one's place.
-    fn was_moved<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool>;
 
     /// Deletes a session; deleting a missing one is not an error.
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed>;

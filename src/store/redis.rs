@@ -19,8 +19,6 @@
 //! With `session.user_key`, a sorted set `key_prefix + "user:" + USER` holds the IDs of the
 //! user's sessions, scored by the unix milliseconds at which each expires at the latest,
 //! and a string `key_prefix + "handle:" + HANDLE` names the user of each indexed session.
-//! A string `key_prefix + "moved:" + ID` remembers an ID rotated away for the grace period
-//! plus `StoreSettings::moved_memory`.
 //! Both live in other cluster slots than the session, so separate commands write them,
 //! always *before* the session: the index may name sessions that are gone or changed user,
 //! never miss one. Reading the index drops the entries that no longer match.
@@ -129,11 +127,6 @@ impl Keys {
 
     fn handle(&self, handle: &str) -> String {
         format!("{}handle:{handle}", self.prefix)
-    }
-
-    /// Remembers an ID rotated away past its grace period (see `Store::was_moved`).
-    fn moved(&self, id: &SessionId) -> String {
-        format!("{}moved:{}", self.prefix, id.as_str())
     }
 }
 
@@ -1488,11 +1481,15 @@ impl RedisStore {
                 .arg(millis(grace))
                 .arg(&ver)
                 .arg(new.as_str());
-            let shortened: i64 = match self.commit(&mut conn, &call).await {
+            // A timeout, or under Sentinel no replica confirmed it in time: sent once more
+            // (it answers 1 again if it ran), so that it is confirmed this time.
+            let shortened = match self.commit(&mut conn, &call).await {
+                Ok(shortened) => Ok(shortened),
+                Err(_) => self.commit::<i64>(&mut conn, &call).await,
+            };
+            let shortened: i64 = match shortened {
                 Ok(shortened) => shortened,
-                // A timeout, or under Sentinel no replica confirmed it in time: whether it
-                // ran decides where the session is. (A write to the new ID that follows
-                // is confirmed after it, replication keeping the order.)
+                // Still failing: whether it ran decides where the session is.
                 Err(e) => match self.moved_to(&mut conn, old).await {
                     Ok(Some(to)) if to == new.as_str() => 1,
                     Ok(_) => {
@@ -1500,23 +1497,17 @@ impl RedisStore {
                         let _ = self.remove(&mut conn, new, None, None).await;
                         return Err(e);
                     }
-                    // Nothing known: the copy stays, in case the move happened.
-                    Err(_) => return Err(e),
+                    // Nothing known: the copy is the session from here on (it holds the
+                    // session whole; the browser is sent its cookie, with the change of this
+                    // answer or with the error of the write that fails next). An old ID
+                    // left unmarked keeps the session as it was, until it ends.
+                    Err(_) => 1,
                 },
             };
             if shortened == 1 {
                 if let Some(user) = &user {
                     self.cut_index(&conn, user, old, now + grace, now).await;
                 }
-                // Best effort, like the index: without it a write that outlives the grace
-                // period may start a session of its own.
-                let _ = redis::cmd("SET")
-                    .arg(self.keys.moved(old))
-                    .arg(new.as_str())
-                    .arg("PX")
-                    .arg(millis(grace + self.settings.moved_memory))
-                    .query_async::<()>(&mut conn)
-                    .await;
                 return Ok(Rotated::Done);
             }
             // The copy is not the session: gone, moved by another rotation, or out of date.
@@ -1530,15 +1521,6 @@ impl RedisStore {
             }
         }
         Err(StoreError::Contended.into())
-    }
-
-    async fn is_moved(&self, id: &SessionId) -> Result<bool, Failure> {
-        let mut conn = self.link.conn().await?;
-        let remembered: i64 = redis::cmd("EXISTS")
-            .arg(self.keys.moved(id))
-            .query_async(&mut conn)
-            .await?;
-        Ok(remembered == 1)
     }
 
     /// The ID a session was rotated away to, if it was.
@@ -1727,10 +1709,6 @@ impl Store for RedisStore {
 
     fn patch<'a>(&'a self, id: &'a SessionId, patch: &'a Json) -> StoreFuture<'a, PatchOutcome> {
         Box::pin(self.run(self.patch_session(id, patch)))
-    }
-
-    fn was_moved<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, bool> {
-        Box::pin(self.run(self.is_moved(id)))
     }
 
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed> {
