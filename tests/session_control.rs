@@ -84,6 +84,13 @@ on_both_stores!(
     admin_token_guards_sessions_but_not_probes,
 );
 
+/// Sends a GET for `path` with `cookie` on a connection of its own, without waiting for
+/// the answer.
+fn send(proxy: &Proxy, path: &str, cookie: &str) -> tokio::task::JoinHandle<support::Reply> {
+    let (url, cookie) = (proxy.url(path), cookie.to_string());
+    tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
+}
+
 /// 50 concurrent requests on one session, each answering with `header` (`patch` or
 /// `update`) setting its own key; returns the session afterwards.
 async fn fifty_concurrent_writes(backend: Backend, header: &str) -> serde_json::Value {
@@ -222,10 +229,7 @@ async fn requests_in_flight_during_a_rotation_never_hand_back_the_old_cookie(bac
     ];
     let slow: Vec<_> = in_flight
         .iter()
-        .map(|path| {
-            let (url, cookie) = (proxy.url(path), old_cookie.clone());
-            tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
-        })
+        .map(|path| send(&proxy, path, &old_cookie))
         .collect();
     tokio::time::sleep(Duration::from_millis(150)).await;
     let r = browser
@@ -295,12 +299,12 @@ async fn a_patch_refused_after_its_rotation_still_moves_the_cookie(backend: Back
     let proxy = backend.proxy(&app, |c| c.session.max_bytes = 100).await;
     let browser = Browser::with_session(&proxy, r#"{"a":1}"#).await;
     let cookie = format!("session={}", browser.cookie.clone().unwrap());
-    let login = {
-        let more = json!({"login": "y".repeat(50)}).to_string();
-        let url = proxy.url(&format!("/login?delay_ms=400&rotate=1&patch={}", q(&more)));
-        let cookie = cookie.clone();
-        tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
-    };
+    let more = json!({"login": "y".repeat(50)}).to_string();
+    let login = send(
+        &proxy,
+        &format!("/login?delay_ms=400&rotate=1&patch={}", q(&more)),
+        &cookie,
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     let grow = json!({"cart": "z".repeat(50)}).to_string();
     let r = Client::new()
@@ -332,12 +336,11 @@ async fn two_logins_at_once_leave_the_browser_a_session_that_lasts(backend: Back
     let browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
     let cookie = format!("session={}", browser.cookie.clone().unwrap());
     let login = |delay_ms: u64| {
-        let url = proxy.url(&format!(
+        let path = format!(
             "/login?delay_ms={delay_ms}&rotate=1&patch={}",
             q(r#"{"user":"ann"}"#)
-        ));
-        let cookie = cookie.clone();
-        tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
+        );
+        send(&proxy, &path, &cookie)
     };
     let slow = login(400);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -366,11 +369,11 @@ async fn a_logout_through_the_old_id_leaves_the_new_session_alone(backend: Backe
     let proxy = backend.proxy(&app, |c| c.session.rotate_grace = 5).await;
     let mut browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
     let old_cookie = format!("session={}", browser.cookie.clone().unwrap());
-    let logout = {
-        let url = proxy.url(&format!("/logout?delay_ms=400&update={}", q("{}")));
-        let cookie = old_cookie.clone();
-        tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
-    };
+    let logout = send(
+        &proxy,
+        &format!("/logout?delay_ms=400&update={}", q("{}")),
+        &old_cookie,
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = browser
         .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#))))
@@ -411,11 +414,7 @@ async fn writes_through_the_old_id_that_outlive_its_grace_period_leave_the_cooki
     ];
     let slow: Vec<_> = writes
         .iter()
-        .map(|write| {
-            let url = proxy.url(&format!("/slow?delay_ms=2500&{write}"));
-            let cookie = old_cookie.clone();
-            tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
-        })
+        .map(|write| send(&proxy, &format!("/slow?delay_ms=2500&{write}"), &old_cookie))
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = browser
@@ -757,11 +756,7 @@ async fn a_write_in_flight_does_not_bring_back_a_revoked_session(backend: Backen
     ];
     let slow: Vec<_> = writes
         .iter()
-        .map(|write| {
-            let url = proxy.url(&format!("/slow?delay_ms=500&{write}"));
-            let cookie = cookie.clone();
-            tokio::spawn(async move { Client::new().get(&url, &[("cookie", &cookie)]).await })
-        })
+        .map(|write| send(&proxy, &format!("/slow?delay_ms=500&{write}"), &cookie))
         .collect();
     tokio::time::sleep(Duration::from_millis(150)).await;
     let r = proxy
