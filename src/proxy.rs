@@ -402,8 +402,10 @@ impl Proxy {
                 Ok(PatchOutcome::Destroyed) => {
                     // The rotation left the old ID readable: it ends now too.
                     if let Some(previous) = &previous {
+                        // Failing, the cookie stays (a store error never clears one): it
+                        // names the session just destroyed, and the next request clears it.
                         let deleted = self.store.delete(previous).await;
-                        deleted.map_err(|e| (unavailable(e), CookieAction::Clear))?;
+                        deleted.map_err(|e| (unavailable(e), CookieAction::Keep))?;
                     }
                     return Ok((Outcome::Destroyed, CookieAction::Clear));
                 }
