@@ -1640,7 +1640,12 @@ impl RedisStore {
         if let Conn::Cluster(cluster) = &mut conn {
             return cluster_serves(cluster).await;
         }
-        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        // A read under the key prefix rather than PING: an ACL user who may PING but not
+        // touch the prefix's keys fails every session request, and must not look ready.
+        redis::cmd("EXISTS")
+            .arg(format!("{}ready", self.keys.prefix))
+            .query_async::<()>(&mut conn)
+            .await?;
         Ok(())
     }
 }
