@@ -83,6 +83,12 @@ async fn data(store: &RedisStore, id: &SessionId) -> Option<String> {
     Some(String::from_utf8(record.data.to_vec()).expect("UTF-8"))
 }
 
+/// The handles of a user's listed sessions.
+async fn handles_of(store: &RedisStore, user: &str) -> Vec<String> {
+    let sessions = store.user_sessions(user).await.unwrap();
+    sessions.into_iter().map(|s| s.handle).collect()
+}
+
 /// Polls `check` every 20 ms until it holds; panics after `limit`. Returns the time taken.
 async fn eventually<F: Future<Output = bool>>(
     what: &str,
@@ -414,13 +420,7 @@ async fn rotation_moves_the_session_and_the_old_id_lasts_only_the_grace_period()
     let fields: HashMap<String, String> = server.cli(&["HGETALL", &key(&new)]);
     assert_eq!(fields["ends"], ends.to_string());
     assert_eq!(fields["user"], "ann");
-    let handles: Vec<String> = store
-        .user_sessions("ann")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.handle)
-        .collect();
+    let handles = handles_of(&store, "ann").await;
     assert!(handles.contains(&new.handle()), "the new ID is indexed");
 
     // The old ID: still readable, but ends within the grace period.
@@ -1264,13 +1264,7 @@ async fn sessions_created_during_a_revocation_stay_indexed() {
         }
         created.extend(ids);
     }
-    let listed: Vec<String> = store
-        .user_sessions("ann")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.handle)
-        .collect();
+    let listed = handles_of(&store, "ann").await;
     for id in &created {
         if store.load(id, false).await.unwrap().is_some() {
             assert!(

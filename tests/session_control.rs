@@ -84,6 +84,14 @@ on_both_stores!(
     admin_token_guards_sessions_but_not_probes,
 );
 
+/// A login through `browser`: patches in `{"user":"ann"}` and rotates the session.
+/// Returns the new session cookie, which the answer must carry.
+async fn log_in(proxy: &Proxy, browser: &mut Browser) -> String {
+    let login = format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#));
+    let r = browser.get(&proxy.url(&login)).await;
+    r.session_cookie().expect("the login sends the new cookie")
+}
+
 /// Sends a GET for `path` with `cookie` on a connection of its own, without waiting for
 /// the answer.
 fn send(proxy: &Proxy, path: &str, cookie: &str) -> tokio::task::JoinHandle<support::Reply> {
@@ -175,10 +183,7 @@ async fn rotation_moves_the_session_and_keeps_the_old_id_for_the_grace_period(ba
         tokio::spawn(async move { Client::new().get(&slow_url, &[("cookie", &cookie)]).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = browser
-        .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#))))
-        .await;
-    let new = r.session_cookie().expect("rotation sends the new cookie");
+    let new = log_in(&proxy, &mut browser).await;
     assert_ne!(new, old);
     let slow = slow.await.unwrap();
     assert_eq!(slow.status, 200);
@@ -232,13 +237,7 @@ async fn requests_in_flight_during_a_rotation_never_hand_back_the_old_cookie(bac
         .map(|path| send(&proxy, path, &old_cookie))
         .collect();
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let r = browser
-        .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#))))
-        .await;
-    assert!(
-        r.session_cookie().is_some(),
-        "the login sends the new cookie"
-    );
+    log_in(&proxy, &mut browser).await;
     for (path, task) in in_flight.iter().zip(slow) {
         let r = task.await.unwrap();
         assert_eq!(r.status, 200, "{path}");
@@ -375,13 +374,7 @@ async fn a_logout_through_the_old_id_leaves_the_new_session_alone(backend: Backe
         &old_cookie,
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = browser
-        .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#))))
-        .await;
-    assert!(
-        r.session_cookie().is_some(),
-        "the login sends the new cookie"
-    );
+    log_in(&proxy, &mut browser).await;
     let out = logout.await.unwrap();
     assert_eq!(out.status, 200);
     assert!(out.set_cookies().is_empty(), "{:?}", out.set_cookies());
@@ -417,10 +410,7 @@ async fn writes_through_the_old_id_that_outlive_its_grace_period_leave_the_cooki
         .map(|write| send(&proxy, &format!("/slow?delay_ms=2500&{write}"), &old_cookie))
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = browser
-        .get(&proxy.url(&format!("/login?rotate=1&patch={}", q(r#"{"user":"ann"}"#))))
-        .await;
-    assert!(r.session_cookie().is_some());
+    log_in(&proxy, &mut browser).await;
     for (write, task) in writes.iter().zip(slow) {
         let r = task.await.unwrap();
         assert_eq!(r.status, 200, "{write}");
