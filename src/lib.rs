@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod http1;
 pub mod logging;
 pub mod metrics;
 pub mod problem;

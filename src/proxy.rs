@@ -12,7 +12,6 @@ use http::header::{HOST, SET_COOKIE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
@@ -28,7 +27,7 @@ use crate::shutdown::Shutdown;
 use crate::store::{
     Landed, NewSession, PatchOutcome, Record, Rotated, Store, StoreError, unix_now,
 };
-use crate::upstream::{self, ProxyBody, Upstream, UpstreamBody, UpstreamError};
+use crate::upstream::{self, ClientBody, ProxyBody, Upstream, UpstreamBody, UpstreamError};
 
 /// Everything one request needs, shared by all connections.
 pub struct Proxy {
@@ -131,7 +130,11 @@ impl Proxy {
 
     /// Serves one request and records it in the metrics and the access log.
     /// `client` is the client's IP address, as `X-Forwarded-For` carries it.
-    pub async fn handle(&self, req: Request<Incoming>, client: HeaderValue) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        req: Request<ClientBody>,
+        client: HeaderValue,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -194,7 +197,7 @@ impl Proxy {
     /// The request path, step by step.
     async fn serve(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         client: &HeaderValue,
     ) -> Result<Served, Refused> {
         check_target(&req).map_err(Problem::bad_request)?;
@@ -262,7 +265,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         client: &HeaderValue,
     ) -> Result<Response<UpstreamBody>, Problem> {
         let started = Instant::now();

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::HeaderValue;
+use http_body_util::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -21,6 +23,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::config::{Config, StoreType, secs};
+use crate::http1;
+use crate::http1::server::{Limits, Next, Rewind};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::session::protocol::ProtocolHeaders;
@@ -29,7 +33,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::metered::Metered;
 use crate::store::redis::{RedisOptions, RedisStore, Topology};
 use crate::store::{Store, StoreSettings};
-use crate::upstream::{Upstream, UpstreamUrl};
+use crate::upstream::{ClientBody, ProxyBody, Upstream, UpstreamUrl};
 
 /// A proxy whose listeners are bound, ready to [`Server::run`].
 pub struct Server {
@@ -138,6 +142,7 @@ impl Server {
         let periods = Periods {
             request_every: secs(config.timeouts.header_read),
             client_send: secs(config.timeouts.client_send),
+            max_head: head_backstop(&config),
         };
         let draining = {
             let shutdown = shutdown.clone();
@@ -335,11 +340,7 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     // The proxy checks `limits.max_header_bytes` itself and answers 431 as problem+json;
     // hyper's own limits sit above it as a backstop (and its default of 100 header
     // fields, answered 431 too: a larger array costs every request).
-    let backstop = config
-        .limits
-        .max_header_bytes
-        .saturating_mul(2)
-        .max(16 * 1024);
+    let backstop = head_backstop(config);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -350,6 +351,15 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(backstop).unwrap_or(u32::MAX));
     builder
+}
+
+/// The longest request head read: twice `limits.max_header_bytes`, at least 16 KiB.
+fn head_backstop(config: &Config) -> usize {
+    config
+        .limits
+        .max_header_bytes
+        .saturating_mul(2)
+        .max(16 * 1024)
 }
 
 /// Serves one client connection until it ends or the shutdown asks it to finish.
@@ -373,6 +383,7 @@ async fn serve_connection(
     let Periods {
         request_every,
         client_send,
+        ..
     } = periods;
     let _ = stream.set_nodelay(true);
     let requests = Arc::new(AtomicU64::new(0));
@@ -383,20 +394,25 @@ async fn serve_connection(
     let service = {
         let requests = requests.clone();
         let writes = writes.clone();
-        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        move |req: http::Request<ClientBody>| {
             requests.fetch_add(1, Ordering::Relaxed);
             if req.version() == http::Version::HTTP_2 {
                 writes.http2.store(true, Ordering::Relaxed);
             }
             let (proxy, client) = (proxy.clone(), client.clone());
-            RunToEnd::new(async move { Ok::<_, Infallible>(proxy.handle(req, client).await) })
-        })
+            RunToEnd::new(async move { proxy.handle(req, client).await })
+        }
     };
     let stream = Progress {
         io: stream,
         writes: writes.clone(),
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let limits = Limits {
+        header_read: request_every,
+        max_head: periods.max_head,
+    };
+    let graceful = CancellationToken::new();
+    let conn = drive(stream, service, builder, limits, graceful.clone());
     tokio::pin!(conn);
     // The timer and the shutdown signal are watched by a task of their own, which sends
     // its verdict once: the connection's task, woken several times per request, then
@@ -423,7 +439,7 @@ async fn serve_connection(
         Some(End::Quiet) => tracing::debug!(%peer, "idle for timeouts.header_read: closing"),
         Some(End::Shutdown) => {}
     }
-    conn.as_mut().graceful_shutdown();
+    graceful.cancel();
     // What is in flight may finish, as long as it moves: a client that stops reading
     // would otherwise hold the connection (and a response) for ever. Waiting for the
     // application (a long poll) is not that: then the proxy has nothing to write.
@@ -445,6 +461,39 @@ async fn serve_connection(
             }
         }
     }
+}
+
+/// Serves a connection through the proxy's own HTTP/1.1 while its requests are simple,
+/// then through hyper (HTTP/1.1 or HTTP/2) once one is not. `graceful` asks it to finish
+/// what is in flight and close.
+async fn drive<S, F>(
+    mut io: Progress,
+    service: S,
+    builder: &auto::Builder<TokioExecutor>,
+    limits: Limits,
+    graceful: CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: Fn(http::Request<ClientBody>) -> F + Clone + Send + 'static,
+    F: Future<Output = http::Response<ProxyBody>> + Send + 'static,
+{
+    let read = match http1::server::serve(&mut io, &service, limits, &graceful).await {
+        Next::Done => return Ok(()),
+        Next::Handover(read) => read,
+    };
+    let hyper_service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        service(req.map(Either::Left)).map(Ok::<_, Infallible>)
+    });
+    let io = TokioIo::new(Rewind::new(read, io));
+    let conn = builder.serve_connection_with_upgrades(io, hyper_service);
+    tokio::pin!(conn);
+    tokio::select! {
+        biased;
+        result = conn.as_mut() => return result,
+        _ = graceful.cancelled() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 /// What became of the writes to a client connection.
@@ -540,6 +589,9 @@ struct Periods {
     request_every: Duration,
     /// `timeouts.client_send`: a response left unread this long ends its connection.
     client_send: Duration,
+    /// A request head may be at most this long (hyper's backstop to
+    /// `limits.max_header_bytes`).
+    max_head: usize,
 }
 
 /// How a connection that is still open is ended.

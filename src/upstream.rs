@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::http1::client::{self, Failure};
 use crate::server::current_worker;
 
 /// The body of every response the proxy sends: the upstream's, streamed, or one the
@@ -109,9 +110,10 @@ pub enum UpstreamError {
     Invalid(String),
 }
 
-/// A request body towards the application: the client's, or none for a request sent
-/// again.
-type ToUpstream = Either<Incoming, Empty<Bytes>>;
+/// A request's body: the one hyper reads from the client, or none (a request the proxy's
+/// own HTTP/1.1 read, or one sent again).
+pub type ClientBody = Either<Incoming, Empty<Bytes>>;
+type ToUpstream = ClientBody;
 
 /// What it takes to send a bodiless request again: its head, and when it was sent.
 struct Replay {
@@ -171,7 +173,7 @@ fn connection_reset(e: &hyper::Error) -> bool {
 #[derive(Clone)]
 pub struct Upstream {
     url: UpstreamUrl,
-    pool: Arc<Pool>,
+    pools: Arc<Pools>,
     connect_timeout: Duration,
     response_timeout: Duration,
 }
@@ -188,11 +190,15 @@ impl Upstream {
         workers: usize,
         hidden: Vec<HeaderName>,
     ) -> Upstream {
-        let pool = Arc::new(Pool::new(workers, hidden));
-        tokio::spawn(close_idle_connections(Arc::downgrade(&pool)));
+        let pools = Arc::new(Pools {
+            hyper: Pool::new(workers),
+            lean: Pool::new(workers),
+            hidden: hidden.into(),
+        });
+        tokio::spawn(close_idle_connections(Arc::downgrade(&pools)));
         Upstream {
             url,
-            pool,
+            pools,
             connect_timeout,
             response_timeout,
         }
@@ -204,7 +210,7 @@ impl Upstream {
     /// are removed here. `X-Forwarded-*` are added, `Host` is kept.
     pub async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         client: &HeaderValue,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
@@ -235,18 +241,19 @@ impl Upstream {
         add_forwarded_for(headers, client);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
 
-        let sent = tokio::time::timeout(self.response_timeout, self.send(req)).await;
-        let (response, sender) = match sent {
+        // The common case, a request without a body that asks for no upgrade, goes out
+        // through the proxy's own HTTP/1.1; the rest through hyper's.
+        let lean = req.body().is_end_stream() && !headers_ask_upgrade(req.headers());
+        let sent = if lean {
+            tokio::time::timeout(self.response_timeout, self.send_lean(req)).await
+        } else {
+            tokio::time::timeout(self.response_timeout, self.send(req)).await
+        };
+        let mut response = match sent {
             Err(_) => return Err(UpstreamError::Timeout),
             Ok(result) => result?,
         };
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let mut response = response.map(|body| UpstreamBody {
-            body,
-            pool: self.pool.clone(),
-            // An upgraded connection belongs to its tunnel from now on.
-            reuse: (!switching).then_some(sender),
-        });
         remove_hop_by_hop(response.headers_mut(), switching)
             .map_err(|e| UpstreamError::Invalid(format!("the application's response: {e}")))?;
         Ok(response)
@@ -264,12 +271,11 @@ impl Upstream {
     /// application that had worked on the request: that is its answer.)
     async fn send(
         &self,
-        req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, SendRequest<ToUpstream>), UpstreamError> {
-        let mut req = req.map(Either::Left);
+        mut req: Request<ClientBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut replay = None;
         loop {
-            let (mut sender, idle_for) = match self.pool.take() {
+            let (mut sender, idle_for) = match self.pools.hyper.take() {
                 Some((sender, idle_for)) => (sender, Some(idle_for)),
                 None => (self.connect().await?, None),
             };
@@ -283,7 +289,18 @@ impl Upstream {
                 replay = Replay::of(&req);
             }
             match sender.try_send_request(req).await {
-                Ok(response) => return Ok((response, sender)),
+                Ok(response) => {
+                    // An upgraded connection belongs to its tunnel from now on.
+                    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    let body = |body| UpstreamBody {
+                        inner: Inner::Hyper {
+                            body,
+                            reuse: (!switching).then_some(sender),
+                        },
+                        pools: self.pools.clone(),
+                    };
+                    return Ok(response.map(body));
+                }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if pooled => req = unsent,
                     _ => match replay.as_mut().and_then(|r| r.again(e.error())) {
@@ -299,7 +316,75 @@ impl Upstream {
         }
     }
 
+    /// Sends a request without a body through the proxy's own HTTP/1.1, on an idle
+    /// pooled connection or a new one. What [`Upstream::send`] says of connections the
+    /// application closes holds here too: a request whose pooled connection turns out
+    /// closed before it was written goes to the next one, and a repeatable one whose
+    /// connection had been idle and closed right after it was sent, before any answer,
+    /// goes once more on a new connection.
+    async fn send_lean(
+        &self,
+        req: Request<ClientBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let head = req.into_parts().0;
+        let mut encoded = Vec::with_capacity(512);
+        client::encode_request(&mut encoded, &head);
+        let bodiless = head.method == Method::HEAD;
+        let mut may_replay = head.method.is_idempotent();
+        let mut fresh = None;
+        loop {
+            let (conn, idle_for) = match fresh.take() {
+                Some(conn) => (conn, None),
+                None => match self.pools.lean.take() {
+                    Some((conn, idle_for)) => (conn, Some(idle_for)),
+                    None => (client::Conn::new(self.open().await?), None),
+                },
+            };
+            let sent = Instant::now();
+            let failure = match conn.exchange(&encoded, bodiless).await {
+                Ok((parts, reader)) => {
+                    let body = UpstreamBody {
+                        inner: Inner::Lean(reader),
+                        pools: self.pools.clone(),
+                    };
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(failure) => failure,
+            };
+            match failure {
+                Failure::Unsent(_) if idle_for.is_some() => continue,
+                Failure::Closed(_)
+                    if may_replay
+                        && idle_for.is_some_and(|idle| idle >= REPLAY_AFTER_IDLE)
+                        && sent.elapsed() <= REPLAY_WITHIN =>
+                {
+                    may_replay = false;
+                    // On a new connection: the pool's others idled as long.
+                    fresh = Some(client::Conn::new(self.open().await?));
+                }
+                Failure::Unsent(why) | Failure::Closed(why) | Failure::Broken(why) => {
+                    return Err(UpstreamError::Unreachable(why));
+                }
+            }
+        }
+    }
+
     async fn connect(&self) -> Result<SendRequest<ToUpstream>, UpstreamError> {
+        let stream = self.open().await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!("upstream connection ended: {}", describe(&e));
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A new TCP connection to the application.
+    async fn open(&self) -> Result<TcpStream, UpstreamError> {
         let address = &self.url.address;
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
             .await
@@ -312,30 +397,44 @@ impl Upstream {
             .map_err(|e| UpstreamError::Unreachable(format!("cannot connect to {address}: {e}")))?;
         // Each request is written in one go: nothing to gain from delaying small writes.
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError::Unreachable(describe(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!("upstream connection ended: {}", describe(&e));
-            }
-        });
-        Ok(sender)
+        Ok(stream)
     }
 }
 
-/// Idle keep-alive connections to the application, most recently used last. Each worker
-/// thread has its own, since a connection is driven by the thread that opened it; one
-/// more serves any other thread.
-struct Pool {
-    idle: Box<[Mutex<Vec<Idle>>]>,
-    /// Fields removed from the application's trailers.
+/// Idle keep-alive connections to the application: hyper's, for requests with a body or
+/// an upgrade, and the proxy's own for the rest. Trailers of either lose `hidden`.
+struct Pools {
+    hyper: Pool<SendRequest<ToUpstream>>,
+    lean: Pool<client::Conn>,
     hidden: Box<[HeaderName]>,
 }
 
-struct Idle {
-    sender: SendRequest<ToUpstream>,
+/// A connection that can wait in a [`Pool`].
+trait Reusable {
+    /// Whether the application has closed it (as far as can be told without waiting).
+    fn is_closed(&self) -> bool;
+}
+
+impl Reusable for SendRequest<ToUpstream> {
+    fn is_closed(&self) -> bool {
+        SendRequest::is_closed(self)
+    }
+}
+
+impl Reusable for client::Conn {
+    fn is_closed(&self) -> bool {
+        client::Conn::is_closed(self)
+    }
+}
+
+/// Idle connections, most recently used last. Each worker thread has its own, since a
+/// connection is driven by the thread that opened it; one more serves any other thread.
+struct Pool<C> {
+    idle: Box<[Mutex<Vec<Idle<C>>>]>,
+}
+
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
@@ -350,16 +449,15 @@ const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 /// ... and is sent again only if the connection failed this soon after it was sent.
 const REPLAY_WITHIN: Duration = Duration::from_millis(100);
 
-impl Pool {
-    fn new(workers: usize, hidden: Vec<HeaderName>) -> Pool {
+impl<C: Reusable> Pool<C> {
+    fn new(workers: usize) -> Pool<C> {
         Pool {
             idle: (0..=workers).map(|_| Mutex::default()).collect(),
-            hidden: hidden.into(),
         }
     }
 
     /// This thread's idle connections.
-    fn here(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+    fn here(&self) -> std::sync::MutexGuard<'_, Vec<Idle<C>>> {
         let last = self.idle.len() - 1;
         let slot = current_worker().map_or(last, |w| w.min(last));
         self.idle[slot]
@@ -368,42 +466,35 @@ impl Pool {
     }
 
     /// The most recently used idle connection of this thread, and how long it was idle.
-    fn take(&self) -> Option<(SendRequest<ToUpstream>, Duration)> {
+    fn take(&self) -> Option<(C, Duration)> {
         let mut idle = self.here();
-        while let Some(Idle { sender, since }) = idle.pop() {
-            if !sender.is_closed() {
-                return Some((sender, since.elapsed()));
+        while let Some(Idle { conn, since }) = idle.pop() {
+            if !conn.is_closed() {
+                return Some((conn, since.elapsed()));
             }
         }
         None
     }
 
-    fn put(&self, sender: SendRequest<ToUpstream>) {
-        if sender.is_closed() {
+    fn put(&self, conn: C) {
+        if conn.is_closed() {
             return;
         }
         let since = Instant::now();
         let mut idle = self.here();
         if idle.len() < MAX_IDLE {
-            idle.push(Idle { sender, since });
+            idle.push(Idle { conn, since });
         }
     }
-}
 
-/// Closes connections idle for about a minute (dropping the last sender ends an idle
-/// connection), until the pool is gone.
-async fn close_idle_connections(pool: Weak<Pool>) {
-    let mut interval = tokio::time::interval(IDLE_TICK);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        let Some(pool) = pool.upgrade() else { return };
-        for slot in &pool.idle {
-            let expired: Vec<Idle> = {
+    /// Closes the connections idle too long, or closed by the application.
+    fn close_idle(&self) {
+        for slot in &self.idle {
+            let expired: Vec<Idle<C>> = {
                 let mut idle = slot.lock().unwrap_or_else(PoisonError::into_inner);
                 let (expired, kept) = std::mem::take(&mut *idle)
                     .into_iter()
-                    .partition(|i| i.since.elapsed() > IDLE_MAX || i.sender.is_closed());
+                    .partition(|i| i.since.elapsed() > IDLE_MAX || i.conn.is_closed());
                 *idle = kept;
                 expired
             };
@@ -412,66 +503,119 @@ async fn close_idle_connections(pool: Weak<Pool>) {
     }
 }
 
+/// Closes connections idle for about a minute (dropping the last sender ends an idle
+/// connection), until the pools are gone.
+async fn close_idle_connections(pools: Weak<Pools>) {
+    let mut interval = tokio::time::interval(IDLE_TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(pools) = pools.upgrade() else { return };
+        pools.hyper.close_idle();
+        pools.lean.close_idle();
+    }
+}
+
 /// The application's response body, streamed to the client. Once it has been read to
 /// the end its connection goes back to the pool; a body dropped before its end takes
-/// its connection with it (HTTP/1.1 cannot skip the rest). Trailers lose the pool's
+/// its connection with it (HTTP/1.1 cannot skip the rest). Trailers lose the pools'
 /// hidden fields.
 pub struct UpstreamBody {
-    body: Incoming,
-    pool: Arc<Pool>,
-    /// The connection the body arrives on, while it can be reused.
-    reuse: Option<SendRequest<ToUpstream>>,
+    inner: Inner,
+    pools: Arc<Pools>,
 }
+
+enum Inner {
+    Hyper {
+        body: Incoming,
+        /// The connection the body arrives on, while it can be reused.
+        reuse: Option<SendRequest<ToUpstream>>,
+    },
+    Lean(client::Reader),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl UpstreamBody {
     fn release(&mut self) {
-        if let Some(sender) = self.reuse.take() {
-            self.pool.put(sender);
+        match &mut self.inner {
+            Inner::Hyper { reuse, .. } => {
+                if let Some(sender) = reuse.take() {
+                    self.pools.hyper.put(sender);
+                }
+            }
+            Inner::Lean(reader) => {
+                if let Some(conn) = reader.reusable() {
+                    self.pools.lean.put(conn);
+                }
+            }
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let mut frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let mut frame = match &mut this.inner {
+            Inner::Hyper { body, .. } => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|f| f.map_err(BoxError::from))
+            }
+            Inner::Lean(reader) => {
+                ready!(Pin::new(reader).poll_frame(cx)).map(|f| f.map_err(BoxError::from))
+            }
+        };
         if let Some(Ok(trailers)) = &mut frame
             && let Some(trailers) = trailers.trailers_mut()
         {
-            for name in &this.pool.hidden {
+            for name in &this.pools.hidden {
                 trailers.remove(name);
             }
         }
         match &frame {
-            Some(Err(_)) => this.reuse = None,
-            Some(Ok(_)) if !this.body.is_end_stream() => {}
+            Some(Err(_)) => {
+                if let Inner::Hyper { reuse, .. } = &mut this.inner {
+                    *reuse = None;
+                }
+            }
+            Some(Ok(_)) if !this.is_end_stream() => {}
             _ => this.release(),
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.inner {
+            Inner::Hyper { body, .. } => body.is_end_stream(),
+            Inner::Lean(reader) => reader.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.inner {
+            Inner::Hyper { body, .. } => body.size_hint(),
+            Inner::Lean(reader) => reader.size_hint(),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // The server stops polling a body that says it has ended.
-        if self.body.is_end_stream() {
+        if self.is_end_stream() {
             self.release();
         }
     }
+}
+
+/// Whether a request still asks for an upgrade (a WebSocket handshake the proxy passes).
+fn headers_ask_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
 }
 
 fn describe(e: &hyper::Error) -> String {

@@ -1,0 +1,430 @@
+//! A client connection served by the proxy's own HTTP/1.1 for as long as its requests
+//! are simple: HTTP/1.1, no body, no upgrade, a path as the target. The first request
+//! that is not (or that this parser cannot read) hands the connection to hyper, bytes
+//! already read included, and hyper serves it from then on: bodies, `Expect`, upgrades,
+//! HTTP/2 and every error answer about a malformed request stay hyper's.
+
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Empty};
+use hyper::body::Body;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use super::{FieldAt, MAX_HEADERS, chunked, connection_has, content_length, header_map, locate};
+use crate::upstream::{ClientBody, ProxyBody};
+
+/// How the connection went on.
+pub enum Next {
+    /// It ended: closed by the client, timed out, or finished after a shutdown.
+    Done,
+    /// A request this side does not serve arrived: hyper takes over, with these bytes
+    /// read but not yet served.
+    Handover(Bytes),
+}
+
+/// The limits a connection is served with.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    /// A request head must arrive whole within this time of its first byte.
+    pub header_read: Duration,
+    /// A head still incomplete at this many bytes goes to hyper, which refuses it.
+    pub max_head: usize,
+}
+
+/// Bytes of body gathered into one write with the head, at most.
+const GATHER: usize = 64 * 1024;
+
+/// Serves requests until the connection ends or one needs hyper. `graceful` asks it to
+/// finish the request in flight, if any, and close.
+pub async fn serve<I, S, F>(
+    io: &mut I,
+    service: &S,
+    limits: Limits,
+    graceful: &CancellationToken,
+) -> Next
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: Fn(Request<ClientBody>) -> F,
+    F: Future<Output = Response<ProxyBody>>,
+{
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let (request, close) = loop {
+            match parse(&mut buf) {
+                Parsed::Request(request, close) => break (request, close),
+                Parsed::Other => return Next::Handover(buf.freeze()),
+                Parsed::Partial if buf.len() >= limits.max_head => {
+                    return Next::Handover(buf.freeze());
+                }
+                Parsed::Partial => {}
+            }
+            buf.reserve(4096);
+            let read = if buf.is_empty() {
+                // Between requests: the connection's watcher decides how long it may idle.
+                tokio::select! {
+                    read = io.read_buf(&mut buf) => read,
+                    _ = graceful.cancelled() => return Next::Done,
+                }
+            } else {
+                match tokio::time::timeout(limits.header_read, io.read_buf(&mut buf)).await {
+                    Ok(read) => read,
+                    Err(_) => return Next::Done,
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => return Next::Done,
+                Ok(_) => {}
+            }
+        };
+        let head_only = request.method() == Method::HEAD;
+        let mut work = std::pin::pin!(service(request));
+        // The client is watched while the application works, as hyper does: one that
+        // closes its side has left, and the request's work goes on without it (the
+        // service hands it on when dropped). Bytes it sends meanwhile (the next request,
+        // pipelined) are kept, up to the head limit.
+        let response = loop {
+            buf.reserve(4096);
+            tokio::select! {
+                biased;
+                response = &mut work => break response,
+                read = io.read_buf(&mut buf), if buf.len() < limits.max_head => match read {
+                    Ok(0) | Err(_) => return Next::Done,
+                    Ok(_) => {}
+                },
+            }
+        };
+        let close = close || graceful.is_cancelled();
+        out.clear();
+        if write_response(io, &mut out, response, head_only, close)
+            .await
+            .is_err()
+            || close
+        {
+            let _ = io.shutdown().await;
+            return Next::Done;
+        }
+    }
+}
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per request and moved on at once: boxing would cost an allocation"
+)]
+enum Parsed {
+    /// A request this side serves, and whether its client asked to close after it.
+    Request(Request<ClientBody>, bool),
+    /// More bytes are needed.
+    Partial,
+    /// Anything else: hyper's.
+    Other,
+}
+
+fn parse(buf: &mut BytesMut) -> Parsed {
+    if buf.is_empty() {
+        return Parsed::Partial;
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let mut at = [FieldAt::default(); MAX_HEADERS];
+    let (len, method, target, count) = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            let (Some(1), Some(method), Some(path)) = (parsed.version, parsed.method, parsed.path)
+            else {
+                return Parsed::Other;
+            };
+            if !path.starts_with('/') {
+                return Parsed::Other;
+            }
+            let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+                return Parsed::Other;
+            };
+            if !parsed.headers.iter().all(plain) {
+                return Parsed::Other;
+            }
+            locate(buf, parsed.headers, &mut at);
+            let start = path.as_ptr() as usize - buf.as_ptr() as usize;
+            (
+                len,
+                method,
+                (start, start + path.len()),
+                parsed.headers.len(),
+            )
+        }
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    let head = buf.split_to(len).freeze();
+    let Some(headers) = header_map(&head, &at[..count]) else {
+        return Parsed::Other;
+    };
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0..target.1)) else {
+        return Parsed::Other;
+    };
+    let close = connection_has(&headers, "close");
+    let mut request = Request::new(Either::Right(Empty::new()));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Parsed::Request(request, close)
+}
+
+/// Whether a request header field leaves the request to this side: not one that gives it
+/// a body (`Transfer-Encoding`, a `Content-Length` other than 0), asks for an upgrade
+/// (WebSocket, h2c), an interim answer (`Expect`) or trailers (`TE`).
+fn plain(field: &httparse::Header<'_>) -> bool {
+    let name = field.name.as_bytes();
+    if name.eq_ignore_ascii_case(b"content-length") {
+        return field.value.trim_ascii() == b"0";
+    }
+    ![&b"transfer-encoding"[..], b"upgrade", b"expect", b"te"]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// Writes a response: the head, then the body framed by its length, or chunked when
+/// the length is not known. An error means the connection cannot go on.
+async fn write_response<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    response: Response<ProxyBody>,
+    head_only: bool,
+    close: bool,
+) -> std::io::Result<()> {
+    let (mut parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let bodiless = head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if status.is_informational() || status == StatusCode::NO_CONTENT {
+        parts.headers.remove(CONTENT_LENGTH);
+    }
+    parts.headers.remove(TRANSFER_ENCODING);
+    let declared = content_length(&parts.headers).map_err(std::io::Error::other)?;
+    let may_have_length = !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED);
+    let length = match (declared, body.size_hint().exact()) {
+        (Some(n), _) => Some(n),
+        // As hyper does: a length the body knows is sent, except a zero for `HEAD`
+        // (the answer to a `GET` may have had a body).
+        (None, Some(n)) if may_have_length && !(head_only && n == 0) => {
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+            Some(n)
+        }
+        _ => None,
+    };
+    let chunked = !bodiless && length.is_none();
+    if chunked {
+        parts
+            .headers
+            .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
+    if close && !connection_has(&parts.headers, "close") {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    super::write_headers(out, &parts.headers);
+    if !parts.headers.contains_key(DATE) {
+        out.extend_from_slice(b"date: ");
+        date::with(|d| out.extend_from_slice(d));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if bodiless {
+        return io.write_all(out).await;
+    }
+
+    let mut left = length;
+    loop {
+        // A frame ready now goes into the same write as what is gathered; one not ready
+        // yet (an application still working on its body) waits until what is gathered
+        // has gone out.
+        let frame = match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)))
+            .await
+        {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+                body.frame().await
+            }
+        };
+        let Some(frame) = frame else { break };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                // The head and what came of the body still go out: the client sees the
+                // body break off, not a connection closed without an answer.
+                if !out.is_empty() {
+                    io.write_all(out).await?;
+                }
+                return Err(std::io::Error::other(e));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            // Trailers: only hyper passes them on, to clients that ask (`TE: trailers`),
+            // and those requests are hyper's.
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if let Some(left) = &mut left {
+            // More than the length said: the response cannot be framed.
+            *left = left
+                .checked_sub(data.len() as u64)
+                .ok_or_else(|| std::io::Error::other("a body longer than its Content-Length"))?;
+        }
+        if chunked {
+            chunked::chunk_head(out, data.len());
+        }
+        if out.len() + data.len() <= GATHER {
+            out.extend_from_slice(&data);
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+        } else {
+            write_all_vectored(io, out, &data).await?;
+            out.clear();
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    if left.is_some_and(|l| l > 0) {
+        // Shorter than its length: the client must not wait for the rest.
+        if !out.is_empty() {
+            io.write_all(out).await?;
+        }
+        return Err(std::io::Error::other(
+            "a body shorter than its Content-Length",
+        ));
+    }
+    if chunked {
+        chunked::last_chunk(out, None);
+    }
+    if !out.is_empty() {
+        io.write_all(out).await?;
+    }
+    Ok(())
+}
+
+/// Writes `first` then `second`, in as few system calls as the socket takes.
+async fn write_all_vectored<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    first: &[u8],
+    second: &Bytes,
+) -> std::io::Result<()> {
+    let (mut a, mut b) = (first, &second[..]);
+    while !a.is_empty() {
+        let n = io
+            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    io.write_all(b).await
+}
+
+/// The `Date` header's value, formatted once per second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    pub fn with(f: impl FnOnce(&[u8])) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != second || cached.1.is_empty() {
+                *cached = (second, httpdate::fmt_http_date(now));
+            }
+            f(cached.1.as_bytes());
+        });
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again first.
+pub struct Rewind<I> {
+    pre: Bytes,
+    io: I,
+}
+
+impl<I> Rewind<I> {
+    pub fn new(pre: Bytes, io: I) -> Rewind<I> {
+        Rewind { pre, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
