@@ -137,7 +137,9 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // Shares the request's bytes: no copy of the path for the log.
+        let uri = req.uri().clone();
+        let path = uri.path();
         let outcome = if head_size(&req) > self.max_header_bytes {
             Err(Refused::from(Problem::headers_too_large(
                 self.max_header_bytes,

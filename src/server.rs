@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::config::{Config, StoreType, secs};
 use crate::http1;
-use crate::http1::server::{Limits, Next, Rewind};
+use crate::http1::server::{Graceful, Limits, Next, Rewind};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::session::protocol::ProtocolHeaders;
@@ -411,7 +411,7 @@ async fn serve_connection(
         header_read: request_every,
         max_head: periods.max_head,
     };
-    let graceful = CancellationToken::new();
+    let graceful = Graceful::default();
     let conn = drive(stream, service, builder, limits, graceful.clone());
     tokio::pin!(conn);
     // The timer and the shutdown signal are watched by a task of their own, which sends
@@ -439,7 +439,7 @@ async fn serve_connection(
         Some(End::Quiet) => tracing::debug!(%peer, "idle for timeouts.header_read: closing"),
         Some(End::Shutdown) => {}
     }
-    graceful.cancel();
+    graceful.begin();
     // What is in flight may finish, as long as it moves: a client that stops reading
     // would otherwise hold the connection (and a response) for ever. Waiting for the
     // application (a long poll) is not that: then the proxy has nothing to write.
@@ -471,7 +471,7 @@ async fn drive<S, F>(
     service: S,
     builder: &auto::Builder<TokioExecutor>,
     limits: Limits,
-    graceful: CancellationToken,
+    graceful: Graceful,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     S: Fn(http::Request<ClientBody>) -> F + Clone + Send + 'static,
@@ -490,7 +490,7 @@ where
     tokio::select! {
         biased;
         result = conn.as_mut() => return result,
-        _ = graceful.cancelled() => {}
+        _ = graceful.begun() => {}
     }
     conn.as_mut().graceful_shutdown();
     conn.await

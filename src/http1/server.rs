@@ -7,6 +7,8 @@
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use super::{FieldAt, MAX_HEADERS, chunked, connection_has, content_length, header_map, locate};
 use crate::upstream::{ClientBody, ProxyBody};
@@ -28,6 +30,35 @@ pub enum Next {
     /// A request this side does not serve arrived: hyper takes over, with these bytes
     /// read but not yet served.
     Handover(Bytes),
+}
+
+/// Asks a connection to finish what is in flight and close. Checked once per request, so
+/// a flag rather than a cancellation token (whose check takes a lock).
+#[derive(Clone, Default)]
+pub struct Graceful(Arc<(AtomicBool, Notify)>);
+
+impl Graceful {
+    pub fn begin(&self) {
+        self.0.0.store(true, Ordering::Release);
+        self.0.1.notify_waiters();
+    }
+
+    pub fn is_begun(&self) -> bool {
+        self.0.0.load(Ordering::Acquire)
+    }
+
+    /// Completes once [`Graceful::begin`] has been called.
+    pub async fn begun(&self) {
+        loop {
+            let notified = self.0.1.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_begun() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// The limits a connection is served with.
@@ -44,12 +75,7 @@ const GATHER: usize = 64 * 1024;
 
 /// Serves requests until the connection ends or one needs hyper. `graceful` asks it to
 /// finish the request in flight, if any, and close.
-pub async fn serve<I, S, F>(
-    io: &mut I,
-    service: &S,
-    limits: Limits,
-    graceful: &CancellationToken,
-) -> Next
+pub async fn serve<I, S, F>(io: &mut I, service: &S, limits: Limits, graceful: &Graceful) -> Next
 where
     I: AsyncRead + AsyncWrite + Unpin,
     S: Fn(Request<ClientBody>) -> F,
@@ -57,6 +83,9 @@ where
 {
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(1024);
+    // One wait for the whole connection, polled between requests.
+    let finishing = graceful.begun();
+    tokio::pin!(finishing);
     loop {
         let (request, close) = loop {
             match parse(&mut buf) {
@@ -72,7 +101,7 @@ where
                 // Between requests: the connection's watcher decides how long it may idle.
                 tokio::select! {
                     read = io.read_buf(&mut buf) => read,
-                    _ = graceful.cancelled() => return Next::Done,
+                    _ = &mut finishing => return Next::Done,
                 }
             } else {
                 match tokio::time::timeout(limits.header_read, io.read_buf(&mut buf)).await {
@@ -102,7 +131,7 @@ where
                 },
             }
         };
-        let close = close || graceful.is_cancelled();
+        let close = close || graceful.is_begun();
         out.clear();
         if write_response(io, &mut out, response, head_only, close)
             .await

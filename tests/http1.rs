@@ -1,0 +1,264 @@
+//! The proxy's own HTTP/1.1 on the wire, both sides: the client connection (pipelining,
+//! `HEAD`, framing of every kind of answer, `Date`, `Connection: close`, the hand-over
+//! to hyper at the first request with a body) and the application connection (answers
+//! framed by length, chunks or close, interim answers, `204` and `304`).
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use support::Proxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An application written by hand: it reads each request head (and a body of the
+/// length it declares) and answers by path, on connections it keeps open unless the
+/// answer is framed by closing.
+async fn application() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
+async fn serve(mut s: TcpStream) {
+    let mut buf = Vec::new();
+    loop {
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut more = [0u8; 4096];
+            match s.read(&mut more).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&more[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.drain(..end);
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        while buf.len() < length {
+            let mut more = [0u8; 4096];
+            match s.read(&mut more).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&more[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..length).collect();
+        let mut line = head.split(' ');
+        let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+        let answer = match path {
+            "/len" if method == "head" => {
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_string()
+            }
+            "/len" => "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_string(),
+            "/chunked" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                           3;x=y\r\nabc\r\n4\r\ndefg\r\n0\r\nx-sum: 7\r\n\r\n"
+                .to_string(),
+            "/close" => "HTTP/1.1 200 OK\r\n\r\nuntil the end".to_string(),
+            "/none" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+            "/same" => "HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n".to_string(),
+            "/early" => "HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n\
+                         HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                .to_string(),
+            "/post" => format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{:02}",
+                body.len()
+            ),
+            other => format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{other}",
+                other.len()
+            ),
+        };
+        if s.write_all(answer.as_bytes()).await.is_err() || path == "/close" {
+            return;
+        }
+    }
+}
+
+async fn proxy() -> Proxy {
+    let app = application().await;
+    Proxy::start(support::config(&format!("http://{app}"))).await
+}
+
+/// One client connection to the proxy, through hyper's client, which checks the framing
+/// of every answer.
+async fn connection(proxy: &Proxy) -> SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn send(
+    sender: &mut SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    body: &'static [u8],
+) -> (http::response::Parts, Bytes, Option<http::HeaderMap>) {
+    sender.ready().await.expect("the connection is still open");
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "app.test")
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.expect("a whole body");
+    let trailers = collected.trailers().cloned();
+    (parts, collected.to_bytes(), trailers)
+}
+
+#[tokio::test]
+async fn every_kind_of_answer_is_framed_for_the_client_on_one_connection() {
+    let proxy = proxy().await;
+    let mut c = connection(&proxy).await;
+    let (head, body, _) = send(&mut c, "GET", "/len", b"").await;
+    assert_eq!((head.status.as_u16(), &body[..]), (200, &b"hello"[..]));
+    assert_eq!(head.headers["content-length"], "5");
+    assert!(head.headers.contains_key("date"), "{:?}", head.headers);
+
+    // Chunked from the application: chunked to the client, extensions gone.
+    let (head, body, trailers) = send(&mut c, "GET", "/chunked", b"").await;
+    assert_eq!(&body[..], b"abcdefg");
+    assert_eq!(head.headers["transfer-encoding"], "chunked");
+    assert!(trailers.is_none(), "trailers only for clients that ask");
+
+    // HEAD keeps the length and sends no body: the next answer is read cleanly.
+    let (head, body, _) = send(&mut c, "HEAD", "/len", b"").await;
+    assert_eq!(head.headers["content-length"], "5");
+    assert!(body.is_empty());
+
+    for (path, status) in [("/none", 204), ("/same", 304)] {
+        let (head, body, _) = send(&mut c, "GET", path, b"").await;
+        assert_eq!(head.status.as_u16(), status);
+        assert!(body.is_empty());
+        assert!(!head.headers.contains_key("transfer-encoding"), "{path}");
+    }
+
+    // The application's interim answer is not passed on; its final one is.
+    let (head, body, _) = send(&mut c, "GET", "/early", b"").await;
+    assert_eq!((head.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+
+    // An answer that ends when the application closes: chunked to the client, whose
+    // connection stays open.
+    let (head, body, _) = send(&mut c, "GET", "/close", b"").await;
+    assert_eq!(&body[..], b"until the end");
+    assert_eq!(head.headers["transfer-encoding"], "chunked");
+    let (_, body, _) = send(&mut c, "GET", "/after-close", b"").await;
+    assert_eq!(&body[..], b"/after-close");
+}
+
+#[tokio::test]
+async fn a_connection_goes_on_through_hyper_from_its_first_request_with_a_body() {
+    let proxy = proxy().await;
+    let mut c = connection(&proxy).await;
+    let (_, body, _) = send(&mut c, "GET", "/one", b"").await;
+    assert_eq!(&body[..], b"/one");
+    let (_, body, _) = send(&mut c, "POST", "/post", b"0123456789").await;
+    assert_eq!(&body[..], b"10", "the body reached the application");
+    for path in ["/two", "/chunked", "/len"] {
+        let (head, _, _) = send(&mut c, "GET", path, b"").await;
+        assert_eq!(head.status, 200, "{path}");
+    }
+    // A request with `Content-Length: 0` has no body: it stays with the proxy's own.
+    let (_, body, _) = send(&mut c, "POST", "/post", b"").await;
+    assert_eq!(&body[..], b"00");
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let proxy = proxy().await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut requests = Vec::new();
+    for path in ["/first", "/second", "/third"] {
+        requests.extend_from_slice(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes());
+    }
+    // All three in one write, then the next one split mid-head.
+    s.write_all(&requests).await.unwrap();
+    s.write_all(b"GET /fourth HTTP/1.1\r\nho").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"st: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes after the request that asked it to")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    let bodies: Vec<&str> = out
+        .split("HTTP/1.1 200 OK\r\n")
+        .skip(1)
+        .map(|answer| answer.split("\r\n\r\n").nth(1).unwrap())
+        .collect();
+    assert_eq!(bodies, ["/first", "/second", "/third", "/fourth"], "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "the last answer says the connection closes: {out}"
+    );
+}
+
+#[tokio::test]
+async fn requests_this_side_does_not_take_get_hyper_answers() {
+    let proxy = proxy().await;
+    // HTTP/1.0, a lenient request line, a malformed head: each is hyper's to answer,
+    // the way it always did.
+    for (request, status) in [
+        (&b"GET /old HTTP/1.0\r\nhost: x\r\n\r\n"[..], "200"),
+        (b"GET  /two-spaces HTTP/1.1\r\nhost: x\r\n\r\n", "400"),
+        (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", "400"),
+        (
+            b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+            "400",
+        ),
+    ] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out[..n]);
+        assert_eq!(
+            answer.split(' ').nth(1),
+            Some(status),
+            "{}: {answer}",
+            String::from_utf8_lossy(request)
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_answer_to_a_client_that_asks_to_close_says_so_and_closes() {
+    let proxy = proxy().await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /bye HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("closed after the answer")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(out.starts_with("http/1.1 200 ok\r\n"), "{out}");
+    assert!(out.contains("\r\nconnection: close\r\n"), "{out}");
+    assert!(out.ends_with("\r\n\r\n/bye"), "{out}");
+}
