@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Fuzzes the parsers a client, an application or an operator can feed: the Cookie header
 # (`cookie`), the application's session headers (`update_header`), exclusion globs and
-# request paths (`exclude`) and the config file (`config`). See fuzz/fuzz_targets/*.rs
+# request paths (`exclude`), the config file (`config`) and the proxy's own HTTP/1.1
+# (`http1`: request heads, answer heads, chunked bodies). See fuzz/fuzz_targets/*.rs
 # for what each target asserts.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
-# SECONDS per target (default 600), targets one after another (default: all four).
+# SECONDS per target (default 600), targets one after another (default: all five).
 # `scripts/fuzz.sh 10` is a quick smoke run (about a minute plus the first build).
 # Two runs with different targets can go side by side.
 #
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds="${1:-600}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(cookie update_header exclude config)
+[ ${#targets[@]} -gt 0 ] || targets=(cookie update_header exclude config http1)
 
 export RUSTC_BOOTSTRAP=1
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -45,13 +45,12 @@ impl Decoder {
             match self.state {
                 State::Done => return Ok(None),
                 State::Size => {
-                    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
-                        return if buf.len() > MAX_LINE {
-                            Err("a chunk-size line that is too long")
-                        } else {
-                            Ok(None)
-                        };
-                    };
+                    let end = buf.iter().position(|b| *b == b'\n');
+                    // The same limit however the bytes arrive: found or not yet.
+                    if end.map_or(buf.len(), |end| end + 1) > MAX_LINE {
+                        return Err("a chunk-size line that is too long");
+                    }
+                    let Some(end) = end else { return Ok(None) };
                     let size = chunk_size(&buf[..=end])?;
                     buf.advance(end + 1);
                     self.state = if size == 0 {
@@ -85,21 +84,22 @@ impl Decoder {
                     self.state = State::Size;
                 }
                 State::Trailers => {
-                    if buf.starts_with(b"\r\n") {
-                        buf.advance(2);
-                        self.state = State::Done;
-                        return Ok(None);
-                    }
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        return if buf.len() > MAX_TRAILERS || (buf.len() >= 2 && buf[0] == b'\n') {
-                            Err("a trailer section that is too long or malformed")
-                        } else {
-                            Ok(None)
-                        };
+                    const BAD: &str = "a malformed or too long trailer section";
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let mut at = [FieldAt::default(); MAX_HEADERS];
+                    let (len, count) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, parsed))) if len <= MAX_TRAILERS => {
+                            locate(buf, parsed, &mut at);
+                            (len, parsed.len())
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() <= MAX_TRAILERS => {
+                            return Ok(None);
+                        }
+                        _ => return Err(BAD),
                     };
-                    let section = buf.split_to(end + 4).freeze();
+                    let section = buf.split_to(len).freeze();
                     self.state = State::Done;
-                    let trailers = trailers(&section)?;
+                    let trailers = header_map(&section, &at[..count]).ok_or(BAD)?;
                     return Ok((!trailers.is_empty()).then(|| Frame::trailers(trailers)));
                 }
             }
@@ -123,18 +123,6 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
     }
     let hex = std::str::from_utf8(&line[..digits]).map_err(|_| BAD)?;
     u64::from_str_radix(hex, 16).map_err(|_| BAD)
-}
-
-fn trailers(section: &Bytes) -> Result<HeaderMap, &'static str> {
-    const BAD: &str = "a malformed trailer section";
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let parsed = match httparse::parse_headers(section, &mut fields) {
-        Ok(httparse::Status::Complete((_, parsed))) => parsed,
-        _ => return Err(BAD),
-    };
-    let mut at = [FieldAt::default(); MAX_HEADERS];
-    locate(section, parsed, &mut at);
-    header_map(section, &at[..parsed.len()]).ok_or(BAD)
 }
 
 /// Appends the head of a chunk of `len` bytes.
@@ -211,6 +199,13 @@ mod tests {
         }
         let endless = [b'1'; MAX_LINE + 2];
         assert!(decode(&endless, MAX_LINE + 2).is_err());
+        // The limits hold however the bytes arrive: whole, or in pieces.
+        let long_extension = format!("1;{}\r\na\r\n0\r\n\r\n", "x".repeat(MAX_LINE));
+        let long_trailer = format!("0\r\nx-big: {}\r\n\r\n", "x".repeat(MAX_TRAILERS));
+        for body in [long_extension, long_trailer] {
+            assert!(decode(body.as_bytes(), body.len()).is_err());
+            assert!(decode(body.as_bytes(), 7).is_err());
+        }
         // Incomplete: more bytes would be needed.
         assert_eq!(decode(b"5\r\nhel", 2), Err("incomplete"));
     }

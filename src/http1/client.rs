@@ -71,81 +71,120 @@ impl Conn {
         }
         let mut interim = false;
         loop {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut fields);
-            let mut at = [FieldAt::default(); MAX_HEADERS];
-            let (len, code, version, count) = match parsed.parse(&self.buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    locate(&self.buf, parsed.headers, &mut at);
-                    let code = parsed.code.unwrap_or_default();
-                    (len, code, parsed.version, parsed.headers.len())
+            let answer = parse_answer(&mut self.buf, bodiless, &mut interim);
+            match answer.map_err(Failure::Broken)? {
+                Some(Answer {
+                    head,
+                    framing,
+                    keep_alive,
+                }) => {
+                    let reader = Reader {
+                        conn: Some(self),
+                        framing,
+                        keep_alive,
+                        ended: false,
+                    };
+                    return Ok((head, reader));
                 }
-                Ok(httparse::Status::Partial) => {
-                    if self.buf.len() > MAX_HEAD {
-                        return Err(Failure::Broken(format!(
-                            "the application's response head is longer than {MAX_HEAD} bytes"
-                        )));
-                    }
-                    self.buf.reserve(READ_SIZE);
-                    let read = self.io.read_buf(&mut self.buf).await;
-                    let nothing_yet = self.buf.is_empty() && !interim;
-                    match read {
-                        Ok(0) if nothing_yet => {
-                            return Err(Failure::Closed(
-                                "the application closed the connection before answering".into(),
-                            ));
-                        }
-                        Ok(0) => {
-                            return Err(Failure::Broken(
-                                "the application closed the connection in the middle of its response head"
-                                    .into(),
-                            ));
-                        }
-                        Ok(_) => continue,
-                        Err(e) if nothing_yet => {
-                            return Err(Failure::Closed(format!("connection error: {e}")));
-                        }
-                        Err(e) => return Err(Failure::Broken(format!("connection error: {e}"))),
-                    }
-                }
-                Err(e) => {
+                None if self.buf.len() > MAX_HEAD => {
                     return Err(Failure::Broken(format!(
-                        "the application's response head is malformed: {e}"
+                        "the application's response head is longer than {MAX_HEAD} bytes"
                     )));
                 }
-            };
-            let head = self.buf.split_to(len).freeze();
-            let status = StatusCode::from_u16(code).map_err(|_| {
-                Failure::Broken(format!("the application answered with status {code}"))
-            })?;
-            if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-                interim = true;
-                continue;
+                None => {}
             }
-            let headers = header_map(&head, &at[..count]).ok_or_else(|| {
-                Failure::Broken("the application's response has a malformed header field".into())
-            })?;
-            let framing = framing(status, &headers, bodiless).map_err(Failure::Broken)?;
-            let keep_alive = version == Some(1)
-                && !connection_has(&headers, "close")
-                && !matches!(framing, Framing::Close)
-                && status != StatusCode::SWITCHING_PROTOCOLS;
-            let mut parts = response::Response::new(()).into_parts().0;
-            parts.status = status;
-            parts.version = if version == Some(1) {
-                Version::HTTP_11
-            } else {
-                Version::HTTP_10
-            };
-            parts.headers = headers;
-            let reader = Reader {
-                conn: Some(self),
-                framing,
-                keep_alive,
-                ended: false,
-            };
-            return Ok((parts, reader));
+            self.buf.reserve(READ_SIZE);
+            let read = self.io.read_buf(&mut self.buf).await;
+            let nothing_yet = self.buf.is_empty() && !interim;
+            match read {
+                Ok(0) if nothing_yet => {
+                    return Err(Failure::Closed(
+                        "the application closed the connection before answering".into(),
+                    ));
+                }
+                Ok(0) => {
+                    return Err(Failure::Broken(
+                        "the application closed the connection in the middle of its response head"
+                            .into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if nothing_yet => {
+                    return Err(Failure::Closed(format!("connection error: {e}")));
+                }
+                Err(e) => return Err(Failure::Broken(format!("connection error: {e}"))),
+            }
         }
+    }
+}
+
+/// An answer's head, parsed.
+pub struct Answer {
+    pub head: response::Parts,
+    framing: Framing,
+    /// Whether the connection can carry another request once the body has been read.
+    pub keep_alive: bool,
+}
+
+impl Answer {
+    /// The body's length, when the head gives it (0 for an answer without a body); `None`
+    /// for a chunked body or one that ends when the connection closes.
+    pub fn length(&self) -> Option<u64> {
+        match self.framing {
+            Framing::Length(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// Parses the answer's head at the start of `buf` and takes it out, past any interim
+/// (1xx) answers (`interim` is set when one was taken). `Ok(None)`: more bytes are needed.
+/// `bodiless` says the answer has no body whatever its head says (an answer to `HEAD`).
+pub fn parse_answer(
+    buf: &mut BytesMut,
+    bodiless: bool,
+    interim: &mut bool,
+) -> Result<Option<Answer>, String> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let mut at = [FieldAt::default(); MAX_HEADERS];
+        let (len, code, version, count) = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                locate(buf, parsed.headers, &mut at);
+                let code = parsed.code.unwrap_or_default();
+                (len, code, parsed.version, parsed.headers.len())
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(format!("the application's response head is malformed: {e}")),
+        };
+        let head = buf.split_to(len).freeze();
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| format!("the application answered with status {code}"))?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            *interim = true;
+            continue;
+        }
+        let headers = header_map(&head, &at[..count])
+            .ok_or("the application's response has a malformed header field")?;
+        let framing = framing(status, &headers, bodiless)?;
+        let keep_alive = version == Some(1)
+            && !connection_has(&headers, "close")
+            && !matches!(framing, Framing::Close)
+            && status != StatusCode::SWITCHING_PROTOCOLS;
+        let mut parts = response::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = if version == Some(1) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        parts.headers = headers;
+        return Ok(Some(Answer {
+            head: parts,
+            framing,
+            keep_alive,
+        }));
     }
 }
 

@@ -148,7 +148,7 @@ where
     clippy::large_enum_variant,
     reason = "made once per request and moved on at once: boxing would cost an allocation"
 )]
-enum Parsed {
+pub enum Parsed {
     /// A request this side serves, and whether its client asked to close after it.
     Request(Request<ClientBody>, bool),
     /// More bytes are needed.
@@ -157,7 +157,9 @@ enum Parsed {
     Other,
 }
 
-fn parse(buf: &mut BytesMut) -> Parsed {
+/// Reads a request head from the start of `buf`, taking it out when this side serves the
+/// request; anything else is left in `buf` for hyper.
+pub fn parse(buf: &mut BytesMut) -> Parsed {
     if buf.is_empty() {
         return Parsed::Partial;
     }
@@ -192,10 +194,14 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         Err(_) => return Parsed::Other,
     };
     let head = buf.split_to(len).freeze();
-    let Some(headers) = header_map(&head, &at[..count]) else {
-        return Parsed::Other;
-    };
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0..target.1)) else {
+    let parts = header_map(&head, &at[..count])
+        .zip(Uri::from_maybe_shared(head.slice(target.0..target.1)).ok());
+    let Some((headers, uri)) = parts else {
+        // A field or target `http`'s types refuse: the head goes back for hyper to answer.
+        let mut again = BytesMut::with_capacity(head.len() + buf.len());
+        again.extend_from_slice(&head);
+        again.extend_from_slice(buf);
+        *buf = again;
         return Parsed::Other;
     };
     let close = connection_has(&headers, "close");
