@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -213,6 +213,7 @@ impl Upstream {
         mut req: Request<ClientBody>,
         client: &HeaderValue,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let sent_host = req.headers().contains_key(header::HOST);
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
@@ -228,7 +229,11 @@ impl Upstream {
         let headers = req.headers_mut();
         match host {
             Some(host) => {
-                headers.insert(header::HOST, host.clone());
+                // From an HTTP/2 client's `:authority` (or a target in absolute form
+                // without a `Host`): HTTP/1.1 needs it as a field.
+                if !sent_host {
+                    headers.insert(header::HOST, host.clone());
+                }
                 headers.insert(X_FORWARDED_HOST, host);
             }
             // HTTP/1.1 requires a Host: an HTTP/1.0 client may not have sent one.
@@ -327,9 +332,6 @@ impl Upstream {
         req: Request<ClientBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let head = req.into_parts().0;
-        let mut encoded = Vec::with_capacity(512);
-        client::encode_request(&mut encoded, &head);
-        let bodiless = head.method == Method::HEAD;
         let mut may_replay = head.method.is_idempotent();
         let mut fresh = None;
         loop {
@@ -341,7 +343,7 @@ impl Upstream {
                 },
             };
             let sent = Instant::now();
-            let failure = match conn.exchange(&encoded, bodiless).await {
+            let failure = match conn.exchange(&head).await {
                 Ok((parts, reader)) => {
                     let body = UpstreamBody {
                         inner: Inner::Lean(reader),

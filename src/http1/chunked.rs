@@ -99,7 +99,7 @@ impl Decoder {
                     };
                     let section = buf.split_to(len).freeze();
                     self.state = State::Done;
-                    let trailers = header_map(&section, &at[..count]).ok_or(BAD)?;
+                    let trailers = header_map(&section, &at[..count], 0).ok_or(BAD)?;
                     return Ok((!trailers.is_empty()).then(|| Frame::trailers(trailers)));
                 }
             }

@@ -26,6 +26,8 @@ const READ_SIZE: usize = 16 * 1024;
 pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
+    /// Where each request head is written, reused from one request to the next.
+    out: Vec<u8>,
 }
 
 /// Why an exchange failed.
@@ -45,6 +47,7 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
+            out: Vec::new(),
         }
     }
 
@@ -58,15 +61,20 @@ impl Conn {
         !matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Sends a request head (the request has no body) and reads the answer's head, past
-    /// any interim (1xx) answers. `bodiless` says the answer has no body whatever its
-    /// head says (an answer to `HEAD`).
+    /// Sends a request without a body and reads the answer's head, past any interim (1xx)
+    /// answers.
     pub async fn exchange(
         mut self,
-        head: &[u8],
-        bodiless: bool,
+        request: &request::Parts,
     ) -> Result<(response::Parts, Reader), Failure> {
-        if let Err(e) = self.io.write_all(head).await {
+        // The answer to `HEAD` has no body, whatever its head says.
+        let bodiless = request.method == http::Method::HEAD;
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        encode_request(&mut out, request);
+        let written = self.io.write_all(&out).await;
+        self.out = out;
+        if let Err(e) = written {
             return Err(Failure::Unsent(format!("cannot send the request: {e}")));
         }
         let mut interim = false;
@@ -165,7 +173,8 @@ pub fn parse_answer(
             *interim = true;
             continue;
         }
-        let headers = header_map(&head, &at[..count])
+        // Room for the cookie and caching fields the proxy may add.
+        let headers = header_map(&head, &at[..count], 2)
             .ok_or("the application's response has a malformed header field")?;
         let framing = framing(status, &headers, bodiless)?;
         let keep_alive = version == Some(1)
@@ -361,6 +370,11 @@ mod tests {
         Conn::new(TcpStream::connect(addr).await.unwrap())
     }
 
+    fn get(method: &str) -> request::Parts {
+        let request = http::Request::builder().method(method).uri("/").body(());
+        request.unwrap().into_parts().0
+    }
+
     async fn body_of(mut reader: Reader) -> Result<(Vec<u8>, Option<HeaderMap>, bool), io::Error> {
         let mut data = Vec::new();
         let mut trailers = None;
@@ -376,10 +390,7 @@ mod tests {
     #[tokio::test]
     async fn answers_are_framed_by_length_chunks_or_close() {
         let conn = answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello").await;
-        let (head, reader) = conn
-            .exchange(b"GET / HTTP/1.1\r\n\r\n", false)
-            .await
-            .unwrap();
+        let (head, reader) = conn.exchange(&get("GET")).await.unwrap();
         assert_eq!(head.status, 200);
         assert_eq!(head.headers["x-a"], "1");
         assert_eq!(
@@ -391,10 +402,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 2\r\n\r\n",
         )
         .await;
-        let (_, reader) = conn
-            .exchange(b"GET / HTTP/1.1\r\n\r\n", false)
-            .await
-            .unwrap();
+        let (_, reader) = conn.exchange(&get("GET")).await.unwrap();
         let (data, trailers, reusable) = body_of(reader).await.unwrap();
         assert_eq!((data, reusable), (b"abc".to_vec(), true));
         assert_eq!(trailers.unwrap()["x-t"], "2");
@@ -411,10 +419,7 @@ mod tests {
                 .unwrap();
         });
         let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
-        let (_, reader) = conn
-            .exchange(b"GET / HTTP/1.1\r\n\r\n", false)
-            .await
-            .unwrap();
+        let (_, reader) = conn.exchange(&get("GET")).await.unwrap();
         assert_eq!(
             body_of(reader).await.unwrap(),
             (b"until close".to_vec(), None, false)
@@ -422,19 +427,13 @@ mod tests {
 
         // An answer to HEAD has no body, whatever its Content-Length says.
         let conn = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n").await;
-        let (_, reader) = conn
-            .exchange(b"HEAD / HTTP/1.1\r\n\r\n", true)
-            .await
-            .unwrap();
+        let (_, reader) = conn.exchange(&get("HEAD")).await.unwrap();
         assert_eq!(body_of(reader).await.unwrap(), (vec![], None, true));
 
         let conn =
             answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
                 .await;
-        let (_, reader) = conn
-            .exchange(b"GET / HTTP/1.1\r\n\r\n", false)
-            .await
-            .unwrap();
+        let (_, reader) = conn.exchange(&get("GET")).await.unwrap();
         assert_eq!(
             body_of(reader).await.unwrap(),
             (b"hello".to_vec(), None, false)
@@ -464,7 +463,7 @@ mod tests {
                 s.write_all(answer).await.unwrap();
             });
             let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
-            match conn.exchange(b"GET / HTTP/1.1\r\n\r\n", false).await {
+            match conn.exchange(&get("GET")).await {
                 Err(Failure::Closed(_)) => assert!(closed, "{answer:?}"),
                 Err(Failure::Broken(_)) => assert!(!closed, "{answer:?}"),
                 other => panic!("{answer:?}: {:?}", other.map(|(h, _)| h.status)),
@@ -474,10 +473,7 @@ mod tests {
         let conn =
             answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello!\r\n")
                 .await;
-        let (_, mut reader) = conn
-            .exchange(b"GET / HTTP/1.1\r\n\r\n", false)
-            .await
-            .unwrap();
+        let (_, mut reader) = conn.exchange(&get("GET")).await.unwrap();
         assert!(reader.frame().await.unwrap().is_ok());
         assert!(reader.frame().await.unwrap().is_err());
         assert!(reader.reusable().is_none());

@@ -39,11 +39,11 @@ pub fn locate(head: &[u8], headers: &[httparse::Header<'_>], into: &mut [FieldAt
     }
 }
 
-/// The header map of a head frozen into `head`, from the places [`locate`] recorded.
-/// `None` if a name or value is not valid (httparse is a little more lenient than
-/// `http`'s types).
-pub fn header_map(head: &Bytes, fields: &[FieldAt]) -> Option<HeaderMap> {
-    let mut map = HeaderMap::with_capacity(fields.len());
+/// The header map of a head frozen into `head`, from the places [`locate`] recorded, with
+/// room for `spare` more fields. `None` if a name or value is not valid (httparse is a
+/// little more lenient than `http`'s types).
+pub fn header_map(head: &Bytes, fields: &[FieldAt], spare: usize) -> Option<HeaderMap> {
+    let mut map = HeaderMap::with_capacity(fields.len() + spare);
     for at in fields {
         let name = HeaderName::from_bytes(head.get(at.name.0..at.name.1)?).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(at.value.0..at.value.1)).ok()?;
@@ -125,7 +125,7 @@ mod tests {
         locate(raw, req.headers, &mut at);
         let n = req.headers.len();
         let head = Bytes::from_static(raw);
-        let map = header_map(&head, &at[..n]).unwrap();
+        let map = header_map(&head, &at[..n], 0).unwrap();
         assert_eq!(map["host"], "a");
         assert_eq!(map["x-long"], "v a l");
         assert!(!connection_has(&map, "close"));

@@ -194,7 +194,8 @@ pub fn parse(buf: &mut BytesMut) -> Parsed {
         Err(_) => return Parsed::Other,
     };
     let head = buf.split_to(len).freeze();
-    let parts = header_map(&head, &at[..count])
+    // Room for the fields the proxy adds on the way (`X-Forwarded-*`, the session's).
+    let parts = header_map(&head, &at[..count], 6)
         .zip(Uri::from_maybe_shared(head.slice(target.0..target.1)).ok());
     let Some((headers, uri)) = parts else {
         // A field or target `http`'s types refuse: the head goes back for hyper to answer.
