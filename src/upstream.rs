@@ -478,10 +478,9 @@ impl<C: Reusable> Pool<C> {
         None
     }
 
+    /// Keeps a connection for the next request (one the application closed meanwhile is
+    /// skipped when taken, or closed by the sweep).
     fn put(&self, conn: C) {
-        if conn.is_closed() {
-            return;
-        }
         let since = Instant::now();
         let mut idle = self.here();
         if idle.len() < MAX_IDLE {

@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
 use http::header::TRANSFER_ENCODING;
 use http::{HeaderMap, StatusCode, Version, request, response};
 use hyper::body::{Body, Frame, SizeHint};
@@ -54,7 +53,8 @@ impl Conn {
     /// Whether the application closed this idle connection, or sent on it unasked, as far
     /// as can be told without waiting: no system call unless the socket became readable.
     pub fn is_closed(&self) -> bool {
-        if self.io.readable().now_or_never().is_none() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if self.io.poll_read_ready(&mut cx).is_pending() {
             return false;
         }
         let mut probe = [0u8; 1];

@@ -22,19 +22,22 @@ pub const MAX_HEADERS: usize = 100;
 /// [`Bytes`] and the values shared with it instead of copied.
 #[derive(Clone, Copy, Default)]
 pub struct FieldAt {
-    name: (usize, usize),
-    value: (usize, usize),
+    // 32-bit offsets: a head is far shorter (its limits are a few hundred KiB), and the
+    // array of 100 of them is cleared for every head parsed.
+    name: (u32, u32),
+    value: (u32, u32),
 }
 
 /// Records where `headers` lie within `head`, which they were parsed from.
 pub fn locate(head: &[u8], headers: &[httparse::Header<'_>], into: &mut [FieldAt]) {
     let base = head.as_ptr() as usize;
+    let offset = |at: usize| u32::try_from(at).unwrap_or(u32::MAX);
     for (field, at) in headers.iter().zip(into.iter_mut()) {
         let name = field.name.as_ptr() as usize - base;
         let value = field.value.as_ptr() as usize - base;
         *at = FieldAt {
-            name: (name, name + field.name.len()),
-            value: (value, value + field.value.len()),
+            name: (offset(name), offset(name + field.name.len())),
+            value: (offset(value), offset(value + field.value.len())),
         };
     }
 }
@@ -43,10 +46,14 @@ pub fn locate(head: &[u8], headers: &[httparse::Header<'_>], into: &mut [FieldAt
 /// room for `spare` more fields. `None` if a name or value is not valid (httparse is a
 /// little more lenient than `http`'s types).
 pub fn header_map(head: &Bytes, fields: &[FieldAt], spare: usize) -> Option<HeaderMap> {
+    let range = |(start, end): (u32, u32)| {
+        let (start, end) = (start as usize, end as usize);
+        (start <= end && end <= head.len()).then_some(start..end)
+    };
     let mut map = HeaderMap::with_capacity(fields.len() + spare);
     for at in fields {
-        let name = HeaderName::from_bytes(head.get(at.name.0..at.name.1)?).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(at.value.0..at.value.1)).ok()?;
+        let name = HeaderName::from_bytes(&head[range(at.name)?]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(range(at.value)?)).ok()?;
         map.append(name, value);
     }
     Some(map)

@@ -163,10 +163,11 @@ pub fn parse(buf: &mut BytesMut) -> Parsed {
     if buf.is_empty() {
         return Parsed::Partial;
     }
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut fields);
+    // Not cleared first: httparse writes each field it parses.
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
     let mut at = [FieldAt::default(); MAX_HEADERS];
-    let (len, method, target, count) = match parsed.parse(buf) {
+    let (len, method, target, count) = match parsed.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) => {
             let (Some(1), Some(method), Some(path)) = (parsed.version, parsed.method, parsed.path)
             else {
