@@ -442,8 +442,10 @@ struct Idle<C> {
 
 /// At most this many idle connections are kept per thread; more are closed.
 const MAX_IDLE: usize = 1024;
-/// An idle connection is closed after 45–60 s: checked every tick, closed after 45 s.
-const IDLE_TICK: Duration = Duration::from_secs(15);
+/// An idle connection is closed after 45 s unused, or within a second of the application
+/// closing it: nothing else reads a pooled connection of the proxy's own, which would
+/// otherwise hold its socket (in `CLOSE_WAIT`) until it was taken.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 const IDLE_MAX: Duration = Duration::from_secs(45);
 /// A request sent on a connection idle this long may meet the application closing it,
 /// and is kept so that it can be sent again (see [`Upstream::send`]).
@@ -504,8 +506,8 @@ impl<C: Reusable> Pool<C> {
     }
 }
 
-/// Closes connections idle for about a minute (dropping the last sender ends an idle
-/// connection), until the pools are gone.
+/// Closes connections idle too long or closed by the application (dropping the last
+/// sender ends an idle hyper connection), until the pools are gone.
 async fn close_idle_connections(pools: Weak<Pools>) {
     let mut interval = tokio::time::interval(IDLE_TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -264,3 +264,36 @@ async fn an_answer_to_a_client_that_asks_to_close_says_so_and_closes() {
     assert!(out.contains("\r\nconnection: close\r\n"), "{out}");
     assert!(out.ends_with("\r\n\r\n/bye"), "{out}");
 }
+
+#[tokio::test]
+async fn a_pooled_connection_the_application_closes_is_closed_here_within_seconds() {
+    // The application answers, then closes its side of the idle connection and waits
+    // for the proxy to close its own: a pooled connection nothing reads must not sit
+    // half-closed until it is next taken.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (closed_after, mut closed) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.shutdown().await.unwrap();
+        let started = tokio::time::Instant::now();
+        let eof = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        let _ = closed_after.send((eof, started.elapsed())).await;
+    });
+    let proxy = Proxy::start(support::config(&format!("http://{app}"))).await;
+    let mut c = connection(&proxy).await;
+    let (head, body, _) = send(&mut c, "GET", "/", b"").await;
+    assert_eq!((head.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+    let (eof, after) = closed.recv().await.unwrap();
+    assert!(
+        matches!(eof, Ok(Ok(0))),
+        "the proxy never closed its side: {eof:?}"
+    );
+    assert!(after < Duration::from_secs(3), "closed after {after:?}");
+}
