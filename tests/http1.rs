@@ -77,6 +77,11 @@ async fn serve(mut s: TcpStream) {
                 "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{:02}",
                 body.len()
             ),
+            "/reason" => "HTTP/1.1 599 Upstream Said So\r\ncontent-length: 2\r\n\r\nok".to_string(),
+            "/slow" => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n/slow".to_string()
+            }
             other => format!(
                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{other}",
                 other.len()
@@ -296,4 +301,142 @@ async fn a_pooled_connection_the_application_closes_is_closed_here_within_second
         "the proxy never closed its side: {eof:?}"
     );
     assert!(after < Duration::from_secs(3), "closed after {after:?}");
+}
+
+/// Reads one answer framed by `Content-Length` from `s`; `pending` keeps what came after.
+async fn read_answer(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>) {
+    let end = loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let mut more = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut more))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed before an answer");
+        pending.extend_from_slice(&more[..n]);
+    };
+    let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+    pending.drain(..end);
+    let length: usize = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while pending.len() < length {
+        let mut more = [0u8; 4096];
+        let n = s.read(&mut more).await.unwrap();
+        assert!(n > 0, "closed mid-body");
+        pending.extend_from_slice(&more[..n]);
+    }
+    let body = pending.drain(..length).collect();
+    (head, body)
+}
+
+#[tokio::test]
+async fn a_head_trickled_in_after_a_first_request_is_cut_off_at_header_read() {
+    let app = application().await;
+    let mut config = support::config(&format!("http://{app}"));
+    config.timeouts.header_read = 0.5;
+    let proxy = Proxy::start(config).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_answer(&mut s, &mut Vec::new()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The next head trickles in a byte every 100 ms, never complete: the limit is on the
+    // whole head, not on each read.
+    let started = tokio::time::Instant::now();
+    s.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut buf = [0u8; 512];
+            tokio::select! {
+                n = s.read(&mut buf) => if matches!(n, Ok(0) | Err(_)) { break },
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if s.write_all(b"X").await.is_err() { break; }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still connected after 5 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn pipelined_requests_before_a_half_close_are_all_answered() {
+    let proxy = proxy().await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\nGET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The client is done sending, not gone: it still reads.
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes once both are answered")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    assert!(out.ends_with("/second"), "{out}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_the_body_streams_frees_the_application_connection() {
+    // The application sends a head and one chunk, then nothing more until the proxy
+    // closes its connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let (released, mut release) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .unwrap();
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        let _ = released.send(()).await;
+    });
+    let proxy = Proxy::start(support::config(&format!("http://{app}"))).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("hello") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the first chunk")
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    tokio::time::timeout(Duration::from_secs(3), release.recv())
+        .await
+        .expect("the application's connection is closed once the client has left");
+}
+
+#[tokio::test]
+async fn the_applications_reason_phrase_reaches_the_client() {
+    let proxy = proxy().await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /reason HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut s, &mut Vec::new()).await;
+    assert_eq!(head.lines().next(), Some("HTTP/1.1 599 Upstream Said So"));
+    assert_eq!(body, b"ok");
 }

@@ -157,11 +157,19 @@ pub fn parse_answer(
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut fields);
         let mut at = [FieldAt::default(); MAX_HEADERS];
-        let (len, code, version, count) = match parsed.parse(buf) {
+        let (len, code, version, count, reason) = match parsed.parse(buf) {
             Ok(httparse::Status::Complete(len)) => {
                 locate(buf, parsed.headers, &mut at);
                 let code = parsed.code.unwrap_or_default();
-                (len, code, parsed.version, parsed.headers.len())
+                let reason = parsed.reason.filter(|r| {
+                    !r.is_empty()
+                        && StatusCode::from_u16(code)
+                            .map_or(true, |s| s.canonical_reason() != Some(*r))
+                });
+                // Kept, as hyper keeps it, to be passed on to the client.
+                let reason =
+                    reason.and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
+                (len, code, parsed.version, parsed.headers.len(), reason)
             }
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(format!("the application's response head is malformed: {e}")),
@@ -189,6 +197,9 @@ pub fn parse_answer(
             Version::HTTP_10
         };
         parts.headers = headers;
+        if let Some(reason) = reason {
+            parts.extensions.insert(reason);
+        }
         return Ok(Some(Answer {
             head: parts,
             framing,

@@ -86,7 +86,13 @@ where
     // One wait for the whole connection, polled between requests.
     let finishing = graceful.begun();
     tokio::pin!(finishing);
+    // The client closed its side with requests still buffered: they are answered, then
+    // the connection closes.
+    let mut ended = false;
     loop {
+        // A head must arrive whole within `header_read` of its first byte, however it
+        // trickles in.
+        let mut deadline = None;
         let (request, close) = loop {
             match parse(&mut buf) {
                 Parsed::Request(request, close) => break (request, close),
@@ -94,6 +100,7 @@ where
                 Parsed::Partial if buf.len() >= limits.max_head => {
                     return Next::Handover(buf.freeze());
                 }
+                Parsed::Partial if ended => return Next::Done,
                 Parsed::Partial => {}
             }
             buf.reserve(4096);
@@ -104,9 +111,15 @@ where
                     _ = &mut finishing => return Next::Done,
                 }
             } else {
-                match tokio::time::timeout(limits.header_read, io.read_buf(&mut buf)).await {
-                    Ok(read) => read,
-                    Err(_) => return Next::Done,
+                let deadline = *deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + limits.header_read);
+                tokio::select! {
+                    read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => match read {
+                        Ok(read) => read,
+                        Err(_) => return Next::Done,
+                    },
+                    // Shutting down: a head still on its way is not waited for.
+                    _ = &mut finishing => return Next::Done,
                 }
             };
             match read {
@@ -118,22 +131,30 @@ where
         let mut work = std::pin::pin!(service(request));
         // The client is watched while the application works, as hyper does: one that
         // closes its side has left, and the request's work goes on without it (the
-        // service hands it on when dropped). Bytes it sends meanwhile (the next request,
-        // pipelined) are kept, up to the head limit.
+        // service hands it on when dropped), unless it sent further requests first.
+        // Bytes it sends meanwhile (the next request, pipelined) are kept, up to the
+        // head limit.
         let response = loop {
             buf.reserve(4096);
             tokio::select! {
                 biased;
                 response = &mut work => break response,
-                read = io.read_buf(&mut buf), if buf.len() < limits.max_head => match read {
-                    Ok(0) | Err(_) => return Next::Done,
-                    Ok(_) => {}
-                },
+                read = io.read_buf(&mut buf), if !ended && buf.len() < limits.max_head => {
+                    match watched(read, &buf, &mut ended) {
+                        Watched::Left => return Next::Done,
+                        Watched::Stays => {}
+                    }
+                }
             }
         };
         let close = close || graceful.is_begun();
         out.clear();
-        if write_response(io, &mut out, response, head_only, close)
+        let mut client = Client {
+            buf: &mut buf,
+            max_head: limits.max_head,
+            ended: &mut ended,
+        };
+        if write_response(io, &mut out, response, head_only, close, &mut client)
             .await
             .is_err()
             || close
@@ -141,7 +162,45 @@ where
             let _ = io.shutdown().await;
             return Next::Done;
         }
+        // A large answer or head leaves large buffers behind: an idle connection keeps
+        // small ones.
+        if out.capacity() > KEEP_CAPACITY {
+            out = Vec::with_capacity(1024);
+        }
+        if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
+            buf = BytesMut::with_capacity(4096);
+        }
     }
+}
+
+/// Buffers larger than this are not kept between requests.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
+/// What a read from the client while a request is in flight says of it.
+enum Watched {
+    /// It is gone (closed its side with nothing buffered, or the connection failed).
+    Left,
+    /// It is still there, or closed its side after sending requests still to answer.
+    Stays,
+}
+
+fn watched(read: std::io::Result<usize>, buf: &BytesMut, ended: &mut bool) -> Watched {
+    match read {
+        Ok(0) if !buf.is_empty() => {
+            *ended = true;
+            Watched::Stays
+        }
+        Ok(0) | Err(_) => Watched::Left,
+        Ok(_) => Watched::Stays,
+    }
+}
+
+/// The client side of a connection while a response is written: where what it sends
+/// meanwhile goes, and whether it has closed its side.
+struct Client<'a> {
+    buf: &'a mut BytesMut,
+    max_head: usize,
+    ended: &'a mut bool,
 }
 
 #[expect(
@@ -230,12 +289,13 @@ fn plain(field: &httparse::Header<'_>) -> bool {
 
 /// Writes a response: the head, then the body framed by its length, or chunked when
 /// the length is not known. An error means the connection cannot go on.
-async fn write_response<I: AsyncWrite + Unpin>(
+async fn write_response<I: AsyncRead + AsyncWrite + Unpin>(
     io: &mut I,
     out: &mut Vec<u8>,
     response: Response<ProxyBody>,
     head_only: bool,
     close: bool,
+    client: &mut Client<'_>,
 ) -> std::io::Result<()> {
     let (mut parts, mut body) = response.into_parts();
     let status = parts.status;
@@ -275,7 +335,11 @@ async fn write_response<I: AsyncWrite + Unpin>(
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    // The application's own reason phrase when it had one, as hyper passes it on.
+    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+        None => out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes()),
+    }
     out.extend_from_slice(b"\r\n");
     super::write_headers(out, &parts.headers);
     if !parts.headers.contains_key(DATE) {
@@ -302,7 +366,24 @@ async fn write_response<I: AsyncWrite + Unpin>(
                     io.write_all(out).await?;
                     out.clear();
                 }
-                body.frame().await
+                // While the application is slow to send its body (a stream, a long
+                // poll), a client that leaves ends the response, as under hyper.
+                loop {
+                    client.buf.reserve(4096);
+                    let reading = !*client.ended && client.buf.len() < client.max_head;
+                    tokio::select! {
+                        biased;
+                        frame = body.frame() => break frame,
+                        read = io.read_buf(client.buf), if reading => {
+                            match watched(read, client.buf, client.ended) {
+                                Watched::Left => {
+                                    return Err(std::io::Error::other("the client left"));
+                                }
+                                Watched::Stays => {}
+                            }
+                        }
+                    }
+                }
             }
         };
         let Some(frame) = frame else { break };
