@@ -366,9 +366,9 @@ mod tests {
     use http_body_util::BodyExt;
     use tokio::net::TcpListener;
 
-    /// An application that answers every request with `answer`, then keeps the
-    /// connection open.
-    async fn answering(answer: &'static [u8]) -> Conn {
+    /// An application that answers the first request with `answer`, then keeps the
+    /// connection open for a while, or closes it at once.
+    async fn answering(answer: &'static [u8], keep_open: bool) -> Conn {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -376,7 +376,9 @@ mod tests {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
             s.write_all(answer).await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            if keep_open {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
         });
         Conn::new(TcpStream::connect(addr).await.unwrap())
     }
@@ -400,7 +402,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_are_framed_by_length_chunks_or_close() {
-        let conn = answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello").await;
+        let conn = answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello", true).await;
         let (head, reader) = conn.exchange(&get("GET")).await.unwrap();
         assert_eq!(head.status, 200);
         assert_eq!(head.headers["x-a"], "1");
@@ -411,6 +413,7 @@ mod tests {
 
         let conn = answering(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 2\r\n\r\n",
+            true,
         )
         .await;
         let (_, reader) = conn.exchange(&get("GET")).await.unwrap();
@@ -419,17 +422,7 @@ mod tests {
         assert_eq!(trailers.unwrap()["x-t"], "2");
 
         // No length: the body runs until the application closes; not reusable.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await;
-            s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
-                .await
-                .unwrap();
-        });
-        let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+        let conn = answering(b"HTTP/1.1 200 OK\r\n\r\nuntil close", false).await;
         let (_, reader) = conn.exchange(&get("GET")).await.unwrap();
         assert_eq!(
             body_of(reader).await.unwrap(),
@@ -437,13 +430,15 @@ mod tests {
         );
 
         // An answer to HEAD has no body, whatever its Content-Length says.
-        let conn = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n").await;
+        let conn = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).await;
         let (_, reader) = conn.exchange(&get("HEAD")).await.unwrap();
         assert_eq!(body_of(reader).await.unwrap(), (vec![], None, true));
 
-        let conn =
-            answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
-                .await;
+        let conn = answering(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            true,
+        )
+        .await;
         let (_, reader) = conn.exchange(&get("GET")).await.unwrap();
         assert_eq!(
             body_of(reader).await.unwrap(),
@@ -465,15 +460,7 @@ mod tests {
             (b"HTTP/1.1 200 OK\r\nContent-", false),
             (b"", true),
         ] {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                s.write_all(answer).await.unwrap();
-            });
-            let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+            let conn = answering(answer, false).await;
             match conn.exchange(&get("GET")).await {
                 Err(Failure::Closed(_)) => assert!(closed, "{answer:?}"),
                 Err(Failure::Broken(_)) => assert!(!closed, "{answer:?}"),
@@ -481,9 +468,11 @@ mod tests {
             }
         }
         // A body cut short is an error, and its connection is not reused.
-        let conn =
-            answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello!\r\n")
-                .await;
+        let conn = answering(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello!\r\n",
+            true,
+        )
+        .await;
         let (_, mut reader) = conn.exchange(&get("GET")).await.unwrap();
         assert!(reader.frame().await.unwrap().is_ok());
         assert!(reader.frame().await.unwrap().is_err());
