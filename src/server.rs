@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::FutureExt;
 use http::HeaderValue;
 use http_body_util::Either;
@@ -24,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::config::{Config, StoreType, secs};
 use crate::http1;
-use crate::http1::server::{Graceful, Limits, Next, Rewind};
+use crate::http1::server::{Graceful, Limits, Next};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::session::protocol::ProtocolHeaders;
@@ -406,6 +407,7 @@ async fn serve_connection(
     let stream = Progress {
         io: stream,
         writes: writes.clone(),
+        unread: Bytes::new(),
     };
     let limits = Limits {
         header_read: request_every,
@@ -484,7 +486,8 @@ where
     let hyper_service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         service(req.map(Either::Left)).map(Ok::<_, Infallible>)
     });
-    let io = TokioIo::new(Rewind::new(read, io));
+    io.unread = read;
+    let io = TokioIo::new(io);
     let conn = builder.serve_connection_with_upgrades(io, hyper_service);
     tokio::pin!(conn);
     tokio::select! {
@@ -523,6 +526,9 @@ impl Writes {
 struct Progress {
     io: TcpStream,
     writes: Arc<Writes>,
+    /// Bytes already read that are to be read again first: what the proxy's own
+    /// HTTP/1.1 read before it handed the connection to hyper.
+    unread: Bytes,
 }
 
 impl Progress {
@@ -544,6 +550,12 @@ impl tokio::io::AsyncRead for Progress {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            bytes::Buf::advance(&mut self.unread, n);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }

@@ -113,7 +113,6 @@ pub enum UpstreamError {
 /// A request's body: the one hyper reads from the client, or none (a request the proxy's
 /// own HTTP/1.1 read, or one sent again).
 pub type ClientBody = Either<Incoming, Empty<Bytes>>;
-type ToUpstream = ClientBody;
 
 /// What it takes to send a bodiless request again: its head, and when it was sent.
 struct Replay {
@@ -124,7 +123,7 @@ struct Replay {
 impl Replay {
     /// Only for a method that means the same when sent twice (RFC 9110 §9.2.2), and a
     /// request without a body.
-    fn of(req: &Request<ToUpstream>) -> Option<Replay> {
+    fn of(req: &Request<ClientBody>) -> Option<Replay> {
         let repeatable = req.method().is_idempotent()
             && match req.body() {
                 Either::Left(body) => body.is_end_stream(),
@@ -146,7 +145,7 @@ impl Replay {
     /// The request once more, if `failure` says the connection closed before any answer,
     /// at once (the application closing an idle connection as the request arrived, not
     /// one that worked on it and then failed), and it has not been sent again yet.
-    fn again(&mut self, failure: &hyper::Error) -> Option<Request<ToUpstream>> {
+    fn again(&mut self, failure: &hyper::Error) -> Option<Request<ClientBody>> {
         if !(failure.is_incomplete_message() || connection_reset(failure))
             || self.sent.elapsed() > REPLAY_WITHIN
         {
@@ -371,7 +370,7 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<ToUpstream>, UpstreamError> {
+    async fn connect(&self) -> Result<SendRequest<ClientBody>, UpstreamError> {
         let stream = self.open().await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -406,7 +405,7 @@ impl Upstream {
 /// Idle keep-alive connections to the application: hyper's, for requests with a body or
 /// an upgrade, and the proxy's own for the rest. Trailers of either lose `hidden`.
 struct Pools {
-    hyper: Pool<SendRequest<ToUpstream>>,
+    hyper: Pool<SendRequest<ClientBody>>,
     lean: Pool<client::Conn>,
     hidden: Box<[HeaderName]>,
 }
@@ -417,7 +416,7 @@ trait Reusable {
     fn is_closed(&self) -> bool;
 }
 
-impl Reusable for SendRequest<ToUpstream> {
+impl Reusable for SendRequest<ClientBody> {
     fn is_closed(&self) -> bool {
         SendRequest::is_closed(self)
     }
@@ -532,7 +531,7 @@ enum Inner {
     Hyper {
         body: Incoming,
         /// The connection the body arrives on, while it can be reused.
-        reuse: Option<SendRequest<ToUpstream>>,
+        reuse: Option<SendRequest<ClientBody>>,
     },
     Lean(client::Reader),
 }

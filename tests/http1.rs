@@ -201,12 +201,11 @@ async fn pipelined_requests_are_answered_in_order() {
     s.write_all(b"st: x\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("the proxy closes after the request that asked it to")
-        .unwrap();
-    let out = String::from_utf8_lossy(&out);
+    let out = read_until_closed(
+        &mut s,
+        "the proxy closes after the request that asked it to",
+    )
+    .await;
     let bodies: Vec<&str> = out
         .split("HTTP/1.1 200 OK\r\n")
         .skip(1)
@@ -259,12 +258,8 @@ async fn an_answer_to_a_client_that_asks_to_close_says_so_and_closes() {
     s.write_all(b"GET /bye HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("closed after the answer")
-        .unwrap();
-    let out = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    let out = read_until_closed(&mut s, "closed after the answer").await;
+    let out = out.to_ascii_lowercase();
     assert!(out.starts_with("http/1.1 200 ok\r\n"), "{out}");
     assert!(out.contains("\r\nconnection: close\r\n"), "{out}");
     assert!(out.ends_with("\r\n\r\n/bye"), "{out}");
@@ -395,12 +390,7 @@ async fn pipelined_requests_before_a_half_close_are_all_answered() {
         .unwrap();
     // The client is done sending, not gone: it still reads.
     s.shutdown().await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("the proxy closes once both are answered")
-        .unwrap();
-    let out = String::from_utf8_lossy(&out);
+    let out = read_until_closed(&mut s, "the proxy closes once both are answered").await;
     assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
     assert!(out.ends_with("/second"), "{out}");
 }
@@ -442,4 +432,15 @@ async fn the_applications_reason_phrase_reaches_the_client() {
     let (head, body) = read_answer(&mut s, &mut Vec::new()).await;
     assert_eq!(head.lines().next(), Some("HTTP/1.1 599 Upstream Said So"));
     assert_eq!(body, b"ok");
+}
+
+/// Everything the proxy sends on `s` until it closes the connection; `closes` says when
+/// it should have.
+async fn read_until_closed(s: &mut TcpStream, closes: &str) -> String {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect(closes)
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
 }
