@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -369,6 +369,45 @@ async fn slow_upstream_is_a_504_problem() {
     let proxy = Proxy::with(&app, |c| c.timeouts.upstream_response = 0.3).await;
     let r = Client::new().get(&proxy.url("/?delay_ms=2000"), &[]).await;
     problem(&r, 504).await;
+}
+
+#[tokio::test]
+async fn each_request_waits_for_the_application_within_its_own_timeout() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.timeouts.upstream_response = 0.5).await;
+    let client = Client::new();
+    // Quick and slow requests at once, with and without a body (the two ways out to the
+    // application), started at different times: only the slow ones time out, each after
+    // its own half second.
+    let runs = (0..24u64).map(|i| {
+        let client = &client;
+        let proxy = &proxy;
+        async move {
+            tokio::time::sleep(Duration::from_millis(i * 15)).await;
+            let delay = if i % 3 == 0 { 3_000 } else { 20 + i * 5 };
+            let method = if i % 2 == 0 { "GET" } else { "POST" };
+            let url = proxy.url(&format!("/?delay_ms={delay}"));
+            let started = Instant::now();
+            let r = client.request(method, &url, &[], Bytes::from("x")).await;
+            (delay, method, r.status.as_u16(), started.elapsed())
+        }
+    });
+    for (delay, method, status, took) in futures_util::future::join_all(runs).await {
+        if delay > 500 {
+            assert_eq!(status, 504, "{method} delayed {delay} ms");
+            assert!(took >= Duration::from_millis(500), "{method}: 504 after {took:?}");
+            assert!(took < Duration::from_millis(2_500), "{method}: 504 after {took:?}");
+        } else {
+            assert_eq!(status, 200, "{method} delayed {delay} ms");
+        }
+    }
+    // After a quiet spell, a slow request still times out, and a quick one right after
+    // a slow one does not.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = client.get(&proxy.url("/?delay_ms=3000"), &[]).await;
+    assert_eq!(r.status, 504);
+    let r = client.get(&proxy.url("/?delay_ms=10"), &[]).await;
+    assert_eq!(r.status, 200);
 }
 
 #[tokio::test]
