@@ -395,8 +395,14 @@ async fn each_request_waits_for_the_application_within_its_own_timeout() {
     for (delay, method, status, took) in futures_util::future::join_all(runs).await {
         if delay > 500 {
             assert_eq!(status, 504, "{method} delayed {delay} ms");
-            assert!(took >= Duration::from_millis(500), "{method}: 504 after {took:?}");
-            assert!(took < Duration::from_millis(2_500), "{method}: 504 after {took:?}");
+            assert!(
+                took >= Duration::from_millis(500),
+                "{method}: 504 after {took:?}"
+            );
+            assert!(
+                took < Duration::from_millis(2_500),
+                "{method}: 504 after {took:?}"
+            );
         } else {
             assert_eq!(status, 200, "{method} delayed {delay} ms");
         }

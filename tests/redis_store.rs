@@ -427,8 +427,9 @@ async fn rotation_moves_the_session_and_the_old_id_lasts_only_the_grace_period()
     assert!(store.load(&old, false).await.unwrap().is_some());
     let pttl: i64 = server.cli(&["PTTL", &key(&old)]);
     assert!((0..=1_000).contains(&pttl), "old TTL not shortened: {pttl}");
+    // In whole seconds, rounded up: the TTL keeps the exact end.
     let old_ends: u64 = server.cli(&["HGET", &key(&old), "ends"]);
-    assert!(old_ends <= unix_now().as_secs() + 1);
+    assert!(old_ends <= unix_now().as_secs() + 2);
     // Renewing the old ID cannot carry it past the grace period.
     assert!(store.load(&old, true).await.unwrap().is_some());
     let pttl: i64 = server.cli(&["PTTL", &key(&old)]);
@@ -453,6 +454,45 @@ async fn rotation_moves_the_session_and_the_old_id_lasts_only_the_grace_period()
         Rotated::Missing
     );
     assert_eq!(server.cli::<i64>(&["EXISTS", &key(&target)]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_away_id_lasts_its_whole_grace_period_and_no_longer() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let (old, new) = (new_id(), new_id());
+    store.create(&old, session(r#"{"cart":1}"#)).await.unwrap();
+    // Late in a second, so that the grace period ends late in the next one: a whole
+    // second rounded down would end it 0.6-0.8 s early.
+    while !(600..800).contains(&unix_now().subsec_millis()) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rotated = Instant::now();
+    let grace = Duration::from_secs(1);
+    assert_eq!(
+        store.rotate(&old, &new, grace).await.unwrap(),
+        Rotated::Done
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Past the whole second, inside the grace period: a renewal and a write through the
+    // old ID still find it.
+    assert!(store.load(&old, true).await.unwrap().is_some(), "renewal");
+    let write = store.replace(&old, bytes(r#"{"cart":2}"#));
+    assert_eq!(write.await.unwrap(), Landed::Moved);
+    assert!(rotated.elapsed() < grace, "checked within the grace period");
+    // Neither carried it past the end of the grace period.
+    let pttl: i64 = server.cli(&["PTTL", &key(&old)]);
+    let left = grace.saturating_sub(rotated.elapsed());
+    assert!(
+        pttl > 0 && pttl <= left.as_millis() as i64 + 5,
+        "TTL {pttl} ms with {left:?} of grace left"
+    );
+    tokio::time::sleep(left + Duration::from_millis(20)).await;
+    assert!(
+        store.load(&old, false).await.unwrap().is_none(),
+        "past the end"
+    );
+    assert!(store.load(&new, false).await.unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread")]

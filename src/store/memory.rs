@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::{
     Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SessionInfo, Store,
-    StoreError, StoreFuture, StoreSettings, unix_now,
+    StoreError, StoreFuture, StoreSettings, secs_up, unix_now,
 };
 use crate::session::codec::Merged;
 use crate::session::id::SessionId;
@@ -58,6 +58,16 @@ impl Entry {
 
     fn ends(&self) -> Option<u64> {
         (self.ends != 0).then_some(u64::from(self.ends))
+    }
+
+    /// Moves the deadline on to `deadline`, except past the end of a rotated-away entry's
+    /// grace period.
+    fn extend(&mut self, deadline: u64) {
+        self.deadline = if self.moved {
+            self.deadline.min(deadline)
+        } else {
+            deadline
+        };
     }
 }
 
@@ -163,7 +173,7 @@ impl MemoryStore {
         };
         let user = self.settings.user_of(&data).map(Arc::<str>::from);
         entry.data = Box::from(&data[..]);
-        entry.deadline = deadline;
+        entry.extend(deadline);
         entry.last_seen = secs32(now.as_secs());
         if user != entry.user {
             self.unindex(id, entry.user.as_deref());
@@ -267,7 +277,7 @@ impl MemoryStore {
         }
         if renew {
             // Only the deadline moves; the data is not rewritten.
-            entry.deadline = self.deadline(entry.ends(), now)?;
+            entry.extend(self.deadline(entry.ends(), now)?);
             entry.last_seen = secs32(now.as_secs());
         }
         Some(Record {
@@ -336,7 +346,7 @@ impl MemoryStore {
             };
             entry.moved = true;
             entry.deadline = entry.deadline.min(millis(grace_end));
-            let grace_end = secs32(grace_end.as_secs());
+            let grace_end = secs32(secs_up(grace_end));
             entry.ends = if entry.ends == 0 {
                 grace_end
             } else {
@@ -619,6 +629,33 @@ mod tests {
         let kept = s.load(&first, false).await.unwrap().unwrap();
         assert_eq!(&kept.data[..], br#"{"cart":1,"user":"ann"}"#);
         assert!(!kept.moved && s.load(&old, false).await.unwrap().unwrap().moved);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_away_id_lasts_its_whole_grace_period_and_no_longer() {
+        let s = store(Duration::from_secs(600), 10);
+        let (old, new) = (id(), id());
+        s.create(&old, new_session(r#"{"cart":1}"#)).await.unwrap();
+        // Late in a second, so that the grace period ends late in the next one: a whole
+        // second rounded down would end it 0.6-0.8 s early.
+        while !(600..800).contains(&unix_now().subsec_millis()) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let rotated = std::time::Instant::now();
+        let grace = Duration::from_secs(1);
+        assert_eq!(s.rotate(&old, &new, grace).await.unwrap(), Rotated::Done);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Past the whole second, inside the grace period: a renewal and a write through
+        // the old ID still find it.
+        assert!(s.load(&old, true).await.unwrap().is_some(), "renewal");
+        let write = s.replace(&old, Bytes::from_static(br#"{"cart":2}"#));
+        assert_eq!(write.await.unwrap(), Landed::Moved);
+        assert!(rotated.elapsed() < grace, "checked within the grace period");
+        // Neither carried it past the end of the grace period.
+        tokio::time::sleep(grace.saturating_sub(rotated.elapsed()) + Duration::from_millis(20))
+            .await;
+        assert!(s.load(&old, false).await.unwrap().is_none(), "past the end");
+        assert!(s.load(&new, false).await.unwrap().is_some());
     }
 
     #[tokio::test]

@@ -212,6 +212,13 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// `at` in whole unix seconds, rounded up: the `ends` of a grace period, so that it is
+/// never shorter than asked for. The store's own expiry (in milliseconds) keeps it from
+/// lasting longer.
+pub fn secs_up(at: Duration) -> u64 {
+    at.as_secs() + u64::from(at.subsec_nanos() > 0)
+}
+
 /// Now, as a duration since the unix epoch.
 pub fn unix_now() -> Duration {
     SystemTime::now()

@@ -62,7 +62,7 @@ use tokio::sync::Mutex;
 
 use super::{
     Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SessionInfo, Store,
-    StoreError, StoreFuture, StoreSettings, unix_now,
+    StoreError, StoreFuture, StoreSettings, secs_up, unix_now,
 };
 use crate::server::current_worker;
 use crate::session::codec::Merged;
@@ -234,7 +234,7 @@ if not f[1] then return false end
 local t = ttl(f[3])
 if not t then return false end
 redis.call('HSET', KEYS[1], 'seen', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], t)
+if f[5] then redis.call('PEXPIRE', KEYS[1], t, 'LT') else redis.call('PEXPIRE', KEYS[1], t) end
 return {f[1], f[2] or '', f[4] or '', f[5] or '', t}
 "
     ))
@@ -282,7 +282,7 @@ else
   redis.call('HSET', KEYS[1], 'data', ARGV[4], 'seen', ARGV[3], 'ver', bumped)
   if f[3] then redis.call('HDEL', KEYS[1], 'user') end
 end
-redis.call('PEXPIRE', KEYS[1], t)
+if f[5] then redis.call('PEXPIRE', KEYS[1], t, 'LT') else redis.call('PEXPIRE', KEYS[1], t) end
 local status = 1
 if f[5] then status = 3 end
 if tonumber(t) < tonumber(ARGV[2]) then return {status, '', t} end
@@ -1477,7 +1477,7 @@ impl RedisStore {
                 return Err(e);
             }
             let mut call = SHORTEN.key(self.keys.session(old));
-            call.arg((now + grace).as_secs())
+            call.arg(secs_up(now + grace))
                 .arg(millis(grace))
                 .arg(&ver)
                 .arg(new.as_str());
