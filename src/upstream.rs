@@ -260,6 +260,8 @@ impl Upstream {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         remove_hop_by_hop(response.headers_mut(), switching)
             .map_err(|e| UpstreamError::Invalid(format!("the application's response: {e}")))?;
+        single_content_length(response.headers_mut())
+            .map_err(|e| UpstreamError::Invalid(format!("the application's response has {e}")))?;
         Ok(response)
     }
 
@@ -677,6 +679,22 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
     header::PROXY_AUTHENTICATE,
 ];
+
+/// A repeated `Content-Length` (`3, 3`, or the field twice) may be accepted when its
+/// values agree (RFC 9110 §8.6), but is passed on as one field with one value: clients
+/// refuse it, or read until the connection closes.
+fn single_content_length(headers: &mut HeaderMap) -> Result<(), &'static str> {
+    let mut fields = headers.get_all(header::CONTENT_LENGTH).iter();
+    match (fields.next(), fields.next()) {
+        (None, _) => return Ok(()),
+        (Some(one), None) if !one.as_bytes().contains(&b',') => return Ok(()),
+        _ => {}
+    }
+    if let Some(length) = crate::http1::content_length(headers)? {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    Ok(())
+}
 
 /// Whether a header belongs to one connection only (RFC 9110 §7.6.1).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {

@@ -78,6 +78,34 @@ async fn serve(mut s: TcpStream) {
                 body.len()
             ),
             "/reason" => "HTTP/1.1 599 Upstream Said So\r\ncontent-length: 2\r\n\r\nok".to_string(),
+            // A length given twice, agreeing: in one field, or in two.
+            "/length-list" if method == "head" => {
+                "HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n".to_string()
+            }
+            "/length-list" => "HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\nabc".to_string(),
+            "/length-twice" if method == "head" => {
+                "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\n".to_string()
+            }
+            "/length-twice" => {
+                "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc".to_string()
+            }
+            // Chunk sizes with leading zeros, and long chunk extensions (5000 bytes each).
+            "/zeros" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                         000000000000000003\r\nabc\r\n00000000000000000000\r\n\r\n"
+                .to_string(),
+            "/extensions" | "/too-many-extensions" => {
+                let chunks = if path == "/extensions" { 3 } else { 4 };
+                let chunk = format!("1;x={}\r\na\r\n", "e".repeat(5000));
+                format!(
+                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{}0\r\n\r\n",
+                    chunk.repeat(chunks)
+                )
+            }
+            // What the application received.
+            "/head" => format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}",
+                head.len()
+            ),
             "/slow" => {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n/slow".to_string()
@@ -314,6 +342,24 @@ async fn a_pooled_connection_the_application_closes_is_closed_here_within_second
 
 /// Reads one answer framed by `Content-Length` from `s`; `pending` keeps what came after.
 async fn read_answer(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>) {
+    let head = read_head(s, pending).await;
+    let length: usize = head
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while pending.len() < length {
+        let mut more = [0u8; 4096];
+        let n = s.read(&mut more).await.unwrap();
+        assert!(n > 0, "closed mid-body");
+        pending.extend_from_slice(&more[..n]);
+    }
+    let body = pending.drain(..length).collect();
+    (head, body)
+}
+
+/// An answer's head, taken out of what `s` sent (`pending` keeps what follows it).
+async fn read_head(s: &mut TcpStream, pending: &mut Vec<u8>) -> String {
     let end = loop {
         if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
             break end + 4;
@@ -328,19 +374,7 @@ async fn read_answer(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u
     };
     let head = String::from_utf8_lossy(&pending[..end]).into_owned();
     pending.drain(..end);
-    let length: usize = head
-        .to_ascii_lowercase()
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map_or(0, |v| v.trim().parse().unwrap());
-    while pending.len() < length {
-        let mut more = [0u8; 4096];
-        let n = s.read(&mut more).await.unwrap();
-        assert!(n > 0, "closed mid-body");
-        pending.extend_from_slice(&more[..n]);
-    }
-    let body = pending.drain(..length).collect();
-    (head, body)
+    head
 }
 
 #[tokio::test]
@@ -443,4 +477,85 @@ async fn read_until_closed(s: &mut TcpStream, closes: &str) -> String {
         .expect(closes)
         .unwrap();
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A raw connection to the proxy, and one hyper serves: its first request has a body.
+async fn both_paths(proxy: &Proxy) -> [(TcpStream, Vec<u8>, &'static str); 2] {
+    let own = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut handed = TcpStream::connect(proxy.addr).await.unwrap();
+    handed
+        .write_all(b"POST /post HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nZ")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let (head, _) = read_answer(&mut handed, &mut pending).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    [(own, Vec::new(), "own"), (handed, pending, "hyper")]
+}
+
+#[tokio::test]
+async fn a_length_the_application_repeats_reaches_the_client_once() {
+    let proxy = proxy().await;
+    for (mut s, mut pending, path) in both_paths(&proxy).await {
+        for (method, target) in [
+            ("GET", "/length-list"),
+            ("HEAD", "/length-list"),
+            ("GET", "/length-twice"),
+            ("HEAD", "/length-twice"),
+        ] {
+            let request = format!("{method} {target} HTTP/1.1\r\nhost: x\r\n\r\n");
+            s.write_all(request.as_bytes()).await.unwrap();
+            let (head, body) = if method == "HEAD" {
+                // No body follows, whatever the length says.
+                (read_head(&mut s, &mut pending).await, Vec::new())
+            } else {
+                read_answer(&mut s, &mut pending).await
+            };
+            let lengths: Vec<&str> = head
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+                .collect();
+            assert_eq!(lengths.len(), 1, "{path} {method} {target}: {head}");
+            assert_eq!(lengths[0].to_ascii_lowercase(), "content-length: 3");
+            if method == "GET" {
+                assert_eq!(body, b"abc", "{path} {method} {target}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_repeated_zero_length_reaches_the_application_once() {
+    let proxy = proxy().await;
+    for (mut s, mut pending, path) in both_paths(&proxy).await {
+        s.write_all(
+            b"GET /head HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (head, body) = read_answer(&mut s, &mut pending).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        let seen = String::from_utf8_lossy(&body);
+        let lengths = seen.lines().filter(|l| l.starts_with("content-length:"));
+        assert!(lengths.count() <= 1, "{path}: {seen}");
+    }
+}
+
+#[tokio::test]
+async fn chunk_sizes_with_leading_zeros_and_long_extensions_are_read_whole() {
+    let proxy = proxy().await;
+    let mut c = connection(&proxy).await;
+    let (_, body, _) = send(&mut c, "GET", "/zeros", b"").await;
+    assert_eq!(&body[..], b"abc");
+    // Up to 16 KiB of extensions in a body, as hyper reads them.
+    let (_, body, _) = send(&mut c, "GET", "/extensions", b"").await;
+    assert_eq!(&body[..], b"aaa");
+    // More: the body ends broken off, as it would through hyper.
+    c.ready().await.unwrap();
+    let request = Request::get("/too-many-extensions")
+        .header("host", "app.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = c.send_request(request).await.unwrap();
+    assert!(response.into_body().collect().await.is_err());
 }

@@ -7,8 +7,11 @@ use hyper::body::Frame;
 
 use super::{FieldAt, MAX_HEADERS, header_map, locate};
 
+/// A body's chunk extensions may add up to this many bytes (hyper's limit too); they are
+/// read and dropped.
+const MAX_EXTENSIONS: usize = 16 * 1024;
 /// A chunk-size line (size and extensions) may be at most this long.
-const MAX_LINE: usize = 4096;
+const MAX_LINE: usize = MAX_EXTENSIONS + 1024;
 /// The trailer section may be at most this long.
 const MAX_TRAILERS: usize = 16 * 1024;
 
@@ -16,6 +19,8 @@ const MAX_TRAILERS: usize = 16 * 1024;
 #[derive(Debug, Default)]
 pub struct Decoder {
     state: State,
+    /// The bytes of chunk extensions so far.
+    extensions: usize,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -51,7 +56,11 @@ impl Decoder {
                         return Err("a chunk-size line that is too long");
                     }
                     let Some(end) = end else { return Ok(None) };
-                    let size = chunk_size(&buf[..=end])?;
+                    let (size, extensions) = chunk_size(&buf[..=end])?;
+                    self.extensions += extensions;
+                    if self.extensions > MAX_EXTENSIONS {
+                        return Err("chunk extensions that are too long");
+                    }
                     buf.advance(end + 1);
                     self.state = if size == 0 {
                         State::Trailers
@@ -107,12 +116,14 @@ impl Decoder {
     }
 }
 
-/// The size a chunk-size line (`1a;ext=v\r\n`) gives.
-fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
+/// The size a chunk-size line (`1a;ext=v\r\n`) gives, and how long its extensions are.
+fn chunk_size(line: &[u8]) -> Result<(u64, usize), &'static str> {
     const BAD: &str = "a malformed chunk-size line";
     let line = line.strip_suffix(b"\r\n").ok_or(BAD)?;
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 16 {
+    // Leading zeros add nothing: only the digits after them must fit 64 bits.
+    let zeros = line.iter().take_while(|b| **b == b'0').count().min(digits);
+    if digits == 0 || digits - zeros > 16 {
         return Err(BAD);
     }
     let rest = line[digits..].trim_ascii_start();
@@ -121,8 +132,13 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
     {
         return Err(BAD);
     }
-    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| BAD)?;
-    u64::from_str_radix(hex, 16).map_err(|_| BAD)
+    let hex = std::str::from_utf8(&line[zeros..digits]).map_err(|_| BAD)?;
+    let size = if hex.is_empty() {
+        0
+    } else {
+        u64::from_str_radix(hex, 16).map_err(|_| BAD)?
+    };
+    Ok((size, line.len() - digits))
 }
 
 /// Appends the head of a chunk of `len` bytes.
@@ -208,6 +224,22 @@ mod tests {
         }
         // Incomplete: more bytes would be needed.
         assert_eq!(decode(b"5\r\nhel", 2), Err("incomplete"));
+    }
+
+    #[test]
+    fn leading_zeros_and_extensions_up_to_the_limit_are_read() {
+        let zeros = b"000000000000000000000005\r\nhello\r\n000000000000000000\r\n\r\n";
+        for step in [1, 5, zeros.len()] {
+            assert_eq!(decode(zeros, step).unwrap().0, b"hello");
+        }
+        // Up to MAX_EXTENSIONS in all, over any number of chunks; one byte more is refused.
+        let chunk = |ext: usize| format!("1;{}\r\na\r\n", "x".repeat(ext - 1));
+        let fits = chunk(MAX_EXTENSIONS / 2).repeat(2) + "0\r\n\r\n";
+        let over = chunk(MAX_EXTENSIONS / 2).repeat(2) + &chunk(1) + "0\r\n\r\n";
+        for step in [1, 7, 4096, over.len()] {
+            assert_eq!(decode(fits.as_bytes(), step).unwrap().0, b"aa");
+            assert!(decode(over.as_bytes(), step).is_err(), "{step}");
+        }
     }
 
     #[test]

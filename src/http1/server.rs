@@ -238,7 +238,7 @@ pub fn parse(buf: &mut BytesMut) -> Parsed {
             let Ok(method) = Method::from_bytes(method.as_bytes()) else {
                 return Parsed::Other;
             };
-            if !parsed.headers.iter().all(plain) {
+            if !served_here(parsed.headers) {
                 return Parsed::Other;
             }
             locate(buf, parsed.headers, &mut at);
@@ -272,6 +272,16 @@ pub fn parse(buf: &mut BytesMut) -> Parsed {
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Parsed::Request(request, close)
+}
+
+/// Whether the request's fields leave it to this side: each [`plain`], and at most one
+/// `Content-Length` (hyper merges a repeated one before the application sees it).
+fn served_here(fields: &[httparse::Header<'_>]) -> bool {
+    let mut lengths = 0;
+    fields.iter().all(|field| {
+        lengths += usize::from(field.name.eq_ignore_ascii_case("content-length"));
+        lengths <= 1 && plain(field)
+    })
 }
 
 /// Whether a request header field leaves the request to this side: not one that gives it
