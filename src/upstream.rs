@@ -260,8 +260,13 @@ impl Upstream {
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         remove_hop_by_hop(response.headers_mut(), switching)
             .map_err(|e| UpstreamError::Invalid(format!("the application's response: {e}")))?;
-        single_content_length(response.headers_mut())
-            .map_err(|e| UpstreamError::Invalid(format!("the application's response has {e}")))?;
+        let status = response.status();
+        // A 1xx or 204 has no body, whatever its length says, and loses its length.
+        if !(status.is_informational() || status == StatusCode::NO_CONTENT) {
+            single_content_length(response.headers_mut()).map_err(|e| {
+                UpstreamError::Invalid(format!("the application's response has {e}"))
+            })?;
+        }
         Ok(response)
     }
 

@@ -89,6 +89,10 @@ async fn serve(mut s: TcpStream) {
             "/length-twice" => {
                 "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc".to_string()
             }
+            // A 204 has no body, whatever lengths it gives.
+            "/none-lengths" => "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\
+                                content-length: 1\r\n\r\n"
+                .to_string(),
             // Chunk sizes with leading zeros, and long chunk extensions (5000 bytes each).
             "/zeros" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
                          000000000000000003\r\nabc\r\n00000000000000000000\r\n\r\n"
@@ -521,6 +525,15 @@ async fn a_length_the_application_repeats_reaches_the_client_once() {
                 assert_eq!(body, b"abc", "{path} {method} {target}");
             }
         }
+        s.write_all(b"GET /none-lengths HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut s, &mut pending).await;
+        assert!(head.starts_with("HTTP/1.1 204"), "{path}: {head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("content-length"),
+            "{path}: {head}"
+        );
     }
 }
 

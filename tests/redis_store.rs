@@ -496,6 +496,57 @@ async fn a_rotated_away_id_lasts_its_whole_grace_period_and_no_longer() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_away_id_lasts_its_grace_period_past_its_idle_timeout_not_its_end() {
+    let server = RedisServer::start();
+    // Rotated with less idle time left than the grace period.
+    let store = standalone(&server, Duration::from_millis(400)).await;
+    let (old, new) = (new_id(), new_id());
+    store
+        .create(&old, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    let grace = Duration::from_millis(1_200);
+    let rotated = Instant::now();
+    assert_eq!(
+        store.rotate(&old, &new, grace).await.unwrap(),
+        Rotated::Done
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        store.load(&old, false).await.unwrap().is_some(),
+        "within the grace"
+    );
+    // Still in the user's index, so that revoking the user's sessions finds it.
+    assert!(handles_of(&store, "ann").await.contains(&old.handle()));
+    tokio::time::sleep(grace.saturating_sub(rotated.elapsed()) + Duration::from_millis(20)).await;
+    assert!(
+        store.load(&old, false).await.unwrap().is_none(),
+        "past the grace"
+    );
+
+    // A session whose absolute end comes first ends then, on both IDs.
+    let store = standalone(&server, MINUTE).await;
+    let (old, new) = (new_id(), new_id());
+    let now = unix_now().as_secs();
+    let ends = now + 1;
+    let ending = NewSession {
+        data: bytes(r#"{"cart":1}"#),
+        created: now,
+        ends: Some(ends),
+    };
+    store.create(&old, ending).await.unwrap();
+    let long = Duration::from_secs(30);
+    assert_eq!(store.rotate(&old, &new, long).await.unwrap(), Rotated::Done);
+    let pttl: i64 = server.cli(&["PTTL", &key(&old)]);
+    assert!((0..=1_000).contains(&pttl), "old TTL past the end: {pttl}");
+    while unix_now().as_secs() < ends {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.load(&old, false).await.unwrap().is_none());
+    assert!(store.load(&new, false).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_user_index_lists_and_revokes_sessions_by_user_and_handle() {
     let server = RedisServer::start();
     let store = standalone(&server, MINUTE).await;

@@ -7,8 +7,8 @@ use hyper::body::Frame;
 
 use super::{FieldAt, MAX_HEADERS, header_map, locate};
 
-/// A body's chunk extensions may add up to this many bytes (hyper's limit too); they are
-/// read and dropped.
+/// A body's chunk extensions (the bytes after each `;`) must add up to less than this,
+/// as hyper counts them; they are read and dropped.
 const MAX_EXTENSIONS: usize = 16 * 1024;
 /// A chunk-size line (size and extensions) may be at most this long.
 const MAX_LINE: usize = MAX_EXTENSIONS + 1024;
@@ -58,7 +58,7 @@ impl Decoder {
                     let Some(end) = end else { return Ok(None) };
                     let (size, extensions) = chunk_size(&buf[..=end])?;
                     self.extensions += extensions;
-                    if self.extensions > MAX_EXTENSIONS {
+                    if self.extensions >= MAX_EXTENSIONS {
                         return Err("chunk extensions that are too long");
                     }
                     buf.advance(end + 1);
@@ -138,7 +138,8 @@ fn chunk_size(line: &[u8]) -> Result<(u64, usize), &'static str> {
     } else {
         u64::from_str_radix(hex, 16).map_err(|_| BAD)?
     };
-    Ok((size, line.len() - digits))
+    // The extensions: what follows the `;`.
+    Ok((size, rest.len().saturating_sub(1)))
 }
 
 /// Appends the head of a chunk of `len` bytes.
@@ -232,14 +233,22 @@ mod tests {
         for step in [1, 5, zeros.len()] {
             assert_eq!(decode(zeros, step).unwrap().0, b"hello");
         }
-        // Up to MAX_EXTENSIONS in all, over any number of chunks; one byte more is refused.
-        let chunk = |ext: usize| format!("1;{}\r\na\r\n", "x".repeat(ext - 1));
-        let fits = chunk(MAX_EXTENSIONS / 2).repeat(2) + "0\r\n\r\n";
-        let over = chunk(MAX_EXTENSIONS / 2).repeat(2) + &chunk(1) + "0\r\n\r\n";
+        // Extensions (what follows each `;`) must add up to less than MAX_EXTENSIONS, over
+        // any number of chunks, as hyper counts them.
+        let chunk = |ext: usize| format!("1;{}\r\na\r\n", "x".repeat(ext));
+        let half = MAX_EXTENSIONS / 2;
+        let fits = chunk(half) + &chunk(half - 1) + "0\r\n\r\n";
+        let over = chunk(half).repeat(2) + "0\r\n\r\n";
         for step in [1, 7, 4096, over.len()] {
             assert_eq!(decode(fits.as_bytes(), step).unwrap().0, b"aa");
             assert!(decode(over.as_bytes(), step).is_err(), "{step}");
         }
+        // Empty extensions, and spaces after the size, count for nothing.
+        let many = "1;\r\na\r\n1 \r\na\r\n".repeat(MAX_EXTENSIONS) + "0\r\n\r\n";
+        assert_eq!(
+            decode(many.as_bytes(), 4096).unwrap().0.len(),
+            2 * MAX_EXTENSIONS
+        );
     }
 
     #[test]

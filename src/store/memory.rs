@@ -345,7 +345,11 @@ impl MemoryStore {
                 moved: false,
             };
             entry.moved = true;
-            entry.deadline = entry.deadline.min(millis(grace_end));
+            // Readable for the whole grace period from now, unless the session ends first.
+            entry.deadline = match entry.ends() {
+                Some(ends) => millis(grace_end).min(ends.saturating_mul(1000)),
+                None => millis(grace_end),
+            };
             let grace_end = secs32(secs_up(grace_end));
             entry.ends = if entry.ends == 0 {
                 grace_end
@@ -656,6 +660,47 @@ mod tests {
             .await;
         assert!(s.load(&old, false).await.unwrap().is_none(), "past the end");
         assert!(s.load(&new, false).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_rotated_away_id_lasts_its_grace_period_even_past_its_idle_timeout() {
+        // Rotated with less idle time left than the grace period.
+        let s = store(Duration::from_millis(400), 10);
+        let (old, new) = (id(), id());
+        s.create(&old, new_session(r#"{"cart":1}"#)).await.unwrap();
+        let grace = Duration::from_millis(1_200);
+        let rotated = std::time::Instant::now();
+        assert_eq!(s.rotate(&old, &new, grace).await.unwrap(), Rotated::Done);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            s.load(&old, false).await.unwrap().is_some(),
+            "within the grace"
+        );
+        tokio::time::sleep(grace.saturating_sub(rotated.elapsed()) + Duration::from_millis(20))
+            .await;
+        assert!(
+            s.load(&old, false).await.unwrap().is_none(),
+            "past the grace"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rotated_away_id_still_ends_with_its_session() {
+        let s = store(Duration::from_secs(600), 10);
+        let (old, new) = (id(), id());
+        let ends = unix_now().as_secs() + 1;
+        let session = NewSession {
+            ends: Some(ends),
+            ..new_session(r#"{"cart":1}"#)
+        };
+        s.create(&old, session).await.unwrap();
+        let grace = Duration::from_secs(5);
+        assert_eq!(s.rotate(&old, &new, grace).await.unwrap(), Rotated::Done);
+        while unix_now().as_secs() < ends {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(s.load(&old, false).await.unwrap().is_none());
+        assert!(s.load(&new, false).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -324,10 +324,11 @@ return {f[1], f[2] or '', f[3] or '', f[4] or '', redis.call('PTTL', KEYS[1]), f
 /// What `PEEK` answers: data, created, ends, user, pttl, moved, ver.
 type Peeked = (Vec<u8>, String, String, String, i64, String, String);
 
-/// Marks a session rotated away and ends it within the grace period (`ends` and the TTL
-/// only shrink), if it is still at the version its copy was made from and not moved yet.
+/// Marks a session rotated away and ends it after the grace period (`ends` only shrinks;
+/// the TTL becomes the grace period, or what is left of the session if it ends sooner),
+/// if it is still at the version its copy was made from and not moved yet.
 /// ARGV: grace_end_s, grace_ms, ver, new ID (what `moved` then holds, so that the same
-/// rotation sent again after a dropped connection answers 1 again). Answers 1 (done), 0
+/// rotation sent again after a dropped connection answers 1 again), now_ms. Answers 1 (done), 0
 /// (gone), 2 (written since the copy was made) or 3 (moved already, by another rotation).
 static SHORTEN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -340,20 +341,26 @@ if (f[3] or '0') ~= ARGV[3] then return 2 end
 local ends = tonumber(f[4])
 if not ends or ends > tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ends', ARGV[1]) end
 redis.call('HSET', KEYS[1], 'moved', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[2], 'LT')
+-- Readable for the whole grace period from now, unless the session ends first.
+local t = tonumber(ARGV[2])
+if ends then t = math.min(t, ends * 1000 - tonumber(ARGV[5])) end
+redis.call('PEXPIRE', KEYS[1], string.format('%d', math.max(t, 0)))
 return 1
 ",
     )
 });
 
 /// Adds a session to a user's index or moves its expiry later (`GT`), or moves the expiry
-/// of an indexed session earlier (`LT`); drops the entries past their expiry, and lets the
-/// index itself expire with its last entry. ARGV: id, expires_ms, now_ms, `GT` or `LT`.
+/// of an indexed session earlier (`LT`) or to exactly this (`EQ`); drops the entries past
+/// their expiry, and lets the index itself expire with its last entry. ARGV: id,
+/// expires_ms, now_ms, `GT`, `LT` or `EQ`.
 static INDEX: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if ARGV[4] == 'LT' then
   redis.call('ZADD', KEYS[1], 'XX', 'LT', ARGV[2], ARGV[1])
+elseif ARGV[4] == 'EQ' then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
 else
   redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
 end
@@ -1151,23 +1158,26 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Cuts a session's index entries to `until` (unix time), after the session itself was
-    /// cut to expire by then (by its end, or rotation's grace period). Best effort: an
-    /// entry left longer only outlives its session, and reading the index drops it.
-    async fn cut_index(
+    /// Moves a session's index entries to expire at `until` (unix time), after the
+    /// session itself was: earlier only (`LT`: cut short by its end), or to exactly that
+    /// (`EQ`: rotation's grace period). Best effort: an entry left longer only outlives its
+    /// session, and reading the index drops it.
+    async fn end_index_at(
         &self,
         conn: &Conn,
-        user: &str,
-        id: &SessionId,
+        (user, id): (&str, &SessionId),
         until: Duration,
         now: Duration,
+        only: &'static str,
     ) {
-        let call = self.index_call(user, id, until, now, "LT");
+        let call = self.index_call(user, id, until, now, only);
         let mut handle = redis::cmd("PEXPIREAT");
         handle
             .arg(self.keys.handle(&id.handle()))
-            .arg(millis(until))
-            .arg("LT");
+            .arg(millis(until));
+        if only == "LT" {
+            handle.arg("LT");
+        }
         let (mut by_user, mut by_handle) = (conn.clone(), conn.clone());
         let _ = try_join(
             call.invoke_async::<()>(&mut by_user),
@@ -1284,7 +1294,8 @@ impl RedisStore {
             .arg(ver.unwrap_or(""));
         let WriteAnswer { written, cut } = self.commit(conn, &call).await?;
         if let (Some(user), Some(ttl)) = (&user, cut) {
-            self.cut_index(conn, user, id, now + ttl, now).await;
+            self.end_index_at(conn, (user, id), now + ttl, now, "LT")
+                .await;
         }
         Ok(written)
     }
@@ -1480,7 +1491,8 @@ impl RedisStore {
             call.arg(secs_up(now + grace))
                 .arg(millis(grace))
                 .arg(&ver)
-                .arg(new.as_str());
+                .arg(new.as_str())
+                .arg(millis(now));
             // A timeout, or under Sentinel no replica confirmed it in time: sent once more
             // (it answers 1 again if it ran), so that it is confirmed this time.
             let shortened = match self.commit(&mut conn, &call).await {
@@ -1506,7 +1518,12 @@ impl RedisStore {
             };
             if shortened == 1 {
                 if let Some(user) = &user {
-                    self.cut_index(&conn, user, old, now + grace, now).await;
+                    // As the old ID itself: the grace period, unless the session ends first.
+                    let until = ends.map_or(now + grace, |ends| {
+                        (now + grace).min(Duration::from_secs(ends))
+                    });
+                    self.end_index_at(&conn, (user, old), until, now, "EQ")
+                        .await;
                 }
                 return Ok(Rotated::Done);
             }
