@@ -262,7 +262,9 @@ impl Upstream {
             .map_err(|e| UpstreamError::Invalid(format!("the application's response: {e}")))?;
         let status = response.status();
         // A 1xx or 204 has no body, whatever its length says, and loses its length.
-        if !(status.is_informational() || status == StatusCode::NO_CONTENT) {
+        if status.is_informational() || status == StatusCode::NO_CONTENT {
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        } else {
             single_content_length(response.headers_mut()).map_err(|e| {
                 UpstreamError::Invalid(format!("the application's response has {e}"))
             })?;

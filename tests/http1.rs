@@ -572,3 +572,20 @@ async fn chunk_sizes_with_leading_zeros_and_long_extensions_are_read_whole() {
     let response = c.send_request(request).await.unwrap();
     assert!(response.into_body().collect().await.is_err());
 }
+
+#[tokio::test]
+async fn a_204_reaches_an_http2_client_without_lengths() {
+    let proxy = proxy().await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let executor = hyper_util::rt::TokioExecutor::new();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(executor, TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(format!("http://{}/none-lengths", proxy.addr))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("a clean answer");
+    assert_eq!(response.status(), 204);
+    assert!(!response.headers().contains_key("content-length"));
+}

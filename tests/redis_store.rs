@@ -511,7 +511,12 @@ async fn a_rotated_away_id_lasts_its_grace_period_past_its_idle_timeout_not_its_
         store.rotate(&old, &new, grace).await.unwrap(),
         Rotated::Done
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Renewals and writes through it meanwhile neither shorten nor lengthen it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(store.load(&old, true).await.unwrap().is_some());
+    let write = store.replace(&old, bytes(r#"{"user":"ann","cart":2}"#));
+    assert_eq!(write.await.unwrap(), Landed::Moved);
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
         store.load(&old, false).await.unwrap().is_some(),
         "within the grace"
@@ -1435,6 +1440,8 @@ enum Fault {
     Drop,
     /// Never passes the command on (it does not run; the store times out).
     Hold,
+    /// Passes the reply on, then lets nothing through for two seconds.
+    CutAfter,
 }
 
 /// `millis(grace)` for a grace period of 4321 s, as RESP sends it: only SHORTEN carries it.
@@ -1446,11 +1453,15 @@ async fn faulty_relay(redis_port: u16, fault: Fault, armed: Arc<AtomicBool>) -> 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let down = Arc::new(AtomicBool::new(false));
     tokio::spawn(async move {
         loop {
             let Ok((client, _)) = listener.accept().await else {
                 return;
             };
+            if down.load(Ordering::SeqCst) {
+                continue;
+            }
             let server = tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
                 .await
                 .unwrap();
@@ -1458,6 +1469,7 @@ async fn faulty_relay(redis_port: u16, fault: Fault, armed: Arc<AtomicBool>) -> 
             let (mut sr, mut sw) = server.into_split();
             let swallow = Arc::new(AtomicBool::new(false));
             let (armed, swallow2) = (armed.clone(), swallow.clone());
+            let (down_in, down_out) = (down.clone(), down.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 loop {
@@ -1465,6 +1477,9 @@ async fn faulty_relay(redis_port: u16, fault: Fault, armed: Arc<AtomicBool>) -> 
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };
+                    if down_in.load(Ordering::SeqCst) {
+                        return;
+                    }
                     if buf[..n].windows(MARKER.len()).any(|w| w == MARKER)
                         && armed.swap(false, Ordering::SeqCst)
                     {
@@ -1493,6 +1508,17 @@ async fn faulty_relay(redis_port: u16, fault: Fault, armed: Arc<AtomicBool>) -> 
                                 return;
                             }
                             Fault::Hold => {}
+                            Fault::CutAfter => {
+                                let _ = cw.write_all(&buf[..n]).await;
+                                down_out.store(true, Ordering::SeqCst);
+                                let down = down_out.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(Duration::from_secs(2)).await;
+                                    down.store(false, Ordering::SeqCst);
+                                });
+                                let _ = cw.shutdown().await;
+                                return;
+                            }
                         }
                     }
                     if cw.write_all(&buf[..n]).await.is_err() {
@@ -1551,6 +1577,43 @@ async fn rotation_with_lost_shorten_reply(fault: Fault) {
             assert_eq!(kept, r#"{"user":"ann","cart":1}"#);
         }
     }
+}
+
+/// Redis goes away right after the old ID was marked: its index entries already last as
+/// long as its grace period, so that revoking the user's sessions still finds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_id_stays_indexed_for_its_grace_period_when_redis_goes_away_after_marking_it() {
+    let server = RedisServer::start();
+    let armed = Arc::new(AtomicBool::new(false));
+    let port = faulty_relay(server.port(), Fault::CutAfter, armed.clone()).await;
+    // Less idle time than the grace period: the marking gives the old ID longer.
+    let url = format!("redis://127.0.0.1:{port}");
+    let store = connect(Topology::Standalone { url }, Duration::from_secs(1)).await;
+    // Warm the script cache, so that the next SHORTEN is one EVALSHA that runs.
+    let (a, b) = (new_id(), new_id());
+    store.create(&a, session(r#"{"user":"bo"}"#)).await.unwrap();
+    assert_eq!(store.rotate(&a, &b, MINUTE).await.unwrap(), Rotated::Done);
+    let (old, new) = (new_id(), new_id());
+    store
+        .create(&old, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let grace = Duration::from_secs(4321);
+    assert_eq!(
+        store.rotate(&old, &new, grace).await.unwrap(),
+        Rotated::Done
+    );
+    let pttl: i64 = server.cli(&["PTTL", &key(&old)]);
+    assert!(
+        pttl > 4_000_000,
+        "the old ID lasts its grace period: {pttl}"
+    );
+    let expires: f64 = server.cli(&["ZSCORE", &format!("{PREFIX}user:ann"), old.as_str()]);
+    let in_grace = (unix_now() + Duration::from_secs(4_000)).as_millis() as f64;
+    assert!(expires > in_grace, "indexed until {expires}");
+    let handle_ttl: i64 = server.cli(&["PTTL", &format!("{PREFIX}handle:{}", old.handle())]);
+    assert!(handle_ttl > 4_000_000, "handle key: {handle_ttl}");
 }
 
 /// The old ID was marked, but the answer came after the response timeout: the rotation

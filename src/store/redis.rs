@@ -234,7 +234,8 @@ if not f[1] then return false end
 local t = ttl(f[3])
 if not t then return false end
 redis.call('HSET', KEYS[1], 'seen', ARGV[3])
-if f[5] then redis.call('PEXPIRE', KEYS[1], t, 'LT') else redis.call('PEXPIRE', KEYS[1], t) end
+-- A moved ID ends when its grace period does, whatever reads or writes it meanwhile.
+if not f[5] then redis.call('PEXPIRE', KEYS[1], t) end
 return {f[1], f[2] or '', f[4] or '', f[5] or '', t}
 "
     ))
@@ -282,7 +283,8 @@ else
   redis.call('HSET', KEYS[1], 'data', ARGV[4], 'seen', ARGV[3], 'ver', bumped)
   if f[3] then redis.call('HDEL', KEYS[1], 'user') end
 end
-if f[5] then redis.call('PEXPIRE', KEYS[1], t, 'LT') else redis.call('PEXPIRE', KEYS[1], t) end
+-- A moved ID ends when its grace period does, whatever reads or writes it meanwhile.
+if not f[5] then redis.call('PEXPIRE', KEYS[1], t) end
 local status = 1
 if f[5] then status = 3 end
 if tonumber(t) < tonumber(ARGV[2]) then return {status, '', t} end
@@ -1158,10 +1160,11 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Moves a session's index entries to expire at `until` (unix time), after the
-    /// session itself was: earlier only (`LT`: cut short by its end), or to exactly that
-    /// (`EQ`: rotation's grace period). Best effort: an entry left longer only outlives its
-    /// session, and reading the index drops it.
+    /// Moves a session's index entries to expire at `until` (unix time): earlier only
+    /// (`LT`, after the session was cut short by its end), later only (`GT`, before a
+    /// rotation gives the old ID its grace period), or to exactly that (`EQ`, once it has).
+    /// Best effort: an entry left longer only outlives its session, and reading the index
+    /// drops it.
     async fn end_index_at(
         &self,
         conn: &Conn,
@@ -1175,8 +1178,8 @@ impl RedisStore {
         handle
             .arg(self.keys.handle(&id.handle()))
             .arg(millis(until));
-        if only == "LT" {
-            handle.arg("LT");
+        if only != "EQ" {
+            handle.arg(only);
         }
         let (mut by_user, mut by_handle) = (conn.clone(), conn.clone());
         let _ = try_join(
@@ -1487,6 +1490,16 @@ impl RedisStore {
                 let _ = self.remove(&mut conn, new, None, None).await;
                 return Err(e);
             }
+            // The old ID's index entries last as long as it will, before it may outlive
+            // them: revoking the user's sessions must still find it. Cut to exactly that
+            // once it is marked.
+            let until = ends.map_or(now + grace, |ends: u64| {
+                (now + grace).min(Duration::from_secs(ends))
+            });
+            if let Some(user) = &user {
+                self.end_index_at(&conn, (user, old), until, now, "GT")
+                    .await;
+            }
             let mut call = SHORTEN.key(self.keys.session(old));
             call.arg(secs_up(now + grace))
                 .arg(millis(grace))
@@ -1518,10 +1531,6 @@ impl RedisStore {
             };
             if shortened == 1 {
                 if let Some(user) = &user {
-                    // As the old ID itself: the grace period, unless the session ends first.
-                    let until = ends.map_or(now + grace, |ends| {
-                        (now + grace).min(Duration::from_secs(ends))
-                    });
                     self.end_index_at(&conn, (user, old), until, now, "EQ")
                         .await;
                 }
