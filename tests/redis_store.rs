@@ -516,6 +516,13 @@ async fn a_rotated_away_id_lasts_its_grace_period_past_its_idle_timeout_not_its_
     assert!(store.load(&old, true).await.unwrap().is_some());
     let write = store.replace(&old, bytes(r#"{"user":"ann","cart":2}"#));
     assert_eq!(write.await.unwrap(), Landed::Moved);
+    // Its handle too, so that it can be revoked by handle until it ends.
+    let handle: i64 = server.cli(&["PTTL", &format!("{PREFIX}handle:{}", old.handle())]);
+    let left = grace.saturating_sub(rotated.elapsed()).as_millis() as i64;
+    assert!(
+        handle >= left - 50,
+        "handle key: {handle} ms, grace left {left} ms"
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
         store.load(&old, false).await.unwrap().is_some(),
@@ -1566,7 +1573,17 @@ async fn rotation_with_lost_shorten_reply(fault: Fault) {
         .is_some();
     let new_exists = server.cli::<i64>(&["EXISTS", &key(&new)]) == 1;
     match rotated {
-        Ok(Rotated::Done) => assert!(old_moved && new_exists, "new ID exists: {new_exists}"),
+        Ok(Rotated::Done) => {
+            assert!(old_moved && new_exists, "new ID exists: {new_exists}");
+            // The old ID and its index entry end together, however late the marking ran.
+            let ends: i64 = server.cli(&["PEXPIRETIME", &key(&old)]);
+            let user = format!("{PREFIX}user:ann");
+            let indexed: f64 = server.cli(&["ZSCORE", &user, old.as_str()]);
+            assert!(
+                (indexed as i64 - ends).abs() <= 5,
+                "old ID ends at {ends}, its index entry at {indexed}"
+            );
+        }
         _ => {
             assert!(
                 !old_moved,

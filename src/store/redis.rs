@@ -343,10 +343,11 @@ if (f[3] or '0') ~= ARGV[3] then return 2 end
 local ends = tonumber(f[4])
 if not ends or ends > tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ends', ARGV[1]) end
 redis.call('HSET', KEYS[1], 'moved', ARGV[4])
--- Readable for the whole grace period from now, unless the session ends first.
+-- Readable for the whole grace period from the caller's now (the time its index entries
+-- get too), unless the session ends first.
 local t = tonumber(ARGV[2])
 if ends then t = math.min(t, ends * 1000 - tonumber(ARGV[5])) end
-redis.call('PEXPIRE', KEYS[1], string.format('%d', math.max(t, 0)))
+redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(ARGV[5]) + math.max(t, 0)))
 return 1
 ",
     )
@@ -369,6 +370,21 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if last[2] then redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(last[2]))) end
+return 1
+",
+    )
+});
+
+/// Names a session's user under its handle, until `until_ms` or later if it was to last
+/// longer (a rotated-away ID keeps its whole grace period, whatever is written through
+/// it). ARGV: user, until_ms.
+static HANDLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local at = tonumber(ARGV[2])
+local was = redis.call('PEXPIRETIME', KEYS[1])
+if was > at then at = was end
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', string.format('%d', at))
 return 1
 ",
     )
@@ -1145,16 +1161,12 @@ impl RedisStore {
         now: Duration,
     ) -> Result<(), Failure> {
         let call = self.index_call(user, id, until, now, "GT");
-        let mut handle = redis::cmd("SET");
-        handle
-            .arg(self.keys.handle(&id.handle()))
-            .arg(user)
-            .arg("PXAT")
-            .arg(millis(until));
+        let mut handle = HANDLE.key(self.keys.handle(&id.handle()));
+        handle.arg(user).arg(millis(until));
         let (mut by_user, mut by_handle) = (conn.clone(), conn.clone());
         try_join(
             call.invoke_async::<()>(&mut by_user),
-            handle.query_async::<()>(&mut by_handle),
+            handle.invoke_async::<()>(&mut by_handle),
         )
         .await?;
         Ok(())
