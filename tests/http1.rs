@@ -560,7 +560,7 @@ async fn chunk_sizes_with_leading_zeros_and_long_extensions_are_read_whole() {
     let mut c = connection(&proxy).await;
     let (_, body, _) = send(&mut c, "GET", "/zeros", b"").await;
     assert_eq!(&body[..], b"abc");
-    // Up to 16 KiB of extensions in a body, as hyper reads them.
+    // Extensions adding up to less than 16 KiB in a body, as hyper reads them.
     let (_, body, _) = send(&mut c, "GET", "/extensions", b"").await;
     assert_eq!(&body[..], b"aaa");
     // More: the body ends broken off, as it would through hyper.
