@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::{
     Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SessionInfo, Store,
-    StoreError, StoreFuture, StoreSettings, secs_up, unix_now,
+    StoreError, StoreFuture, StoreSettings, grace_until, secs_up, unix_now,
 };
 use crate::session::codec::Merged;
 use crate::session::id::SessionId;
@@ -344,10 +344,7 @@ impl MemoryStore {
             };
             entry.moved = true;
             // Readable for the whole grace period from now, unless the session ends first.
-            entry.deadline = match entry.ends() {
-                Some(ends) => millis(grace_end).min(ends.saturating_mul(1000)),
-                None => millis(grace_end),
-            };
+            entry.deadline = millis(grace_until(now, grace, entry.ends()));
             let grace_end = secs32(secs_up(grace_end));
             entry.ends = if entry.ends == 0 {
                 grace_end

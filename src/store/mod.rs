@@ -212,6 +212,13 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// When an ID rotated away at `now` ends: after the grace period, unless the session's
+/// absolute end (`ends`, unix seconds) comes first.
+pub fn grace_until(now: Duration, grace: Duration, ends: Option<u64>) -> Duration {
+    let until = now + grace;
+    ends.map_or(until, |ends| until.min(Duration::from_secs(ends)))
+}
+
 /// `at` in whole unix seconds, rounded up: the `ends` of a grace period, so that it is
 /// never shorter than asked for. The store's own expiry (in milliseconds) keeps it from
 /// lasting longer.

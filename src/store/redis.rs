@@ -62,7 +62,7 @@ use tokio::sync::Mutex;
 
 use super::{
     Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SessionInfo, Store,
-    StoreError, StoreFuture, StoreSettings, secs_up, unix_now,
+    StoreError, StoreFuture, StoreSettings, grace_until, secs_up, unix_now,
 };
 use crate::server::current_worker;
 use crate::session::codec::Merged;
@@ -1505,9 +1505,7 @@ impl RedisStore {
             // The old ID's index entries last as long as it will, before it may outlive
             // them: revoking the user's sessions must still find it. Cut to exactly that
             // once it is marked.
-            let until = ends.map_or(now + grace, |ends: u64| {
-                (now + grace).min(Duration::from_secs(ends))
-            });
+            let until = grace_until(now, grace, ends);
             if let Some(user) = &user {
                 self.end_index_at(&conn, (user, old), until, now, "GT")
                     .await;
