@@ -627,14 +627,35 @@ async fn the_user_index_lists_and_revokes_sessions_by_user_and_handle() {
         .await
         .unwrap();
     store.delete(&d).await.unwrap();
+    let gone = |server: &RedisServer, id: &SessionId| {
+        assert_eq!(
+            server.cli::<i64>(&["EXISTS", &format!("{PREFIX}user:cat")]),
+            0
+        );
+        assert_eq!(
+            server.cli::<i64>(&["EXISTS", &format!("{PREFIX}handle:{}", id.handle())]),
+            0
+        );
+    };
+    gone(&server, &d);
+
+    // A write or patch that finds the session gone leaves no index entry behind.
     assert_eq!(
-        server.cli::<i64>(&["EXISTS", &format!("{PREFIX}user:cat")]),
-        0
+        store.replace(&d, bytes(r#"{"user":"cat"}"#)).await.unwrap(),
+        Landed::Missing
     );
+    gone(&server, &d);
+    let e = new_id();
+    store
+        .create(&e, session(r#"{"user":"cat"}"#))
+        .await
+        .unwrap();
+    server.cli::<i64>(&["DEL", &key(&e)]);
     assert_eq!(
-        server.cli::<i64>(&["EXISTS", &format!("{PREFIX}handle:{}", d.handle())]),
-        0
+        store.replace(&e, bytes(r#"{"user":"cat"}"#)).await.unwrap(),
+        Landed::Missing
     );
+    gone(&server, &e);
 }
 
 #[tokio::test(flavor = "multi_thread")]

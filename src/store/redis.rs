@@ -1308,9 +1308,15 @@ impl RedisStore {
             .arg(user.as_deref().unwrap_or(""))
             .arg(ver.unwrap_or(""));
         let WriteAnswer { written, cut } = self.commit(conn, &call).await?;
-        if let (Some(user), Some(ttl)) = (&user, cut) {
-            self.end_index_at(conn, (user, id), now + ttl, now, "LT")
-                .await;
+        match (&user, &written, cut) {
+            (Some(user), Written::Done(_) | Written::Moved(_), Some(ttl)) => {
+                self.end_index_at(conn, (user, id), now + ttl, now, "LT")
+                    .await;
+            }
+            // Indexed for a session that is gone (a rotated-away ID past its grace
+            // period, say): nothing is there to list or revoke.
+            (Some(user), Written::Missing, _) => self.unindex(conn, user, id).await,
+            _ => {}
         }
         Ok(written)
     }
