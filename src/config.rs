@@ -303,10 +303,21 @@ impl Config {
         flags: &Overrides,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let mut rust_log = None;
         let env: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .filter(|(k, v)| {
+                if k == "RUST_LOG" {
+                    rust_log = Some(v.clone());
+                }
+                k.starts_with(ENV_PREFIX)
+            })
             .collect();
+        // It wins over `log.level`: a typo there would silence every log line.
+        if let Some(filter) = rust_log.filter(|f| !f.trim().is_empty()) {
+            check_log_level(&filter)
+                .map_err(|e| ConfigError(format!("invalid environment: RUST_LOG {e}")))?;
+        }
         let env_config = env
             .iter()
             .find(|(k, _)| k == "SESSION_PROXY_CONFIG")
@@ -350,16 +361,45 @@ impl Config {
             .as_ref()
             .map(|p| format!(" (file {}, environment or flags)", p.display()))
             .unwrap_or_default();
-        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+        check_sections(&mut tree, &defaults, "").map_err(|key| {
+            ConfigError(format!(
+                "invalid configuration: `{key}`{origin}: must be a mapping of keys to values"
+            ))
+        })?;
+        let mut config: Config = serde_path_to_error::deserialize(&tree).map_err(|e| {
             let key = e.path().to_string();
-            let mut why = e.inner().to_string();
+            let why = e.inner().to_string();
+            let mut why = expected(&defaults, &tree, &key, &why).unwrap_or(why);
             if holds_secrets(&key) {
                 why = redact_quoted(&why);
             }
             ConfigError(format!("invalid configuration: `{key}`{origin}: {why}"))
         })?;
+        config.normalize();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Settles what the keys imply for one another, so that `check` prints what applies:
+    /// a cookie that must be `Secure` (`same_site: none`, a `__Secure-` or `__Host-`
+    /// name) is; an empty `log.level` is no level (as an empty environment value is).
+    fn normalize(&mut self) {
+        let s = &mut self.session;
+        let name = s.cookie_name.to_ascii_lowercase();
+        if s.same_site == SameSite::None
+            || name.starts_with("__secure-")
+            || name.starts_with("__host-")
+        {
+            s.secure = true;
+        }
+        if self
+            .log
+            .level
+            .as_deref()
+            .is_some_and(|l| l.trim().is_empty())
+        {
+            self.log.level = None;
+        }
     }
 
     /// Checks the rules serde's types cannot express.
@@ -373,6 +413,15 @@ impl Config {
             return Err(invalid(
                 "session.cookie_name",
                 "must be a cookie token: visible ASCII without separators ()<>@,;:\\\"/[]?={} or spaces",
+            ));
+        }
+        // Browsers drop a `__Host-` cookie that names a domain or a path other than `/`.
+        if s.cookie_name.to_ascii_lowercase().starts_with("__host-")
+            && (s.domain.is_some() || s.path != "/")
+        {
+            return Err(invalid(
+                "session.cookie_name",
+                "starts with __Host-, which browsers accept only with `session.path: /` and no `session.domain`",
             ));
         }
         if !(1..=MAX_LIFETIME).contains(&s.max_age) {
@@ -390,7 +439,7 @@ impl Config {
         if !s.path.starts_with('/') || !s.path.bytes().all(is_cookie_attr_byte) {
             return Err(invalid(
                 "session.path",
-                "must start with / and hold no ; or control characters",
+                "must start with / and hold no spaces, `;` or control characters",
             ));
         }
         if let Some(domain) = &s.domain
@@ -521,8 +570,12 @@ impl Config {
             ("shutdown.drain_delay", self.shutdown.drain_delay, 0.0),
             ("shutdown.timeout", self.shutdown.timeout, 0.0),
         ] {
-            if !(secs.is_finite() && secs >= min && secs <= 1e9) {
-                return Err(invalid(key, "must be a number of seconds above 0"));
+            if !(secs.is_finite() && secs >= min && secs <= MAX_SECONDS) {
+                let least = if min > 0.0 { "above 0" } else { "0 or more" };
+                return Err(invalid(
+                    key,
+                    format!("must be a number of seconds {least}, at most {MAX_SECONDS:e}"),
+                ));
             }
         }
         if self.limits.max_header_bytes < 1024 {
@@ -567,7 +620,18 @@ impl Config {
             return Err(invalid("store.max_sessions", "must be at least 1"));
         }
         if st.kind == StoreType::Memory {
-            return Ok(());
+            let redis = [
+                ("store.url", st.url.is_some()),
+                ("store.sentinel", st.sentinel.is_some()),
+                ("store.cluster", st.cluster.is_some()),
+            ];
+            return match redis.iter().find(|(_, given)| *given) {
+                Some((key, _)) => Err(invalid(
+                    key,
+                    "is set but `store.type` is `memory`: set `store.type: redis` to use Redis, or remove it",
+                )),
+                None => Ok(()),
+            };
         }
         let given = [
             st.url.is_some(),
@@ -635,6 +699,9 @@ impl Config {
     }
 }
 
+/// Longest timeout or delay, in seconds (~31 years).
+const MAX_SECONDS: f64 = 1e9;
+
 /// Longest `max_age`, `absolute_timeout` or `rotate_grace`: ten years, in seconds.
 const MAX_LIFETIME: u64 = 10 * 365 * 24 * 3600;
 
@@ -659,6 +726,103 @@ const RESERVED_HEADERS: [&str; 17] = [
     "x-forwarded-host",
     "accept",
 ];
+
+/// Sections that are off by default: a mapping when given.
+const OPTIONAL_SECTIONS: [&str; 2] = ["store.sentinel", "store.cluster"];
+
+/// Checks that every section of the merged `tree` is a mapping (serde would read a list
+/// into a section by position), and drops an empty one (`session:` with every key
+/// commented out), whose defaults then apply. `Err` names the key at fault.
+fn check_sections(tree: &mut Value, defaults: &Value, prefix: &str) -> Result<(), String> {
+    let Value::Object(map) = tree else {
+        return Ok(());
+    };
+    let mut empty = Vec::new();
+    for (key, value) in map.iter_mut() {
+        let path = format!("{prefix}{key}");
+        let default = defaults.get(key).unwrap_or(&Value::Null);
+        if !default.is_object() && !OPTIONAL_SECTIONS.contains(&path.as_str()) {
+            continue;
+        }
+        match value {
+            Value::Null if default.is_object() => empty.push(key.clone()),
+            Value::Null => {}
+            Value::Object(_) => check_sections(value, default, &format!("{path}."))?,
+            _ => return Err(path),
+        }
+    }
+    for key in empty {
+        map.remove(&key);
+    }
+    Ok(())
+}
+
+/// The values of the keys that take one of a few words.
+const CHOICES: [(&str, &str); 3] = [
+    ("session.same_site", "one of `lax`, `strict` or `none`"),
+    ("store.type", "`memory` or `redis`"),
+    ("log.format", "`text` or `json`"),
+];
+
+/// What `key` takes, said for a user, when serde refused the type or number given
+/// (`why`): serde speaks of Rust's types (`u64`, `f64`) or, for a number that does not
+/// fit the type, only of an "invalid number". `None` keeps serde's message.
+fn expected(defaults: &Value, tree: &Value, key: &str, why: &str) -> Option<String> {
+    if !(why.starts_with("invalid type")
+        || why.starts_with("invalid value")
+        || why == "invalid number")
+        || key.contains('[')
+    {
+        return None;
+    }
+    let path: Vec<&str> = key.split('.').collect();
+    let given = match path.iter().try_fold(tree, |v, k| v.get(k))? {
+        Value::String(text) => format!("\"{text}\""),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "a mapping".into(),
+        other => other.to_string(),
+    };
+    let default = path.iter().try_fold(defaults, |v, k| v.get(k))?;
+    let wants = if let Some((_, choices)) = CHOICES.iter().find(|(k, _)| *k == key) {
+        (*choices).to_string()
+    } else if ["listen", "admin_listen"].contains(&key) {
+        "an address such as 127.0.0.1:8080".into()
+    } else {
+        match default {
+            Value::Bool(_) => "true or false".into(),
+            Value::Number(n) if n.is_u64() => "a whole number, 0 or more".into(),
+            Value::Number(_) => "a number of seconds (fractions allowed)".into(),
+            Value::String(_) => "text".into(),
+            Value::Array(_) => "a list of text".into(),
+            Value::Null if takes_text(defaults, &path) => "text, or null".into(),
+            Value::Null if OPTIONAL_SECTIONS.contains(&key) => "a mapping of keys, or null".into(),
+            Value::Null => "a whole number of seconds, or null".into(),
+            Value::Object(_) => "a mapping of keys to values".into(),
+        }
+    };
+    // A secret's value is never repeated, whatever its type.
+    if holds_secrets(key) {
+        return Some(format!("must be {wants}"));
+    }
+    Some(format!("must be {wants}, not {given}"))
+}
+
+/// The YAML parser's message, without the advice it gives programmers.
+fn plain_yaml_error(message: &str) -> String {
+    if message.contains("multiple YAML documents") {
+        return "the file holds more than one YAML document (`---`); use one".into();
+    }
+    if message.contains("budget breached") {
+        return "the file expands to too many values (anchors and aliases)".into();
+    }
+    if message.contains("recursive references") {
+        return "an alias refers to the value that holds it".into();
+    }
+    match message.split_once(", set DuplicateKeyPolicy") {
+        Some((duplicate, _)) => format!("{duplicate} (each key may appear once)"),
+        None => message.to_string(),
+    }
+}
 
 /// Whether the value at `key` (a path as serde reports it) may hold a secret or a
 /// password, so that an error about it must not repeat it.
@@ -779,15 +943,19 @@ pub(crate) fn secs(s: f64) -> Duration {
 fn read_file(path: &Path) -> Result<Value, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-    let tree: Value = serde_saphyr::from_str(&text).map_err(|e| {
+    // YAML 1.2 booleans only: `off`, `no` or `on` are text, as in the environment (a
+    // `log.level: off` must not turn into `false`).
+    let options = serde_saphyr::options! { strict_booleans: true };
+    let tree: Value = serde_saphyr::from_str_with_options(&text, options).map_err(|e| {
         // The parser's message carries a source snippet over several lines; its first
         // line already says where and what.
         let text = e.to_string();
         let first = text.lines().next().unwrap_or_default();
         let first = first.strip_prefix("error: ").unwrap_or(first);
         ConfigError(format!(
-            "config file {} is not valid YAML: {first}",
-            path.display()
+            "config file {} is not valid YAML: {}",
+            path.display(),
+            plain_yaml_error(first)
         ))
     })?;
     match tree {
@@ -803,6 +971,10 @@ fn read_file(path: &Path) -> Result<Value, ConfigError> {
 /// `--store` / `SESSION_PROXY_STORE`: `memory` or a Redis URL.
 fn set_store_spec(tree: &mut Value, spec: &str, source: &str) -> Result<(), ConfigError> {
     if spec == "memory" {
+        // The memory store replaces whatever Redis a lower layer named.
+        for key in ["url", "sentinel", "cluster"] {
+            set_path(tree, &["store", key], Value::Null, source)?;
+        }
         set_path(tree, &["store", "type"], Value::from("memory"), source)
     } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         set_path(tree, &["store", "type"], Value::from("redis"), source)?;
@@ -820,18 +992,26 @@ fn set_store_spec(tree: &mut Value, spec: &str, source: &str) -> Result<(), Conf
 }
 
 /// Turns an environment or flag value into the type the key's default has: numbers and
-/// booleans parsed, lists split on commas; `null`, or an empty value, for a key that is
+/// booleans parsed, lists split on commas (or given as a JSON list, for items that hold
+/// one); `null`, or an empty value, for a key that is
 /// off by default turns it off. Except a secret: an empty one is checked like one in the
 /// file (an error), since a template that left it empty must not turn the protection off.
 fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
     let default = path.iter().try_fold(defaults, |v, k| v.get(k));
     let scalar = |raw: &str| -> Value {
-        match raw.trim() {
-            "true" => Value::Bool(true),
-            "false" => Value::Bool(false),
-            t => match serde_json::from_str::<serde_json::Number>(t) {
-                Ok(n) => Value::Number(n),
-                Err(_) => Value::String(raw.to_string()),
+        let t = raw.trim();
+        if t.eq_ignore_ascii_case("true") {
+            return Value::Bool(true);
+        }
+        if t.eq_ignore_ascii_case("false") {
+            return Value::Bool(false);
+        }
+        match serde_json::from_str::<serde_json::Number>(t) {
+            Ok(n) => Value::Number(n),
+            // `.5` or `5.`, which YAML reads as numbers too.
+            Err(_) => match t.parse::<f64>().ok().filter(|n| n.is_finite()) {
+                Some(n) if t.bytes().any(|b| b.is_ascii_digit()) => Value::from(n),
+                _ => Value::String(raw.to_string()),
             },
         }
     };
@@ -841,6 +1021,10 @@ fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
     match default {
         Some(Value::Null) if raw.trim().is_empty() && !SECRETS.contains(&path) => Value::Null,
         Some(Value::String(_)) => Value::String(raw.to_string()),
+        // A list in JSON form, for items that hold commas (`["/{a,b}/**"]`).
+        Some(Value::Array(_)) if raw.trim_start().starts_with('[') => {
+            serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
+        }
         Some(Value::Array(_)) => Value::Array(
             raw.split(',')
                 .map(str::trim)
@@ -1050,6 +1234,176 @@ mod tests {
             let e = load(None, &[("SESSION_PROXY_ADMIN_TOKEN", token)]).unwrap_err();
             assert!(e.0.contains("admin_token"), "{token:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_section_must_be_a_mapping_and_an_empty_one_takes_the_defaults() {
+        refused(&[
+            ("session: [max_age, 5]\n", "`session`"),
+            ("timeouts: []\n", "`timeouts`"),
+            (
+                "store: {type: redis, sentinel: [m, [redis://a:1]]}\n",
+                "`store.sentinel`",
+            ),
+            (
+                "store: {type: redis, cluster: [[redis://a:1]]}\n",
+                "`store.cluster`",
+            ),
+        ]);
+        let e = load(Some("log: []\n"), &[]).unwrap_err();
+        assert!(e.0.contains("must be a mapping of keys to values"), "{e}");
+        // Every key of a section commented out leaves the section empty (null).
+        let c = load(Some("session:\n#  max_age: 5\nlog:\n"), &[]).unwrap();
+        assert_eq!(c.session.max_age, 1_209_600);
+    }
+
+    #[test]
+    fn redis_settings_need_the_redis_store() {
+        refused(&[
+            ("store:\n  url: redis://127.0.0.1:1/0\n", "store.url"),
+            (
+                "store:\n  type: memory\n  sentinel: {master: m, nodes: [redis://a:1]}\n",
+                "store.sentinel",
+            ),
+            (
+                "store:\n  cluster: {nodes: [redis://a:1]}\n",
+                "store.cluster",
+            ),
+        ]);
+        let e = load(None, &[("SESSION_PROXY_STORE__URL", "redis://127.0.0.1:1")]).unwrap_err();
+        assert!(e.0.contains("`store.type` is `memory`"), "{e}");
+        // `memory` from the command line or the environment replaces the file's Redis.
+        let yaml = "store:\n  type: redis\n  sentinel: {master: m, nodes: [redis://a:1]}\n";
+        let c = load(Some(yaml), &[("SESSION_PROXY_STORE", "memory")]).unwrap();
+        assert_eq!(c.store.kind, StoreType::Memory);
+        assert!(c.store.url.is_none() && c.store.sentinel.is_none());
+    }
+
+    #[test]
+    fn only_true_and_false_are_booleans_in_the_file() {
+        let c = load(Some("log:\n  level: off\n"), &[]).unwrap();
+        assert_eq!(c.log.level.as_deref(), Some("off"));
+        let e = load(Some("session:\n  secure: on\n"), &[]).unwrap_err();
+        assert!(
+            e.0.contains("`session.secure`") && e.0.contains("true or false"),
+            "{e}"
+        );
+        let c = load(Some("session:\n  secure: True\n"), &[]).unwrap();
+        assert!(c.session.secure);
+    }
+
+    #[test]
+    fn an_empty_log_level_is_no_level() {
+        let c = load(Some("log:\n  level: \"\"\n"), &[]).unwrap();
+        assert_eq!(c.log.level, None);
+    }
+
+    #[test]
+    fn an_invalid_rust_log_stops_start_up() {
+        let e = load(None, &[("RUST_LOG", "warning")]).unwrap_err();
+        assert!(
+            e.0.contains("RUST_LOG") && e.0.contains("`warning` names no level"),
+            "{e}"
+        );
+        for fine in ["", "warn", "info,session_proxy::access=off"] {
+            assert!(load(None, &[("RUST_LOG", fine)]).is_ok(), "{fine:?}");
+        }
+    }
+
+    #[test]
+    fn a_cookie_that_must_be_secure_is_shown_secure() {
+        for yaml in [
+            "session:\n  same_site: none\n",
+            "session:\n  cookie_name: __Secure-sid\n",
+            "session:\n  cookie_name: __host-sid\n",
+        ] {
+            let c = load(Some(yaml), &[]).unwrap();
+            assert!(c.session.secure, "{yaml}");
+            assert!(c.to_masked_yaml().contains("secure: true"), "{yaml}");
+        }
+        refused(&[
+            (
+                "session:\n  cookie_name: __Host-sid\n  path: /app\n",
+                "session.cookie_name",
+            ),
+            (
+                "session:\n  cookie_name: __Host-sid\n  domain: example.com\n",
+                "session.cookie_name",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn type_errors_say_what_the_key_takes() {
+        for (yaml, says) in [
+            (
+                "session:\n  max_age: \"3600\"\n",
+                "must be a whole number, 0 or more, not \"3600\"",
+            ),
+            (
+                "session:\n  max_age: -5\n",
+                "must be a whole number, 0 or more, not -5",
+            ),
+            ("session:\n  id_bytes: 32.5\n", "not 32.5"),
+            (
+                "timeouts:\n  header_read: soon\n",
+                "must be a number of seconds",
+            ),
+            (
+                "session:\n  same_site: null\n",
+                "one of `lax`, `strict` or `none`",
+            ),
+            ("log:\n  format: 1\n", "must be `text` or `json`"),
+            ("listen: 1\n", "an address such as 127.0.0.1:8080"),
+            ("session:\n  exclude: 5\n", "must be a list of text"),
+            (
+                "session:\n  absolute_timeout: x\n",
+                "a whole number of seconds, or null",
+            ),
+            ("timeouts:\n  header_read: 1e10\n", "above 0, at most 1e9"),
+            ("shutdown:\n  drain_delay: -1\n", "0 or more, at most 1e9"),
+        ] {
+            let e = load(Some(yaml), &[]).unwrap_err();
+            assert!(e.0.contains(says), "{yaml}: {e}");
+            assert!(!e.0.contains("u64") && !e.0.contains("f64"), "{yaml}: {e}");
+        }
+        let e = load(Some("session:\n  secret: 1234567890123456789\n"), &[]).unwrap_err();
+        assert!(!e.0.contains("1234567890123456789"), "{e}");
+    }
+
+    #[test]
+    fn yaml_errors_give_no_advice_to_programmers() {
+        for (yaml, says) in [
+            (
+                "listen: 1\nlisten: 2\n",
+                "duplicate mapping key: listen (each key may appear once)",
+            ),
+            ("a: 1\n---\nb: 2\n", "more than one YAML document"),
+            (
+                "session:\n  exclude: &x [\"/a\", *x]\n",
+                "an alias refers to the value that holds it",
+            ),
+        ] {
+            let e = load(Some(yaml), &[]).unwrap_err();
+            assert!(e.0.contains(says), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_environment_reads_what_the_file_reads() {
+        let env = [
+            ("SESSION_PROXY_SESSION__SECURE", "TRUE"),
+            ("SESSION_PROXY_SESSION__HTTP_ONLY", "False"),
+            ("SESSION_PROXY_TIMEOUTS__UPSTREAM_CONNECT", ".5"),
+            (
+                "SESSION_PROXY_SESSION__EXCLUDE",
+                r#"["/{a,b}/**", "/static/**"]"#,
+            ),
+        ];
+        let c = load(None, &env).unwrap();
+        assert!(c.session.secure && !c.session.http_only);
+        assert_eq!(c.timeouts.upstream_connect, 0.5);
+        assert_eq!(c.session.exclude, vec!["/{a,b}/**", "/static/**"]);
     }
 
     #[test]
