@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -35,10 +35,10 @@ struct Flags {
     /// Client-facing address, e.g. 0.0.0.0:8080.
     #[arg(long, global = true, value_name = "ADDR")]
     listen: Option<String>,
-    /// The application, e.g. http://127.0.0.1:3000.
+    /// The application, e.g. http://127.0.0.1:3000 (not with `demo`, which runs its own).
     #[arg(long, global = true, value_name = "URL")]
     upstream: Option<String>,
-    /// `memory` or a Redis URL (redis://…, rediss://…).
+    /// `memory` or a Redis URL (redis://…, rediss://…); not with `demo`, which uses memory.
     #[arg(long, global = true, value_name = "SPEC")]
     store: Option<String>,
     /// Admin address (`null` turns the admin port off).
@@ -63,19 +63,18 @@ enum Command {
 enum SessionsAction {
     /// List the sessions of a user.
     List {
+        /// The user, as the session's `session.user_key` names them.
         // Handles and user names may begin with `-`.
         #[arg(long, allow_hyphen_values = true)]
         user: String,
     },
     /// End every session of a user, or one session by its handle.
+    #[command(group(ArgGroup::new("which").required(true).args(["user", "handle"])))]
     Revoke {
-        #[arg(
-            long,
-            conflicts_with = "handle",
-            required_unless_present = "handle",
-            allow_hyphen_values = true
-        )]
+        /// End every session of this user ("log out everywhere").
+        #[arg(long, allow_hyphen_values = true)]
         user: Option<String>,
+        /// End the one session with this handle (as `sessions list` shows it).
         #[arg(long, allow_hyphen_values = true)]
         handle: Option<String>,
     },

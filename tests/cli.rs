@@ -655,3 +655,20 @@ fn handles_and_users_beginning_with_a_dash_are_values() {
         );
     }
 }
+
+/// `sessions revoke` takes a user or a handle, and says so when given neither or both.
+#[test]
+fn revoke_asks_for_a_user_or_a_handle() {
+    for args in [
+        &["sessions", "revoke"][..],
+        &["sessions", "revoke", "--user", "ann", "--handle", "h"][..],
+    ] {
+        let out = run(args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("Usage: session-proxy sessions revoke <--user <USER>|--handle <HANDLE>>"),
+            "{args:?}: {err}"
+        );
+    }
+}
