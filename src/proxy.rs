@@ -212,7 +212,10 @@ impl Proxy {
         // hop-by-hop headers.
         let client_upgrade = upstream::upgrade_protocol(req.headers())
             .is_some()
-            .then(|| hyper::upgrade::on(&mut req));
+            .then(|| Upgrade {
+                client: hyper::upgrade::on(&mut req),
+                held: req.extensions_mut().remove::<Held>(),
+            });
         if self.exclusions.matches(req.uri().path()) {
             // No session here, but the application still never sees the session ID.
             self.cookie.strip(req.headers_mut());
@@ -479,12 +482,10 @@ impl Proxy {
 
     /// After a 101 answer to a WebSocket upgrade, joins the client's and the
     /// application's connections.
-    fn tunnel(
-        &self,
-        client: Option<hyper::upgrade::OnUpgrade>,
-        response: &mut Response<UpstreamBody>,
-    ) {
-        let Some(client) = client else { return };
+    fn tunnel(&self, upgrade: Option<Upgrade>, response: &mut Response<UpstreamBody>) {
+        let Some(Upgrade { client, held }) = upgrade else {
+            return;
+        };
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return;
         }
@@ -492,6 +493,9 @@ impl Proxy {
         let metrics = self.metrics.clone();
         let stop = self.shutdown.tunnels_cancelled();
         self.shutdown.tunnels().spawn(async move {
+            // The tunnel is still the client's connection: it counts as open, and against
+            // `limits.max_connections`, until it ends.
+            let _held = held;
             let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
                 return;
             };
@@ -504,6 +508,17 @@ impl Proxy {
             metrics.tunnels().dec();
         });
     }
+}
+
+/// What a client connection's server puts in a request that asks for an upgrade: it keeps
+/// the connection counted as open while the request, or the tunnel it becomes, lives.
+#[derive(Clone)]
+pub struct Held(pub Arc<dyn std::any::Any + Send + Sync>);
+
+/// A client's WebSocket upgrade, until the application's answer says whether it happens.
+struct Upgrade {
+    client: hyper::upgrade::OnUpgrade,
+    held: Option<Held>,
 }
 
 /// A 101 the client did not ask for is a 502: through the tunnel, bytes the proxy never

@@ -27,7 +27,7 @@ use crate::config::{Config, StoreType, secs};
 use crate::http1;
 use crate::http1::server::{Graceful, Limits, Next};
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Held, Proxy};
 use crate::session::protocol::ProtocolHeaders;
 use crate::shutdown::Shutdown;
 use crate::store::memory::MemoryStore;
@@ -190,12 +190,13 @@ impl Server {
             );
             let worker = workers.least_busy();
             // Counted out when the task ends, however it ends (even unpolled).
-            let counted = Counted::new(metrics, worker.open.clone(), slot);
+            let counted = Arc::new(Counted::new(metrics, worker.open.clone(), slot));
             let serve = async move {
-                let _counted = counted;
                 match TcpStream::from_std(stream) {
                     Ok(stream) => {
-                        serve_connection(stream, peer, proxy, &builder, closing, periods).await;
+                        let held = Held(counted);
+                        serve_connection(stream, peer, proxy, &builder, closing, periods, held)
+                            .await;
                     }
                     Err(e) => tracing::warn!(%peer, "cannot serve the connection: {e}"),
                 }
@@ -380,6 +381,7 @@ async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
     closing: CancellationToken,
     periods: Periods,
+    held: Held,
 ) {
     let Periods {
         request_every,
@@ -395,10 +397,14 @@ async fn serve_connection(
     let service = {
         let requests = requests.clone();
         let writes = writes.clone();
-        move |req: http::Request<ClientBody>| {
+        move |mut req: http::Request<ClientBody>| {
             requests.fetch_add(1, Ordering::Relaxed);
             if req.version() == http::Version::HTTP_2 {
                 writes.http2.store(true, Ordering::Relaxed);
+            }
+            // A tunnel outlives the connection's task: it keeps the connection counted.
+            if req.headers().contains_key(http::header::UPGRADE) {
+                req.extensions_mut().insert(held.clone());
             }
             let (proxy, client) = (proxy.clone(), client.clone());
             RunToEnd::new(async move { proxy.handle(req, client).await })

@@ -337,6 +337,27 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
     assert_eq!(status.unwrap(), 200);
 }
 
+/// A WebSocket tunnel holds its client connection's place under the cap until it ends.
+#[tokio::test]
+async fn websocket_tunnels_count_against_the_connection_cap() {
+    let app = App::websocket().await;
+    let proxy = Proxy::with(&app, |c| c.limits.max_connections = 1).await;
+    let mut ws = support::websocket(&proxy.addr.to_string()).await;
+    let url = proxy.url("/plain");
+    let plain = tokio::spawn(async move { Client::new().get(&url, &[]).await.status });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !plain.is_finished(),
+        "a connection was served beside a tunnel beyond the cap"
+    );
+    ws.close(None).await.ok();
+    drop(ws);
+    let status = tokio::time::timeout(Duration::from_secs(5), plain)
+        .await
+        .expect("served once the tunnel ended");
+    assert_eq!(status.unwrap(), 200);
+}
+
 #[tokio::test]
 async fn upstream_reset_mid_body_is_visible_to_the_client_and_the_proxy_stays_healthy() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

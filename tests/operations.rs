@@ -105,10 +105,14 @@ async fn websocket_tunnels_are_counted_while_open() {
         proxy.metric("session_proxy_websocket_tunnels_open").await,
         1.0
     );
+    // The tunnel is still the client's connection.
+    assert_eq!(proxy.metric("session_proxy_connections_open").await, 1.0);
     ws.close(None).await.ok();
     drop(ws);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.metric("session_proxy_websocket_tunnels_open").await != 0.0 {
+    while proxy.metric("session_proxy_websocket_tunnels_open").await != 0.0
+        || proxy.metric("session_proxy_connections_open").await != 0.0
+    {
         assert!(
             Instant::now() < deadline,
             "tunnel gauge did not return to 0"
