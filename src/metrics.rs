@@ -279,6 +279,17 @@ impl Metrics {
     }
 
     /// The metrics in Prometheus text format.
+    /// The metrics in OpenMetrics text (`open_metrics`), else in Prometheus's text format
+    /// 0.0.4, which scrapers that do not ask for OpenMetrics read.
+    pub fn render_as(&self, store: &Arc<dyn Store>, open_metrics: bool) -> String {
+        let text = self.render(store);
+        if open_metrics {
+            text
+        } else {
+            prometheus_text(&text)
+        }
+    }
+
     pub fn render(&self, store: &Arc<dyn Store>) -> String {
         if let Some(n) = store.session_count() {
             self.active_sessions
@@ -289,5 +300,55 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// OpenMetrics text as Prometheus's text format 0.0.4: a counter's family takes the name
+/// of its samples (`…_total`), and the lines 0.0.4 does not have (`# UNIT`, `# EOF`) go.
+fn prometheus_text(open_metrics: &str) -> String {
+    let counters: Vec<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 16 * counters.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let family = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let name = rest.split(' ').next()?;
+            counters
+                .contains(&name)
+                .then_some((*p, name, &rest[name.len()..]))
+        });
+        match family {
+            Some((prefix, name, rest)) => {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(rest);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::prometheus_text;
+
+    #[test]
+    fn counters_are_named_by_their_samples_in_the_prometheus_format() {
+        let open = "# HELP a_requests Requests.\n# TYPE a_requests counter\n\
+                    a_requests_total{k=\"v\"} 3\n# HELP a_open Open.\n# TYPE a_open gauge\n\
+                    # UNIT a_open connections\na_open 1\n# EOF\n";
+        assert_eq!(
+            prometheus_text(open),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\n\
+             a_requests_total{k=\"v\"} 3\n# HELP a_open Open.\n# TYPE a_open gauge\na_open 1\n"
+        );
     }
 }

@@ -5,8 +5,9 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::{App, Browser, Proxy, b64, q};
+use support::{App, Browser, Client, Proxy, b64, q};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
@@ -92,6 +93,64 @@ async fn metrics_move_as_requests_flow() {
     ] {
         assert!(text.contains(family), "{family} missing from /metrics");
     }
+}
+
+/// Prometheus's text format by default; OpenMetrics for a scraper that asks for it.
+#[tokio::test]
+async fn metrics_come_in_the_format_the_scraper_asks_for() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    Browser::new().get(&proxy.url("/")).await;
+    let plain = proxy.admin_request("GET", "/metrics", None).await;
+    assert_eq!(
+        plain
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = String::from_utf8_lossy(&plain.body).into_owned();
+    assert!(!text.contains("# EOF"), "{text}");
+    // Every sample belongs to a family its `# TYPE` line names: a counter's family is
+    // named `…_total`, like its samples.
+    let families: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+        .collect();
+    assert!(families.contains(&("session_proxy_requests_total", "counter")));
+    for sample in text.lines().filter(|l| !l.starts_with('#')) {
+        let name = sample.split(['{', ' ']).next().unwrap_or_default();
+        assert!(
+            families.iter().any(|(family, kind)| match *kind {
+                "histogram" => name
+                    .strip_prefix(family)
+                    .is_some_and(|s| ["_bucket", "_sum", "_count"].contains(&s)),
+                _ => name == *family,
+            }),
+            "{sample} belongs to no declared family"
+        );
+    }
+
+    let open = Client::new()
+        .request(
+            "GET",
+            &format!("http://{}/metrics", proxy.admin.unwrap()),
+            &[(
+                "accept",
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            )],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        open.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let text = String::from_utf8_lossy(&open.body);
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(text.contains("# TYPE session_proxy_requests counter"));
 }
 
 #[tokio::test]
