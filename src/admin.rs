@@ -162,15 +162,19 @@ impl Admin {
             if req.method() != Method::DELETE {
                 return not_allowed("DELETE");
             }
-            let handle = percent_decode_str(handle).decode_utf8_lossy();
+            let Some(handle) = decode(handle) else {
+                return problem(StatusCode::BAD_REQUEST, NOT_ENCODED);
+            };
             return match self.store.revoke_handle(&handle).await {
                 Ok(true) => json_response(StatusCode::OK, json!({"revoked": 1})),
                 Ok(false) => problem(StatusCode::NOT_FOUND, "no live session has this handle"),
                 Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
             };
         }
-        let Some(user) = query_param(req.uri().query().unwrap_or(""), "user") else {
-            return problem(StatusCode::BAD_REQUEST, "name the user: /sessions?user=U");
+        let user = match query_param(req.uri().query().unwrap_or(""), "user") {
+            Ok(Some(user)) => user,
+            Ok(None) => return problem(StatusCode::BAD_REQUEST, "name the user: /sessions?user=U"),
+            Err(()) => return problem(StatusCode::BAD_REQUEST, NOT_ENCODED),
         };
         match *req.method() {
             Method::GET => match self.store.user_sessions(&user).await {
@@ -192,19 +196,38 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The decoded value of `name` in a query string (`+` is a space).
-pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query
-        .split('&')
-        .find_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            (k == name).then(|| {
-                percent_decode_str(&v.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            })
-        })
-        .filter(|v| !v.is_empty())
+const NOT_ENCODED: &str = "users and handles must be UTF-8, percent-encoded (%XX) where needed";
+
+/// The decoded value of `name` in a query string (`+` is a space); `Err` when it is not
+/// percent-encoded UTF-8, which must not be taken for another name.
+pub fn query_param(query: &str, name: &str) -> Result<Option<String>, ()> {
+    let Some(value) = query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then_some(v)
+    }) else {
+        return Ok(None);
+    };
+    let value = decode(&value.replace('+', " ")).ok_or(())?;
+    Ok(Some(value).filter(|v| !v.is_empty()))
+}
+
+/// Percent-decodes `text`: `None` if a `%` is not followed by two hex digits or the
+/// result is not UTF-8.
+fn decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let escapes_ok = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_ok {
+        return None;
+    }
+    percent_decode_str(text)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {

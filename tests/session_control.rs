@@ -724,6 +724,29 @@ async fn revoke_all_ends_every_session_of_the_user_and_no_other(backend: Backend
     );
     let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
     assert_eq!(listed.json()["sessions"], json!([]));
+
+    // A user or handle that is not percent-encoded UTF-8 names nobody: it is refused,
+    // never decoded into another name (`%ff` is not U+FFFD).
+    let mut odd = login(&proxy, "\u{fffd}").await;
+    for (method, path) in [
+        ("GET", "/sessions?user=%ff"),
+        ("DELETE", "/sessions?user=%ff"),
+        ("GET", "/sessions?user=%zz"),
+        ("DELETE", "/sessions?user=a%2"),
+        ("DELETE", "/sessions/%ff"),
+    ] {
+        let r = proxy.admin_request(method, path, None).await;
+        assert_eq!(r.status, 400, "{method} {path}");
+        assert!(r.json()["detail"].as_str().unwrap().contains("UTF-8"));
+    }
+    assert_eq!(
+        odd.get(&proxy.url("/")).await.session_seen(),
+        json!({"user_id": "\u{fffd}"})
+    );
+    let listed = proxy
+        .admin_request("GET", "/sessions?user=%EF%BF%BD", None)
+        .await;
+    assert_eq!(listed.json()["sessions"].as_array().map(Vec::len), Some(1));
 }
 
 /// "Log out everywhere" while requests are in flight whose answers write the session (as
