@@ -200,7 +200,7 @@ const NOT_ENCODED: &str = "users and handles must be UTF-8, percent-encoded (%XX
 
 /// The decoded value of `name` in a query string (`+` is a space); `Err` when it is not
 /// percent-encoded UTF-8, which must not be taken for another name.
-pub fn query_param(query: &str, name: &str) -> Result<Option<String>, ()> {
+fn query_param(query: &str, name: &str) -> Result<Option<String>, ()> {
     let Some(value) = query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
         (k == name).then_some(v)
