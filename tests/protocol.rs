@@ -5,6 +5,8 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use support::{App, Browser, Client, Proxy, b64, q};
 
 #[tokio::test]
@@ -227,6 +229,45 @@ async fn client_cannot_inject_protocol_headers_on_any_route() {
         proxy.metric("session_proxy_store_operations_total").await,
         0.0
     );
+}
+
+/// Servers that read header names the CGI way (WSGI, PHP) take `X_Session` or `X.Session`
+/// for `X-Session`: such look-alikes of the protocol headers, and of the `X-Forwarded-*`
+/// the proxy sets, never reach the application; other names with `_` pass.
+#[tokio::test]
+async fn look_alikes_of_the_proxys_headers_are_stripped_too() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.session.exclude = vec!["/static/**".into()]).await;
+    let forged = b64(r#"{"admin":true}"#);
+    let injected = [
+        "X_Session",
+        "x.session",
+        "X_Session_Update",
+        "x_session.patch",
+        "X_SESSION_ROTATE",
+        "X_Session_Handle",
+        "X_Forwarded_Host",
+        "X.Forwarded.Proto",
+        "X_Forwarded_For",
+    ];
+    let mut headers: Vec<(&str, &str)> = injected.iter().map(|n| (*n, forged.as_str())).collect();
+    headers.push(("X_Custom_Thing", "kept"));
+    for path in ["/account", "/static/app.js"] {
+        // Without a body (the proxy's own HTTP/1.1) and with one (hyper's).
+        for (method, body) in [("GET", ""), ("POST", "a body")] {
+            let r = Client::new()
+                .request(method, &proxy.url(path), &headers, Bytes::from(body))
+                .await;
+            for name in injected {
+                let seen = r.header_seen(&name.to_ascii_lowercase());
+                assert!(seen.is_empty(), "{method} {path}: {name} reached the app");
+            }
+            assert_eq!(r.header_seen("x_custom_thing"), vec!["kept"]);
+            if path == "/account" {
+                assert_eq!(r.header_seen("x-session"), vec!["e30="]);
+            }
+        }
+    }
 }
 
 #[tokio::test]

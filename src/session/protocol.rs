@@ -35,14 +35,45 @@ impl ProtocolHeaders {
     }
 
     /// Removes every protocol header: from client requests (a client can never inject
-    /// session data) and from responses (the client never sees them).
+    /// session data) and from responses (the client never sees them). Look-alikes go
+    /// too: names that read as a protocol header, or as one of the `X-Forwarded-*` the
+    /// proxy sets, once `_` and `.` read as `-`, as CGI and WSGI servers read them
+    /// (`X_Session` and `X-Session` both become `HTTP_X_SESSION` there).
     pub fn strip(&self, headers: &mut HeaderMap) {
-        if !self.any_in(headers) {
-            return;
+        let (mut exact, mut alike) = (false, false);
+        for name in headers.keys() {
+            exact |= self.names().contains(&name);
+            alike |= name.as_str().bytes().any(|b| b == b'_' || b == b'.');
         }
-        for name in self.names() {
-            headers.remove(name);
+        if exact {
+            for name in self.names() {
+                headers.remove(name);
+            }
         }
+        if alike {
+            let alikes: Vec<HeaderName> = headers
+                .keys()
+                .filter(|name| self.reads_as_ours(name))
+                .cloned()
+                .collect();
+            for name in alikes {
+                headers.remove(name);
+            }
+        }
+    }
+
+    /// Whether `name`, with `_` and `.` read as `-`, is a protocol header or an
+    /// `X-Forwarded-*` the proxy sets.
+    fn reads_as_ours(&self, name: &HeaderName) -> bool {
+        let dashed = |b: &u8| if *b == b'_' || *b == b'.' { b'-' } else { *b };
+        let same = |ours: &str| {
+            ours.len() == name.as_str().len()
+                && name.as_str().bytes().map(|b| dashed(&b)).eq(ours.bytes())
+        };
+        self.names().iter().any(|ours| same(ours.as_str()))
+            || ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"]
+                .iter()
+                .any(|ours| same(ours))
     }
 
     /// Every protocol header's name.
