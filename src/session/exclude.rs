@@ -33,9 +33,19 @@ impl Exclusions {
     }
 }
 
-/// Percent-decodes `path` and removes its dot segments (RFC 3986 §5.2.4).
+/// Percent-decodes `path`, merges repeated slashes (many servers read `//static/x` as
+/// `/static/x`), and removes its dot segments (RFC 3986 §5.2.4).
 pub fn normalize(path: &str) -> Cow<'_, str> {
-    let decoded = percent_decode_str(path).decode_utf8_lossy();
+    let mut decoded = percent_decode_str(path).decode_utf8_lossy();
+    if decoded.contains("//") {
+        let mut merged = String::with_capacity(decoded.len());
+        for c in decoded.chars() {
+            if !(c == '/' && merged.ends_with('/')) {
+                merged.push(c);
+            }
+        }
+        decoded = Cow::Owned(merged);
+    }
     if !decoded.contains("/.") && !decoded.starts_with('.') {
         return decoded;
     }
@@ -93,6 +103,17 @@ mod tests {
         assert!(!e.matches("/static/%2E%2E/account"));
         assert!(e.matches("/%73tatic/app.js"));
         assert!(e.matches("/account/../static/app.js"));
+    }
+
+    #[test]
+    fn repeated_slashes_are_one() {
+        assert_eq!(normalize("//static//a.css"), "/static/a.css");
+        assert_eq!(normalize("/%2F/static/x"), "/static/x");
+        assert_eq!(normalize("/a//..//b"), "/b");
+        let e = ex(&["/static/**", "/img/*.png"]);
+        assert!(e.matches("//static/app.css"));
+        assert!(e.matches("/img//a.png"));
+        assert!(!e.matches("//account"));
     }
 
     #[test]
