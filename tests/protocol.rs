@@ -252,6 +252,7 @@ async fn look_alikes_of_the_proxys_headers_are_stripped_too() {
     ];
     let mut headers: Vec<(&str, &str)> = injected.iter().map(|n| (*n, forged.as_str())).collect();
     headers.push(("X_Custom_Thing", "kept"));
+    headers.push(("X-Forwarded-For", "192.0.2.7"));
     for path in ["/account", "/static/app.js"] {
         // Without a body (the proxy's own HTTP/1.1) and with one (hyper's).
         for (method, body) in [("GET", ""), ("POST", "a body")] {
@@ -263,6 +264,11 @@ async fn look_alikes_of_the_proxys_headers_are_stripped_too() {
                 assert!(seen.is_empty(), "{method} {path}: {name} reached the app");
             }
             assert_eq!(r.header_seen("x_custom_thing"), vec!["kept"]);
+            // The real `X-Forwarded-For` is still appended to.
+            assert_eq!(
+                r.header_seen("x-forwarded-for"),
+                vec!["192.0.2.7, 127.0.0.1"]
+            );
             if path == "/account" {
                 assert_eq!(r.header_seen("x-session"), vec!["e30="]);
             }

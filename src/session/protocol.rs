@@ -62,9 +62,12 @@ impl ProtocolHeaders {
         }
     }
 
-    /// Whether `name`, with `_` and `.` read as `-`, is a protocol header or an
-    /// `X-Forwarded-*` the proxy sets.
+    /// Whether `name` holds a `_` or `.` and, with those read as `-`, is a protocol
+    /// header or an `X-Forwarded-*` the proxy sets (which themselves pass here).
     fn reads_as_ours(&self, name: &HeaderName) -> bool {
+        if !name.as_str().bytes().any(|b| b == b'_' || b == b'.') {
+            return false;
+        }
         let dashed = |b: &u8| if *b == b'_' || *b == b'.' { b'-' } else { *b };
         let same = |ours: &str| {
             ours.len() == name.as_str().len()
