@@ -277,9 +277,13 @@ impl Proxy {
         let result = self.upstream.forward(req, client).await;
         self.metrics.upstream(started.elapsed());
         result.map_err(|e| match e {
-            UpstreamError::Unreachable(why) => {
-                Problem::bad_gateway(format!("cannot reach the application: {why}"))
-            }
+            // Why names the application's address: the log's business, not the client's.
+            UpstreamError::Unreachable(why) => Problem {
+                cause: Some(format!("cannot reach the application: {why}")),
+                ..Problem::bad_gateway(
+                    "the application could not be reached, or broke off before answering; the proxy's log says why",
+                )
+            },
             UpstreamError::Timeout => Problem::timeout(),
             UpstreamError::BadRequest(why) => Problem::bad_request(why),
             UpstreamError::Invalid(why) => Problem::bad_gateway(why),

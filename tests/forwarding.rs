@@ -332,6 +332,10 @@ async fn unreachable_upstream_is_a_502_problem() {
     let proxy = Proxy::start(config).await;
     let r = Client::new().get(&proxy.url("/"), &[]).await;
     problem(&r, 502).await;
+    // The application's address is for the log, not for clients.
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(!body.contains(&closed.port().to_string()), "{body}");
+    assert!(body.contains("the proxy's log says why"), "{body}");
 }
 
 #[tokio::test]
