@@ -684,10 +684,16 @@ pub async fn build_store(config: &Config, workers: usize) -> Result<Arc<dyn Stor
         response_timeout: secs(st.response_timeout),
         workers,
     };
-    let store = RedisStore::connect(topology, options, settings)
-        .await
-        .map_err(|e| format!("{e} (check store.url / store.sentinel / store.cluster)"))?;
-    Ok(Arc::new(store))
+    let store = Arc::new(
+        RedisStore::connect(topology, options, settings)
+            .await
+            .map_err(|e| format!("{e} (check store.url / store.sentinel / store.cluster)"))?,
+    );
+    tokio::spawn({
+        let store = store.clone();
+        async move { store.warn_if_evicting().await }
+    });
+    Ok(store)
 }
 
 /// A request's work, run to its end even when the client goes away first. hyper drops

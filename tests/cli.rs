@@ -3,7 +3,11 @@
 
 mod support;
 
-use std::io::Write;
+#[path = "support/redis.rs"]
+#[allow(dead_code)]
+mod redis_harness;
+
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -670,5 +674,58 @@ fn revoke_asks_for_a_user_or_a_handle() {
             err.contains("Usage: session-proxy sessions revoke <--user <USER>|--handle <HANDLE>>"),
             "{args:?}: {err}"
         );
+    }
+}
+
+/// A Redis that may evict keys when full is named in a warning at start-up: evicting a
+/// user's index would make "log out everywhere" miss sessions.
+#[test]
+fn an_evicting_redis_is_warned_about_at_start_up() {
+    let server = redis_harness::RedisServer::start();
+    for (policy, warned) in [("allkeys-lru", true), ("noeviction", false)] {
+        let _: String = server.cli(&["CONFIG", "SET", "maxmemory-policy", policy]);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(BIN)
+            .args(["--store", &server.url(), "--listen", &listen])
+            .args(["--admin-listen", "null"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (lines, seen) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = lines.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(if warned { 10 } else { 3 });
+        let mut warning = None;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match seen.recv_timeout(left) {
+                Ok(line) if line.contains("maxmemory-policy") => {
+                    warning = Some(line);
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        match warning {
+            Some(line) => {
+                assert!(warned, "{policy}: {line}");
+                assert!(
+                    line.contains(policy) && line.contains("noeviction"),
+                    "{line}"
+                );
+            }
+            None => assert!(!warned, "{policy}: no warning"),
+        }
     }
 }

@@ -1470,14 +1470,30 @@ enum Fault {
     Hold,
     /// Passes the reply on, then lets nothing through for two seconds.
     CutAfter,
+    /// Passes the command on this many ms late, as a Redis that stalled would run it; the
+    /// reply then comes after the store's response timeout (1 s).
+    Late(u64),
 }
 
 /// `millis(grace)` for a grace period of 4321 s, as RESP sends it: only SHORTEN carries it.
 const MARKER: &[u8] = b"$7\r\n4321000\r\n";
 
+/// The same for a grace period of 1234 ms.
+const SHORT_MARKER: &[u8] = b"$4\r\n1234\r\n";
+
 /// A TCP relay in front of Redis that, once armed, lets the first command carrying
 /// `MARKER` reach Redis and run, then loses its reply (`fault`).
 async fn faulty_relay(redis_port: u16, fault: Fault, armed: Arc<AtomicBool>) -> u16 {
+    relay_on(redis_port, fault, armed, MARKER).await
+}
+
+/// `faulty_relay` for the first command carrying `marker`.
+async fn relay_on(
+    redis_port: u16,
+    fault: Fault,
+    armed: Arc<AtomicBool>,
+    marker: &'static [u8],
+) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -1508,13 +1524,14 @@ async fn faulty_relay(redis_port: u16, fault: Fault, armed: Arc<AtomicBool>) -> 
                     if down_in.load(Ordering::SeqCst) {
                         return;
                     }
-                    if buf[..n].windows(MARKER.len()).any(|w| w == MARKER)
+                    if buf[..n].windows(marker.len()).any(|w| w == marker)
                         && armed.swap(false, Ordering::SeqCst)
                     {
-                        if fault == Fault::Hold {
-                            continue;
+                        match fault {
+                            Fault::Hold => continue,
+                            Fault::Late(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                            _ => swallow2.store(true, Ordering::SeqCst),
                         }
-                        swallow2.store(true, Ordering::SeqCst);
                     }
                     if sw.write_all(&buf[..n]).await.is_err() {
                         return;
@@ -1535,7 +1552,7 @@ async fn faulty_relay(redis_port: u16, fault: Fault, armed: Arc<AtomicBool>) -> 
                                 let _ = cw.shutdown().await;
                                 return;
                             }
-                            Fault::Hold => {}
+                            Fault::Hold | Fault::Late(_) => {}
                             Fault::CutAfter => {
                                 let _ = cw.write_all(&buf[..n]).await;
                                 down_out.store(true, Ordering::SeqCst);
@@ -1666,6 +1683,77 @@ async fn a_rotation_whose_answer_is_late_is_done_when_it_ran() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotation_sent_again_after_a_dropped_answer_keeps_its_copy() {
     rotation_with_lost_shorten_reply(Fault::Drop).await;
+}
+
+/// Redis stalls past the grace period with the marking queued: marked that late, the old
+/// ID is left unreadable (no data, no user, out of the index) rather than deleted, so that
+/// the marking sent again finds it moved to this copy, which stays: the session is not
+/// lost, and the old ID ends on time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_marked_after_its_grace_period_is_done_and_the_old_id_unreadable() {
+    let server = RedisServer::start();
+    let armed = Arc::new(AtomicBool::new(false));
+    let port = relay_on(
+        server.port(),
+        Fault::Late(1500),
+        armed.clone(),
+        SHORT_MARKER,
+    )
+    .await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let store = connect(Topology::Standalone { url }, MINUTE).await;
+    // Warm the script cache, so that the next SHORTEN is one EVALSHA that runs.
+    let (a, b) = (new_id(), new_id());
+    store.create(&a, session(r#"{"user":"bo"}"#)).await.unwrap();
+    assert_eq!(store.rotate(&a, &b, MINUTE).await.unwrap(), Rotated::Done);
+    let (old, new) = (new_id(), new_id());
+    store
+        .create(&old, session(r#"{"user":"ann","cart":1}"#))
+        .await
+        .unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let grace = Duration::from_millis(1234);
+    assert_eq!(
+        store.rotate(&old, &new, grace).await.unwrap(),
+        Rotated::Done
+    );
+    assert_eq!(
+        data(&store, &new).await.as_deref(),
+        Some(r#"{"user":"ann","cart":1}"#)
+    );
+    assert!(store.load(&old, false).await.unwrap().is_none());
+    let moved: Option<String> = server.cli(&["HGET", &key(&old), "moved"]);
+    assert_eq!(moved.as_deref(), Some(new.as_str()));
+    let left: Option<String> = server.cli(&["HGET", &key(&old), "user"]);
+    assert_eq!(left, None);
+    assert_eq!(handles_of(&store, "ann").await, vec![new.handle()]);
+    assert!(!store.revoke_handle(&old.handle()).await.unwrap());
+}
+
+/// Redis stalls with the rotation's copy queued: the rotation fails, and the copy it then
+/// deletes is gone once Redis catches up, even on a Redis that never ran the store's
+/// delete script (a fresh one, or one just restarted or failed over): no second session
+/// of the user is left behind, listed under an ID no browser holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_whose_copy_times_out_leaves_no_copy_behind() {
+    let server = RedisServer::start();
+    let armed = Arc::new(AtomicBool::new(false));
+    let json = r#"{"user":"ann","orphan":7}"#;
+    let marker: &'static [u8] = format!("${}\r\n{json}\r\n", json.len()).leak().as_bytes();
+    // Past the copy's timeout and that of the delete sent after it.
+    let port = relay_on(server.port(), Fault::Late(2500), armed.clone(), marker).await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let store = connect(Topology::Standalone { url }, MINUTE).await;
+    let (old, new) = (new_id(), new_id());
+    store.create(&old, session(json)).await.unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let rotated = store.rotate(&old, &new, MINUTE).await;
+    assert!(rotated.is_err(), "{rotated:?}");
+    // The late copy, then what the rotation sent after it, have run by now.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(server.cli::<i64>(&["EXISTS", &key(&new)]), 0);
+    assert_eq!(handles_of(&store, "ann").await, vec![old.handle()]);
+    assert_eq!(data(&store, &old).await.as_deref(), Some(json));
 }
 
 /// The first marking never reaches Redis: it is sent once more.

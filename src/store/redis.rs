@@ -108,6 +108,9 @@ pub struct RedisStore {
     link: Link,
     keys: Keys,
     settings: StoreSettings,
+    /// How long an ID a rotation marked after its grace period (see `SHORTEN`) is kept as
+    /// a marker: long enough for the rotation to ask again whether it ran.
+    settle: Duration,
 }
 
 /// The names of the keys the store writes. Session IDs are base64url, without `:`, so a
@@ -330,14 +333,24 @@ type Peeked = (Vec<u8>, String, String, String, i64, String, String);
 /// the TTL becomes the grace period, or what is left of the session if it ends sooner),
 /// if it is still at the version its copy was made from and not moved yet.
 /// ARGV: grace_end_s, grace_ms, ver, new ID (what `moved` then holds, so that the same
-/// rotation sent again after a dropped connection answers 1 again), now_ms. Answers 1 (done), 0
-/// (gone), 2 (written since the copy was made) or 3 (moved already, by another rotation).
+/// rotation sent again after a dropped connection answers done again), now_ms, settle_ms.
+/// Answers `{1, readable_until_ms}` (done), 0 (gone), 2 (written since the copy was made)
+/// or 3 (moved already, by another rotation).
+///
+/// Marked when its grace period is already over (none was given, or Redis stalled for
+/// longer than it), the old ID is not deleted but left as a marker without data or user
+/// for `settle_ms`: unreadable, yet the rotation, asking again after a lost answer, learns
+/// that it ran instead of taking the ID's end for a logout (and dropping the copy, the
+/// session with it).
 static SHORTEN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local f = redis.call('HMGET', KEYS[1], 'created', 'moved', 'ver', 'ends')
 if not f[1] then return 0 end
-if f[2] == ARGV[4] then return 1 end
+if f[2] == ARGV[4] then
+  if redis.call('HEXISTS', KEYS[1], 'data') == 0 then return {1, 0} end
+  return {1, redis.call('PEXPIRETIME', KEYS[1])}
+end
 if f[2] then return 3 end
 if (f[3] or '0') ~= ARGV[3] then return 2 end
 local ends = tonumber(f[4])
@@ -347,11 +360,44 @@ redis.call('HSET', KEYS[1], 'moved', ARGV[4])
 -- get too), unless the session ends first.
 local t = tonumber(ARGV[2])
 if ends then t = math.min(t, ends * 1000 - tonumber(ARGV[5])) end
-redis.call('PEXPIREAT', KEYS[1], string.format('%d', tonumber(ARGV[5]) + math.max(t, 0)))
-return 1
+local at = tonumber(ARGV[5]) + math.max(t, 0)
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if at <= now then
+  redis.call('HDEL', KEYS[1], 'data', 'user')
+  redis.call('PEXPIREAT', KEYS[1], string.format('%d', now + tonumber(ARGV[6])))
+else
+  redis.call('PEXPIREAT', KEYS[1], string.format('%d', at))
+end
+return {1, at}
 ",
     )
 });
+
+/// What `SHORTEN` answers: its status and, when done, until when the old ID is readable
+/// (unix ms).
+struct Shortened {
+    status: i64,
+    expires_at: Option<u64>,
+}
+
+impl FromRedisValue for Shortened {
+    fn from_redis_value(v: Value) -> Result<Shortened, ParsingError> {
+        Ok(match v {
+            Value::Int(status) => Shortened {
+                status,
+                expires_at: None,
+            },
+            v => {
+                let (status, at) = <(i64, i64)>::from_redis_value(v)?;
+                Shortened {
+                    status,
+                    expires_at: u64::try_from(at).ok(),
+                }
+            }
+        })
+    }
+}
 
 /// Adds a session to a user's index or moves its expiry later (`GT`), or moves the expiry
 /// of an indexed session earlier (`LT`) or to exactly this (`EQ`); drops the entries past
@@ -1092,6 +1138,7 @@ impl RedisStore {
                 prefix: options.key_prefix,
             },
             settings,
+            settle: options.response_timeout * 3 + Duration::from_secs(1),
         })
     }
 
@@ -1505,7 +1552,7 @@ impl RedisStore {
                 .await
             {
                 // The old ID is untouched: the session stays there, and no stray copy.
-                let _ = self.remove(&mut conn, new, None, None).await;
+                self.discard(&conn, new, user.as_deref()).await;
                 return Err(e);
             }
             // The old ID's index entries last as long as it will, before it may outlive
@@ -1521,32 +1568,42 @@ impl RedisStore {
                 .arg(millis(grace))
                 .arg(&ver)
                 .arg(new.as_str())
-                .arg(millis(now));
+                .arg(millis(now))
+                .arg(millis(self.settle));
             // A timeout, or under Sentinel no replica confirmed it in time: sent once more
-            // (it answers 1 again if it ran), so that it is confirmed this time.
-            let shortened = match self.commit(&mut conn, &call).await {
+            // (it answers done again if it ran), so that it is confirmed this time.
+            let shortened = match self.commit::<Shortened>(&mut conn, &call).await {
                 Ok(shortened) => Ok(shortened),
-                Err(_) => self.commit::<i64>(&mut conn, &call).await,
+                Err(_) => self.commit::<Shortened>(&mut conn, &call).await,
             };
-            let shortened: i64 = match shortened {
+            let Shortened { status, expires_at } = match shortened {
                 Ok(shortened) => shortened,
                 // Still failing: whether it ran decides where the session is.
                 Err(e) => match self.moved_to(&mut conn, old).await {
-                    Ok(Some(to)) if to == new.as_str() => 1,
+                    Ok((Some(to), expires_at)) if to == new.as_str() => Shortened {
+                        status: 1,
+                        expires_at,
+                    },
                     Ok(_) => {
                         // Not moved: the session stays under the old ID, without a copy.
-                        let _ = self.remove(&mut conn, new, None, None).await;
+                        self.discard(&conn, new, user.as_deref()).await;
                         return Err(e);
                     }
                     // Nothing known: the copy is the session from here on (it holds the
                     // session whole; the browser is sent its cookie, with the change of this
                     // answer or with the error of the write that fails next). An old ID
                     // left unmarked keeps the session as it was, until it ends.
-                    Err(_) => 1,
+                    Err(_) => Shortened {
+                        status: 1,
+                        expires_at: None,
+                    },
                 },
             };
-            if shortened == 1 {
+            if status == 1 {
                 if let Some(user) = &user {
+                    // Its index entries end when it is no longer readable (at once, if it
+                    // was marked after its grace period).
+                    let until = expires_at.map_or(until, |at| Duration::from_millis(at).min(until));
                     self.end_index_at(&conn, (user, old), until, now, "EQ")
                         .await;
                 }
@@ -1554,7 +1611,7 @@ impl RedisStore {
             }
             // The copy is not the session: gone, moved by another rotation, or out of date.
             self.remove(&mut conn, new, None, None).await?;
-            match shortened {
+            match status {
                 // Ended meanwhile (a logout, "log out everywhere"): so does its copy.
                 0 => return Ok(Rotated::Missing),
                 3 => return Ok(Rotated::Moved),
@@ -1565,13 +1622,68 @@ impl RedisStore {
         Err(StoreError::Contended.into())
     }
 
-    /// The ID a session was rotated away to, if it was.
-    async fn moved_to(&self, conn: &mut Conn, id: &SessionId) -> Result<Option<String>, Failure> {
-        Ok(redis::cmd("HGET")
-            .arg(self.keys.session(id))
+    /// Warns, once at start-up, when Redis may evict keys under memory pressure: evicting
+    /// a user's index would make "log out everywhere" miss sessions that are still there.
+    /// Best effort: a Redis that is down, or that refuses `CONFIG` (managed services often
+    /// do), says nothing.
+    pub async fn warn_if_evicting(&self) {
+        let asked = async {
+            let mut conn = self.link.conn().await.ok()?;
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .ok()
+        };
+        let Ok(Some(reply)) = tokio::time::timeout(Duration::from_secs(5), asked).await else {
+            return;
+        };
+        if let Some(policy) = reply.get(1).filter(|p| p.as_str() != "noeviction") {
+            tracing::warn!(
+                "Redis's maxmemory-policy is {policy}: when Redis is full it may evict session \
+                 keys (logging users out) and user index keys (so that revoking a user's \
+                 sessions misses some); noeviction makes writes fail with 503 instead"
+            );
+        }
+    }
+
+    /// The ID a session was rotated away to, if it was, and when it expires (unix ms).
+    async fn moved_to(
+        &self,
+        conn: &mut Conn,
+        id: &SessionId,
+    ) -> Result<(Option<String>, Option<u64>), Failure> {
+        let key = self.keys.session(id);
+        let (moved, expires_at): (Option<String>, i64) = redis::pipe()
+            .cmd("HGET")
+            .arg(&key)
             .arg("moved")
+            .cmd("PEXPIRETIME")
+            .arg(&key)
             .query_async(conn)
-            .await?)
+            .await?;
+        Ok((moved, u64::try_from(expires_at).ok()))
+    }
+
+    /// Deletes a copy a rotation could not complete, and its index entries. Plain
+    /// commands, not scripts: sent after a timeout, they still run once Redis catches up,
+    /// after the copy's own write (a script Redis no longer has cached would fail then,
+    /// and the client, having timed out, would not load it again). Nobody else knows the
+    /// copy's ID. Best effort.
+    async fn discard(&self, conn: &Conn, id: &SessionId, user: Option<&str>) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(self.keys.session(id)).ignore();
+        if let Some(user) = user {
+            pipe.cmd("ZREM")
+                .arg(self.keys.user(user))
+                .arg(id.as_str())
+                .ignore()
+                .cmd("DEL")
+                .arg(self.keys.handle(&id.handle()))
+                .ignore();
+        }
+        let _: RedisResult<()> = pipe.query_async(&mut conn.clone()).await;
     }
 
     async fn list_user(&self, user: &str) -> Result<Vec<SessionInfo>, Failure> {
