@@ -485,13 +485,18 @@ where
     S: Fn(http::Request<ClientBody>) -> F + Clone + Send + 'static,
     F: Future<Output = http::Response<ProxyBody>> + Send + 'static,
 {
-    let read = match http1::server::serve(&mut io, &service, limits, &graceful).await {
+    let (read, served) = match http1::server::serve(&mut io, &service, limits, &graceful).await {
         Next::Done => return Ok(()),
-        Next::Handover(read) => read,
+        Next::Handover(read, served) => (read, served),
     };
     let hyper_service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         service(req.map(Either::Left)).map(Ok::<_, Infallible>)
     });
+    // After HTTP/1.1 requests, an HTTP/2 preface is no longer one (RFC 9113 §3.4): the
+    // connection closes rather than turn into HTTP/2 half-way.
+    if served && read.starts_with(b"PRI * HTTP/2.0") {
+        return Ok(());
+    }
     io.unread = read;
     let io = TokioIo::new(io);
     let conn = builder.serve_connection_with_upgrades(io, hyper_service);

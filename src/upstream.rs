@@ -189,6 +189,21 @@ impl Upstream {
         workers: usize,
         hidden: Vec<HeaderName>,
     ) -> Upstream {
+        // Fields that are about a connection, not a message, have no place in trailers
+        // either: HTTP/2 clients refuse a response whose trailers carry one.
+        let mut hidden = hidden;
+        hidden.extend(
+            [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "transfer-encoding",
+                "upgrade",
+                "te",
+                "trailer",
+            ]
+            .map(HeaderName::from_static),
+        );
         let pools = Arc::new(Pools {
             hyper: Pool::new(workers),
             lean: Pool::new(workers),

@@ -449,13 +449,15 @@ async fn malformed_request_is_a_400() {
 
 #[tokio::test]
 async fn protocol_headers_in_the_application_trailers_never_reach_the_client() {
-    // An application answering in chunks, with trailers: one of its own and the session
-    // headers, which the client must not get there either.
+    // An application answering in chunks, with trailers: one of its own, the session
+    // headers, which the client must not get there either, and fields about connections,
+    // which an HTTP/2 client refuses (the whole response with them).
     let addr = raw_upstream(
         "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
          trailer: x-checksum, x-session-update, x-session\r\n\r\n\
          2\r\nok\r\n0\r\nx-checksum: abc\r\nx-session-update: e30=\r\n\
-         X-Session: eyJhIjoxfQ==\r\n\r\n",
+         X-Session: eyJhIjoxfQ==\r\nconnection: keep-alive\r\n\
+         transfer-encoding: chunked\r\n\r\n",
     )
     .await;
     let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
@@ -474,6 +476,7 @@ async fn protocol_headers_in_the_application_trailers_never_reach_the_client() {
         assert_eq!(trailers.get("x-checksum").unwrap(), "abc");
         assert!(trailers.get("x-session-update").is_none(), "{trailers:?}");
         assert!(trailers.get("x-session").is_none(), "{trailers:?}");
+        assert!(trailers.get("connection").is_none(), "{trailers:?}");
     }
 }
 

@@ -589,3 +589,26 @@ async fn a_204_reaches_an_http2_client_without_lengths() {
     assert_eq!(response.status(), 204);
     assert!(!response.headers().contains_key("content-length"));
 }
+
+/// An HTTP/2 preface must be the first bytes of a connection (RFC 9113 §3.4): after
+/// HTTP/1.1 requests it is not taken for one, and no HTTP/2 frame answers it.
+#[tokio::test]
+async fn an_http2_preface_after_http1_requests_is_not_one() {
+    let proxy = proxy().await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let (head, _) = read_answer(&mut s, &mut pending).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The preface, then an empty SETTINGS frame.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let rest = read_until_closed(&mut s, "the connection closes").await;
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 4") || rest.starts_with("HTTP/1.1 5"),
+        "{rest:?}"
+    );
+}

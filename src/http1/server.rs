@@ -28,8 +28,9 @@ pub enum Next {
     /// It ended: closed by the client, timed out, or finished after a shutdown.
     Done,
     /// A request this side does not serve arrived: hyper takes over, with these bytes
-    /// read but not yet served.
-    Handover(Bytes),
+    /// read but not yet served, and whether requests were served before it (then the
+    /// connection is HTTP/1.1 for good: an HTTP/2 preface must come first).
+    Handover(Bytes, bool),
 }
 
 /// Asks a connection to finish what is in flight and close. Checked once per request, so
@@ -89,6 +90,7 @@ where
     // The client closed its side with requests still buffered: they are answered, then
     // the connection closes.
     let mut ended = false;
+    let mut served = false;
     loop {
         // A head must arrive whole within `header_read` of its first byte, however it
         // trickles in.
@@ -96,9 +98,9 @@ where
         let (request, close) = loop {
             match parse(&mut buf) {
                 Parsed::Request(request, close) => break (request, close),
-                Parsed::Other => return Next::Handover(buf.freeze()),
+                Parsed::Other => return Next::Handover(buf.freeze(), served),
                 Parsed::Partial if buf.len() >= limits.max_head => {
-                    return Next::Handover(buf.freeze());
+                    return Next::Handover(buf.freeze(), served);
                 }
                 Parsed::Partial if ended => return Next::Done,
                 Parsed::Partial => {}
@@ -127,6 +129,7 @@ where
                 Ok(_) => {}
             }
         };
+        served = true;
         let head_only = request.method() == Method::HEAD;
         let mut work = std::pin::pin!(service(request));
         // The client is watched while the application works, as hyper does: one that
