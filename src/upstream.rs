@@ -227,12 +227,18 @@ impl Upstream {
         mut req: Request<ClientBody>,
         client: &HeaderValue,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let sent_host = req.headers().contains_key(header::HOST);
-        let host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::try_from(a.as_str()).ok())
+        // The target's own authority, when it has one, wins over `Host`: an absolute-form
+        // target's (RFC 9112 §3.2.2) or an HTTP/2 client's `:authority` (RFC 9113
+        // §8.3.1), without user information.
+        let authority = req.uri().authority().and_then(|a| {
+            let host = a
+                .as_str()
+                .rsplit_once('@')
+                .map_or(a.as_str(), |(_, host)| host);
+            HeaderValue::try_from(host).ok()
         });
+        let from_target = authority.is_some();
+        let host = authority.or_else(|| req.headers().get(header::HOST).cloned());
         let target = self
             .url
             .target(req.uri().path_and_query())
@@ -243,9 +249,7 @@ impl Upstream {
         let headers = req.headers_mut();
         match host {
             Some(host) => {
-                // From an HTTP/2 client's `:authority` (or a target in absolute form
-                // without a `Host`): HTTP/1.1 needs it as a field.
-                if !sent_host {
+                if from_target {
                     headers.insert(header::HOST, host.clone());
                 }
                 headers.insert(X_FORWARDED_HOST, host);

@@ -214,6 +214,62 @@ async fn forwarded_headers_are_added_and_host_is_kept() {
     assert_eq!(r.header_seen("x-forwarded-host"), vec!["shop.example"]);
 }
 
+/// A target with an authority of its own names the host, whatever `Host` says: an
+/// absolute-form target (RFC 9112 §3.2.2) or an HTTP/2 `:authority` (RFC 9113 §8.3.1),
+/// without user information.
+#[tokio::test]
+async fn the_targets_authority_wins_over_host() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET http://good.example/abs HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(seen["headers"]["host"], serde_json::json!(["good.example"]));
+    assert_eq!(
+        seen["headers"]["x-forwarded-host"],
+        serde_json::json!(["good.example"])
+    );
+
+    let io =
+        hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for (uri, host) in [
+        ("http://good.example/h2", Some("evil.example")),
+        ("http://user:pw@good.example/h2", None),
+    ] {
+        let mut req = Request::get(uri);
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        let resp = h2
+            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            seen["headers"]["host"],
+            serde_json::json!(["good.example"]),
+            "{uri}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn status_codes_headers_and_bodies_pass_unchanged() {
     let app = App::scripted().await;
