@@ -479,6 +479,9 @@ const IDLE_MAX: Duration = Duration::from_secs(45);
 const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 /// ... and is sent again only if the connection failed this soon after it was sent.
 const REPLAY_WITHIN: Duration = Duration::from_millis(100);
+/// How long a hyper connection whose answer has ended may take to be ready for the next
+/// request before it is closed instead of pooled (see `UpstreamBody::release`).
+const READY_WITHIN: Duration = Duration::from_millis(250);
 
 impl<C: Reusable> Pool<C> {
     fn new(workers: usize) -> Pool<C> {
@@ -570,9 +573,28 @@ impl UpstreamBody {
     fn release(&mut self) {
         match &mut self.inner {
             Inner::Hyper { reuse, .. } => {
-                if let Some(sender) = reuse.take() {
+                let Some(mut sender) = reuse.take() else {
+                    return;
+                };
+                if sender.is_ready() {
                     self.pools.hyper.put(sender);
+                    return;
                 }
+                // Not ready yet: about to be (its connection task has not seen the end of
+                // the answer yet), or still sending a request body the application answered
+                // without reading. Handed to another request, the latter would keep it
+                // waiting behind that body: such a connection is pooled only once ready,
+                // if that is soon, and closed otherwise.
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let pools = self.pools.clone();
+                runtime.spawn(async move {
+                    let ready = tokio::time::timeout(READY_WITHIN, sender.ready()).await;
+                    if matches!(ready, Ok(Ok(()))) {
+                        pools.hyper.put(sender);
+                    }
+                });
             }
             Inner::Lean(reader) => {
                 if let Some(conn) = reader.reusable() {

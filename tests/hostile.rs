@@ -337,6 +337,91 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
     assert_eq!(status.unwrap(), 200);
 }
 
+/// An application that answers an upload at once (a 401, say) without reading its body,
+/// while the client is still sending it: that connection to the application is busy with
+/// the body, and is not handed to another client's request, which would wait behind it.
+#[tokio::test]
+async fn an_upload_answered_early_does_not_hold_up_other_clients() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut more = [0u8; 4096];
+                    let n = match s.read(&mut more).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&more[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    if head.starts_with("post /upload") {
+                        // Answered before the body is read; the body is never read.
+                        let _ = s
+                            .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                        std::future::pending::<()>().await;
+                    }
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                    while buf.len() < end + 4 + length {
+                        let n = s.read(&mut more).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&more[..n]);
+                    }
+                    buf.drain(..end + 4 + length);
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    // One worker: every client shares its pool of connections to the application.
+    let mut config = support::config(&format!("http://{app}"));
+    config.limits.workers = 1;
+    let proxy = Proxy::start(config).await;
+    let mut uploads = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\npart")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+            .await
+            .expect("the early answer")
+            .unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 401"));
+        // The rest of the body never comes.
+        uploads.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            Client::new().request("POST", &proxy.url("/login"), &[], Bytes::from("user=ann")),
+        )
+        .await
+        .expect("another client's request is not held up");
+        assert_eq!(r.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// A WebSocket tunnel holds its client connection's place under the cap until it ends.
 #[tokio::test]
 async fn websocket_tunnels_count_against_the_connection_cap() {
