@@ -189,6 +189,9 @@ pub struct Timeouts {
     /// How long a client may leave a response unread (its socket full) before its
     /// connection is closed.
     pub client_send: f64,
+    /// How long a client may pause while sending a request body before the request is
+    /// cut off.
+    pub client_body: f64,
 }
 
 impl Default for Timeouts {
@@ -198,6 +201,7 @@ impl Default for Timeouts {
             upstream_response: 60.0,
             header_read: 10.0,
             client_send: 60.0,
+            client_body: 60.0,
         }
     }
 }
@@ -555,6 +559,11 @@ impl Config {
             (
                 "timeouts.client_send",
                 self.timeouts.client_send,
+                f64::MIN_POSITIVE,
+            ),
+            (
+                "timeouts.client_body",
+                self.timeouts.client_body,
                 f64::MIN_POSITIVE,
             ),
             (

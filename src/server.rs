@@ -34,7 +34,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::metered::Metered;
 use crate::store::redis::{RedisOptions, RedisStore, Topology};
 use crate::store::{Store, StoreSettings};
-use crate::upstream::{ClientBody, ProxyBody, Upstream, UpstreamUrl};
+use crate::upstream::{ClientBody, Paced, ProxyBody, Upstream, UpstreamUrl};
 
 /// A proxy whose listeners are bound, ready to [`Server::run`].
 pub struct Server {
@@ -143,6 +143,7 @@ impl Server {
         let periods = Periods {
             request_every: secs(config.timeouts.header_read),
             client_send: secs(config.timeouts.client_send),
+            client_body: secs(config.timeouts.client_body),
             max_head: head_backstop(&config),
         };
         let draining = {
@@ -420,7 +421,13 @@ async fn serve_connection(
         max_head: periods.max_head,
     };
     let graceful = Graceful::default();
-    let conn = drive(stream, service, builder, limits, graceful.clone());
+    let conn = drive(
+        stream,
+        service,
+        builder,
+        (limits, periods.client_body),
+        graceful.clone(),
+    );
     tokio::pin!(conn);
     // The timer and the shutdown signal are watched by a task of their own, which sends
     // its verdict once: the connection's task, woken several times per request, then
@@ -478,7 +485,7 @@ async fn drive<S, F>(
     mut io: Progress,
     service: S,
     builder: &auto::Builder<TokioExecutor>,
-    limits: Limits,
+    (limits, body_gap): (Limits, Duration),
     graceful: Graceful,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -490,7 +497,7 @@ where
         Next::Handover(read, served) => (read, served),
     };
     let hyper_service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        service(req.map(Either::Left)).map(Ok::<_, Infallible>)
+        service(req.map(|body| Either::Left(Paced::new(body, body_gap)))).map(Ok::<_, Infallible>)
     });
     // After HTTP/1.1 requests, an HTTP/2 preface is no longer one (RFC 9113 §3.4): the
     // connection closes rather than turn into HTTP/2 half-way.
@@ -612,6 +619,8 @@ struct Periods {
     request_every: Duration,
     /// `timeouts.client_send`: a response left unread this long ends its connection.
     client_send: Duration,
+    /// `timeouts.client_body`: a request body that pauses this long is cut off.
+    client_body: Duration,
     /// A request head may be at most this long (hyper's backstop to
     /// `limits.max_header_bytes`).
     max_head: usize,

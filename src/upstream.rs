@@ -112,7 +112,77 @@ pub enum UpstreamError {
 
 /// A request's body: the one hyper reads from the client, or none (a request the proxy's
 /// own HTTP/1.1 read, or one sent again).
-pub type ClientBody = Either<Incoming, Empty<Bytes>>;
+pub type ClientBody = Either<Paced<Incoming>, Empty<Bytes>>;
+
+/// A client's request body that may pause at most `gap` between frames: past that it
+/// fails, which cuts the request off towards the application (like nginx's
+/// `client_body_timeout`). Without it, a client that stops in the middle of an upload
+/// would hold its connection, and one to the application, for as long as it liked.
+pub struct Paced<B> {
+    inner: B,
+    gap: Duration,
+    /// Armed while the body waits for its next frame.
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since `pause` was armed: it restarts from now.
+    moved: bool,
+}
+
+impl<B> Paced<B> {
+    pub fn new(inner: B, gap: Duration) -> Paced<B> {
+        Paced {
+            inner,
+            gap,
+            pause: None,
+            moved: false,
+        }
+    }
+}
+
+impl<B> Body for Paced<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.moved = true;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = tokio::time::Instant::now() + this.gap;
+        let pause = match &mut this.pause {
+            Some(pause) => {
+                if std::mem::take(&mut this.moved) {
+                    pause.as_mut().reset(deadline);
+                }
+                pause
+            }
+            None => this
+                .pause
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        ready!(pause.as_mut().poll(cx));
+        Poll::Ready(Some(Err(format!(
+            "the client sent no byte of its request body for {:?} (timeouts.client_body)",
+            this.gap
+        )
+        .into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// What it takes to send a bodiless request again: its head, and when it was sent.
 struct Replay {

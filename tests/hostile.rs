@@ -337,13 +337,11 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
     assert_eq!(status.unwrap(), 200);
 }
 
-/// An application that answers an upload at once (a 401, say) without reading its body,
-/// while the client is still sending it: that connection to the application is busy with
-/// the body, and is not handed to another client's request, which would wait behind it.
-#[tokio::test]
-async fn an_upload_answered_early_does_not_hold_up_other_clients() {
+/// An application that answers `POST /upload` at once with a 401 and never reads its
+/// body, and anything else with a 200 once it has read the whole body.
+async fn uploads_app() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = listener.local_addr().unwrap();
+    let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -385,6 +383,15 @@ async fn an_upload_answered_early_does_not_hold_up_other_clients() {
             });
         }
     });
+    addr
+}
+
+/// An application that answers an upload at once (a 401, say) without reading its body,
+/// while the client is still sending it: that connection to the application is busy with
+/// the body, and is not handed to another client's request, which would wait behind it.
+#[tokio::test]
+async fn an_upload_answered_early_does_not_hold_up_other_clients() {
+    let app = uploads_app().await;
     // One worker: every client shares its pool of connections to the application.
     let mut config = support::config(&format!("http://{app}"));
     config.limits.workers = 1;
@@ -419,6 +426,31 @@ async fn an_upload_answered_early_does_not_hold_up_other_clients() {
             "{:?}",
             started.elapsed()
         );
+    }
+}
+
+/// A client that stops in the middle of its request body is cut off after
+/// `timeouts.client_body`: with a 400 while the application waits for the body, or by
+/// closing the connection once it has its answer.
+#[tokio::test]
+async fn a_request_body_that_stops_is_cut_off_after_client_body() {
+    let app = uploads_app().await;
+    let mut config = support::config(&format!("http://{app}"));
+    config.timeouts.client_body = 0.5;
+    let proxy = Proxy::start(config).await;
+    for (target, answer) in [("/login", "HTTP/1.1 400"), ("/upload", "HTTP/1.1 401")] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!("POST {target} HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\npart");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("the connection is closed")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with(answer), "{target}: {text}");
+        assert!(started.elapsed() >= Duration::from_millis(400), "{target}");
     }
 }
 
