@@ -1728,6 +1728,25 @@ async fn a_rotation_marked_after_its_grace_period_is_done_and_the_old_id_unreada
     assert_eq!(left, None);
     assert_eq!(handles_of(&store, "ann").await, vec![new.handle()]);
     assert!(!store.revoke_handle(&old.handle()).await.unwrap());
+    // A write or patch through the old ID (a request in flight) cannot bring it back.
+    assert_eq!(
+        store
+            .replace(&old, bytes(r#"{"user":"ann","cart":2}"#))
+            .await
+            .unwrap(),
+        Landed::Missing
+    );
+    assert_eq!(
+        store.patch(&old, &patch(r#"{"cart":3}"#)).await.unwrap(),
+        PatchOutcome::Missing
+    );
+    assert!(store.load(&old, false).await.unwrap().is_none());
+    assert!(store.load(&old, true).await.unwrap().is_none());
+    assert_eq!(handles_of(&store, "ann").await, vec![new.handle()]);
+    assert_eq!(
+        data(&store, &new).await.as_deref(),
+        Some(r#"{"user":"ann","cart":1}"#)
+    );
 }
 
 /// Redis stalls with the rotation's copy queued: the rotation fails, and the copy it then

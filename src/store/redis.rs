@@ -338,19 +338,20 @@ type Peeked = (Vec<u8>, String, String, String, i64, String, String);
 /// or 3 (moved already, by another rotation).
 ///
 /// Marked when its grace period is already over (none was given, or Redis stalled for
-/// longer than it), the old ID is not deleted but left as a marker without data or user
-/// for `settle_ms`: unreadable, yet the rotation, asking again after a lost answer, learns
+/// longer than it), the old ID is not deleted but left as a marker with only `moved` (no
+/// data, user or creation time) for `settle_ms`: gone to every other script, yet the
+/// rotation, asking again after a lost answer, learns
 /// that it ran instead of taking the ID's end for a logout (and dropping the copy, the
 /// session with it).
 static SHORTEN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local f = redis.call('HMGET', KEYS[1], 'created', 'moved', 'ver', 'ends')
-if not f[1] then return 0 end
 if f[2] == ARGV[4] then
-  if redis.call('HEXISTS', KEYS[1], 'data') == 0 then return {1, 0} end
+  if not f[1] then return {1, 0} end
   return {1, redis.call('PEXPIRETIME', KEYS[1])}
 end
+if not f[1] then return 0 end
 if f[2] then return 3 end
 if (f[3] or '0') ~= ARGV[3] then return 2 end
 local ends = tonumber(f[4])
@@ -364,7 +365,9 @@ local at = tonumber(ARGV[5]) + math.max(t, 0)
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 if at <= now then
-  redis.call('HDEL', KEYS[1], 'data', 'user')
+  -- Without `created` too, every other script takes it for gone (a write racing the
+  -- rotation cannot bring it back).
+  redis.call('HDEL', KEYS[1], 'data', 'user', 'created')
   redis.call('PEXPIREAT', KEYS[1], string.format('%d', now + tonumber(ARGV[6])))
 else
   redis.call('PEXPIREAT', KEYS[1], string.format('%d', at))
