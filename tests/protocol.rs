@@ -249,6 +249,11 @@ async fn look_alikes_of_the_proxys_headers_are_stripped_too() {
         "X_Forwarded_Host",
         "X.Forwarded.Proto",
         "X_Forwarded_For",
+        // Some servers (lighttpd's CGI and FastCGI) read any punctuation as `_`.
+        "X~Session",
+        "x+session'update",
+        "X*Session*Handle",
+        "X|Forwarded|Host",
     ];
     let mut headers: Vec<(&str, &str)> = injected.iter().map(|n| (*n, forged.as_str())).collect();
     headers.push(("X_Custom_Thing", "kept"));
@@ -274,6 +279,23 @@ async fn look_alikes_of_the_proxys_headers_are_stripped_too() {
             }
         }
     }
+}
+
+/// A configured name with punctuation (`X_Session`) has look-alikes too, `X-Session`
+/// among them: a server that reads `_` as `-` takes either for the other.
+#[tokio::test]
+async fn a_configured_name_with_punctuation_is_guarded_against_its_look_alikes() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.session.request_header = "X_Session".into()).await;
+    let forged = b64(r#"{"admin":true}"#);
+    let headers = [
+        ("X-Session", forged.as_str()),
+        ("x.session", forged.as_str()),
+    ];
+    let r = Client::new().get(&proxy.url("/"), &headers).await;
+    assert!(r.header_seen("x-session").is_empty());
+    assert!(r.header_seen("x.session").is_empty());
+    assert_eq!(r.header_seen("x_session"), vec!["e30="]);
 }
 
 #[tokio::test]

@@ -17,6 +17,9 @@ pub struct ProtocolHeaders {
     update: HeaderName,
     patch: HeaderName,
     rotate: HeaderName,
+    /// A configured name holds punctuation other than `-` (`X_Session`): then its
+    /// look-alikes, `X-Session` among them, are looked for in every request.
+    odd_names: bool,
 }
 
 impl ProtocolHeaders {
@@ -25,25 +28,29 @@ impl ProtocolHeaders {
         let name = |value: &str, default: &'static str| {
             HeaderName::try_from(value).unwrap_or(HeaderName::from_static(default))
         };
-        ProtocolHeaders {
+        let mut headers = ProtocolHeaders {
             request: name(&config.request_header, "x-session"),
             handle: name(&config.handle_header, "x-session-handle"),
             update: name(&config.update_header, "x-session-update"),
             patch: name(&config.patch_header, "x-session-patch"),
             rotate: name(&config.rotate_header, "x-session-rotate"),
-        }
+            odd_names: false,
+        };
+        headers.odd_names = headers.names().iter().any(|n| has_punctuation(n));
+        headers
     }
 
     /// Removes every protocol header: from client requests (a client can never inject
     /// session data) and from responses (the client never sees them). Look-alikes go
     /// too: names that read as a protocol header, or as one of the `X-Forwarded-*` the
-    /// proxy sets, once `_` and `.` read as `-`, as CGI and WSGI servers read them
-    /// (`X_Session` and `X-Session` both become `HTTP_X_SESSION` there).
+    /// proxy sets, once every byte other than a letter or digit reads as `-`, as CGI,
+    /// WSGI and FastCGI servers read them (`X_Session`, `X.Session` and `X~Session` all
+    /// become `HTTP_X_SESSION` there).
     pub fn strip(&self, headers: &mut HeaderMap) {
-        let (mut exact, mut alike) = (false, false);
+        let (mut exact, mut alike) = (false, self.odd_names);
         for name in headers.keys() {
             exact |= self.names().contains(&name);
-            alike |= name.as_str().bytes().any(|b| b == b'_' || b == b'.');
+            alike |= has_punctuation(name);
         }
         if exact {
             for name in self.names() {
@@ -62,21 +69,22 @@ impl ProtocolHeaders {
         }
     }
 
-    /// Whether `name` holds a `_` or `.` and, with those read as `-`, is a protocol
-    /// header or an `X-Forwarded-*` the proxy sets (which themselves pass here).
+    /// Whether `name` reads as a protocol header, or as an `X-Forwarded-*` the proxy sets,
+    /// once every byte other than a letter or digit reads as `-` (the `X-Forwarded-*`
+    /// themselves, which the proxy handles, excepted).
     fn reads_as_ours(&self, name: &HeaderName) -> bool {
-        if !name.as_str().bytes().any(|b| b == b'_' || b == b'.') {
+        if FORWARDED.contains(&name.as_str()) {
             return false;
         }
-        let dashed = |b: &u8| if *b == b'_' || *b == b'.' { b'-' } else { *b };
         let same = |ours: &str| {
             ours.len() == name.as_str().len()
-                && name.as_str().bytes().map(|b| dashed(&b)).eq(ours.bytes())
+                && name
+                    .as_str()
+                    .bytes()
+                    .map(dashed)
+                    .eq(ours.bytes().map(dashed))
         };
-        self.names().iter().any(|ours| same(ours.as_str()))
-            || ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"]
-                .iter()
-                .any(|ours| same(ours))
+        self.names().iter().any(|ours| same(ours.as_str())) || FORWARDED.iter().any(|f| same(f))
     }
 
     /// Every protocol header's name.
@@ -145,6 +153,22 @@ fn take_one(
         return Err(Violation::Repeated(what));
     }
     Ok(first)
+}
+
+/// The `X-Forwarded-*` fields the proxy sets.
+const FORWARDED: [&str; 3] = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"];
+
+/// A name's byte as servers that turn names into variables read it: letters and digits
+/// stay, anything else is a separator.
+fn dashed(b: u8) -> u8 {
+    if b.is_ascii_alphanumeric() { b } else { b'-' }
+}
+
+/// Whether a name holds a byte other than a letter, a digit or `-`.
+fn has_punctuation(name: &HeaderName) -> bool {
+    name.as_str()
+        .bytes()
+        .any(|b| !(b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 /// What the application asked for in its response.
