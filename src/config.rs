@@ -307,21 +307,10 @@ impl Config {
         flags: &Overrides,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut rust_log = None;
         let env: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, v)| {
-                if k == "RUST_LOG" {
-                    rust_log = Some(v.clone());
-                }
-                k.starts_with(ENV_PREFIX)
-            })
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
-        // It wins over `log.level`: a typo there would silence every log line.
-        if let Some(filter) = rust_log.filter(|f| !f.trim().is_empty()) {
-            check_log_level(&filter)
-                .map_err(|e| ConfigError(format!("invalid environment: RUST_LOG {e}")))?;
-        }
         let env_config = env
             .iter()
             .find(|(k, _)| k == "SESSION_PROXY_CONFIG")
@@ -1305,18 +1294,6 @@ mod tests {
     fn an_empty_log_level_is_no_level() {
         let c = load(Some("log:\n  level: \"\"\n"), &[]).unwrap();
         assert_eq!(c.log.level, None);
-    }
-
-    #[test]
-    fn an_invalid_rust_log_stops_start_up() {
-        let e = load(None, &[("RUST_LOG", "warning")]).unwrap_err();
-        assert!(
-            e.0.contains("RUST_LOG") && e.0.contains("`warning` names no level"),
-            "{e}"
-        );
-        for fine in ["", "warn", "info,session_proxy::access=off"] {
-            assert!(load(None, &[("RUST_LOG", fine)]).is_ok(), "{fine:?}");
-        }
     }
 
     #[test]

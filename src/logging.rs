@@ -9,7 +9,12 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the global subscriber. `RUST_LOG` wins over `log.level`; the default shows
 /// one access-log line per request (`info`).
 pub fn init(config: &LogConfig) {
-    let filter = filter(std::env::var("RUST_LOG").ok(), config.level.as_deref());
+    let rust_log = std::env::var("RUST_LOG").ok();
+    if let Some(hint) = rust_log.as_deref().and_then(misread) {
+        // Said outside the log: the filter may well let nothing through.
+        eprintln!("session-proxy: {hint}");
+    }
+    let filter = filter(rust_log, config.level.as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -19,6 +24,43 @@ pub fn init(config: &LogConfig) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Where the proxy and the libraries it uses log: a bare `RUST_LOG` directive naming one
+/// of these means "all of this target's events".
+const TARGETS: [&str; 10] = [
+    "session_proxy",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "redis",
+    "tokio",
+    "rustls",
+    "mio",
+    "tower",
+    "tracing",
+];
+
+/// What is likely wrong with a `RUST_LOG` that names neither a level nor a target the
+/// proxy logs under (`warning`, `inf`): valid syntax, read as the name of a target, and
+/// so letting no line of the proxy's through. `None` when it looks meant.
+fn misread(rust_log: &str) -> Option<String> {
+    const LEVELS: [&str; 12] = [
+        "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
+    ];
+    let odd = rust_log
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains('='))
+        .find(|d| {
+            let target = d.split(['[', '{', ':']).next().unwrap_or_default();
+            !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)) && !TARGETS.contains(&target)
+        })?;
+    Some(format!(
+        "RUST_LOG's `{odd}` is neither a level (trace, debug, info, warn, error, off) nor a \
+         target the proxy logs under, so it lets none of the proxy's log lines through; \
+         did you mean a level, or target=level?"
+    ))
 }
 
 /// `RUST_LOG`, else `log.level`, else `info`. An empty `RUST_LOG` (a template that left
@@ -45,5 +87,23 @@ mod tests {
         assert_eq!(hint(Some(""), Some("warn")), Some(LevelFilter::WARN));
         assert_eq!(hint(Some(" "), None), Some(LevelFilter::INFO));
         assert_eq!(hint(None, None), Some(LevelFilter::INFO));
+    }
+
+    #[test]
+    fn a_rust_log_that_lets_nothing_through_is_pointed_out() {
+        for odd in ["warning", "inf", "info,warnings", "bogus::x"] {
+            assert!(misread(odd).is_some(), "{odd}");
+        }
+        for meant in [
+            "",
+            "warn",
+            "INFO",
+            "session_proxy",
+            "warn,hyper",
+            "info,session_proxy::access=off",
+            "redis[span]=debug",
+        ] {
+            assert_eq!(misread(meant), None, "{meant}");
+        }
     }
 }

@@ -729,3 +729,32 @@ fn an_evicting_redis_is_warned_about_at_start_up() {
         }
     }
 }
+
+/// A `RUST_LOG` that lets none of the proxy's lines through (`warning` reads as a target)
+/// is used as given, and said once on stderr at start-up.
+#[test]
+fn a_rust_log_that_silences_the_proxy_is_pointed_out() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args(["--listen", &listen, "--admin-listen", "null"])
+        .env("RUST_LOG", "warning")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let line = seen.recv_timeout(Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a line on stderr");
+    assert!(line.contains("RUST_LOG's `warning`"), "{line}");
+}
