@@ -1019,9 +1019,13 @@ fn env_value(defaults: &Value, path: &[&str], raw: &str) -> Value {
     match default {
         Some(Value::Null) if raw.trim().is_empty() && !SECRETS.contains(&path) => Value::Null,
         Some(Value::String(_)) => Value::String(raw.to_string()),
-        // A list in JSON form, for items that hold commas (`["/{a,b}/**"]`).
-        Some(Value::Array(_)) if raw.trim_start().starts_with('[') => {
-            serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
+        // A list in JSON form, for items that hold commas (`["/{a,b}/**"]`); anything
+        // else that starts with `[` is an item like any other.
+        Some(Value::Array(_))
+            if raw.trim_start().starts_with('[')
+                && serde_json::from_str::<Vec<String>>(raw).is_ok() =>
+        {
+            serde_json::from_str(raw).unwrap_or(Value::Null)
         }
         Some(Value::Array(_)) => Value::Array(
             raw.split(',')
@@ -1387,6 +1391,14 @@ mod tests {
             ),
         ];
         let c = load(None, &env).unwrap();
+        // Not a JSON list: an item like any other.
+        let fallback = "[old-secret-0123456789";
+        let d = load(
+            Some("session:\n  secret: current-secret-0123456789\n"),
+            &[("SESSION_PROXY_SESSION__SECRET_FALLBACKS", fallback)],
+        )
+        .unwrap();
+        assert_eq!(d.session.secret_fallbacks, vec![fallback]);
         assert!(c.session.secure && !c.session.http_only);
         assert_eq!(c.timeouts.upstream_connect, 0.5);
         assert_eq!(c.session.exclude, vec!["/{a,b}/**", "/static/**"]);
