@@ -287,6 +287,12 @@ impl Proxy {
             UpstreamError::Timeout => Problem::timeout(),
             UpstreamError::BadRequest(why) => Problem::bad_request(why),
             UpstreamError::Invalid(why) => Problem::bad_gateway(why),
+            UpstreamError::BodyPaused(why) => Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request body timed out",
+                why,
+            ),
         })
     }
 

@@ -108,6 +108,36 @@ pub enum UpstreamError {
     BadRequest(String),
     /// The response cannot be passed on to the client (502).
     Invalid(String),
+    /// The client paused its request body for longer than `timeouts.client_body` (408).
+    BodyPaused(String),
+}
+
+/// Why a [`Paced`] body failed: told apart from other body errors by its type.
+#[derive(Debug)]
+pub struct BodyPaused(Duration);
+
+impl std::fmt::Display for BodyPaused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the client sent no byte of its request body for {:?} (timeouts.client_body)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BodyPaused {}
+
+/// The [`BodyPaused`] among an error's causes, if any.
+fn paused<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyPaused> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(paused) = e.downcast_ref::<BodyPaused>() {
+            return Some(paused);
+        }
+        cause = e.source();
+    }
+    None
 }
 
 /// A request's body: the one hyper reads from the client, or none (a request the proxy's
@@ -168,11 +198,7 @@ where
                 .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
         ready!(pause.as_mut().poll(cx));
-        Poll::Ready(Some(Err(format!(
-            "the client sent no byte of its request body for {:?} (timeouts.client_body)",
-            this.gap
-        )
-        .into())))
+        Poll::Ready(Some(Err(Box::new(BodyPaused(this.gap)))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -407,6 +433,10 @@ impl Upstream {
                     Some(unsent) if pooled => req = unsent,
                     _ => match replay.as_mut().and_then(|r| r.again(e.error())) {
                         Some(again) => req = again,
+                        None if paused(e.error()).is_some() => {
+                            let why = paused(e.error()).map(ToString::to_string);
+                            return Err(UpstreamError::BodyPaused(why.unwrap_or_default()));
+                        }
                         // The client's body broke off or was malformed.
                         None if e.error().is_user() => {
                             return Err(UpstreamError::BadRequest(describe(e.error())));

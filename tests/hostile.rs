@@ -430,7 +430,7 @@ async fn an_upload_answered_early_does_not_hold_up_other_clients() {
 }
 
 /// A client that stops in the middle of its request body is cut off after
-/// `timeouts.client_body`: with a 400 while the application waits for the body, or by
+/// `timeouts.client_body`: with a 408 while the application waits for the body, or by
 /// closing the connection once it has its answer.
 #[tokio::test]
 async fn a_request_body_that_stops_is_cut_off_after_client_body() {
@@ -438,7 +438,7 @@ async fn a_request_body_that_stops_is_cut_off_after_client_body() {
     let mut config = support::config(&format!("http://{app}"));
     config.timeouts.client_body = 0.5;
     let proxy = Proxy::start(config).await;
-    for (target, answer) in [("/login", "HTTP/1.1 400"), ("/upload", "HTTP/1.1 401")] {
+    for (target, answer) in [("/login", "HTTP/1.1 408"), ("/upload", "HTTP/1.1 401")] {
         let mut s = TcpStream::connect(proxy.addr).await.unwrap();
         let head = format!("POST {target} HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\npart");
         s.write_all(head.as_bytes()).await.unwrap();
