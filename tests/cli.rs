@@ -682,7 +682,13 @@ fn revoke_asks_for_a_user_or_a_handle() {
 #[test]
 fn an_evicting_redis_is_warned_about_at_start_up() {
     let server = redis_harness::RedisServer::start();
-    for (policy, warned) in [("allkeys-lru", true), ("noeviction", false)] {
+    for (limit, policy, warned) in [
+        ("100mb", "allkeys-lru", true),
+        ("100mb", "noeviction", false),
+        // No memory limit: nothing is ever evicted.
+        ("0", "volatile-lru", false),
+    ] {
+        let _: String = server.cli(&["CONFIG", "SET", "maxmemory", limit]);
         let _: String = server.cli(&["CONFIG", "SET", "maxmemory-policy", policy]);
         let listen = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(BIN)

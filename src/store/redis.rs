@@ -1625,24 +1625,31 @@ impl RedisStore {
         Err(StoreError::Contended.into())
     }
 
-    /// Warns, once at start-up, when Redis may evict keys under memory pressure: evicting
-    /// a user's index would make "log out everywhere" miss sessions that are still there.
-    /// Best effort: a Redis that is down, or that refuses `CONFIG` (managed services often
-    /// do), says nothing.
+    /// Warns, once at start-up, when Redis may evict keys under memory pressure (a memory
+    /// limit and a policy other than `noeviction`): evicting a user's index would make
+    /// "log out everywhere" miss sessions that are still there. Best effort: a Redis that
+    /// is down, or that refuses `CONFIG` (managed services often do), says nothing.
     pub async fn warn_if_evicting(&self) {
         let asked = async {
             let mut conn = self.link.conn().await.ok()?;
             redis::cmd("CONFIG")
                 .arg("GET")
+                .arg("maxmemory")
                 .arg("maxmemory-policy")
-                .query_async::<Vec<String>>(&mut conn)
+                .query_async::<HashMap<String, String>>(&mut conn)
                 .await
                 .ok()
         };
-        let Ok(Some(reply)) = tokio::time::timeout(Duration::from_secs(5), asked).await else {
+        let Ok(Some(config)) = tokio::time::timeout(Duration::from_secs(5), asked).await else {
             return;
         };
-        if let Some(policy) = reply.get(1).filter(|p| p.as_str() != "noeviction") {
+        if config.get("maxmemory").is_none_or(|limit| limit == "0") {
+            return;
+        }
+        if let Some(policy) = config
+            .get("maxmemory-policy")
+            .filter(|p| p.as_str() != "noeviction")
+        {
             tracing::warn!(
                 "Redis's maxmemory-policy is {policy}: when Redis is full it may evict session \
                  keys (logging users out) and user index keys (so that revoking a user's \
