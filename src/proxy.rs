@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Versio
 use http_body_util::Either;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::config::Config;
 use crate::metrics::{Metrics, Outcome};
@@ -44,6 +45,9 @@ pub struct Proxy {
     rotate_grace: Duration,
     absolute_timeout: Option<u64>,
     max_header_bytes: usize,
+    /// How long a tunnel's other side may stay open once one side has closed
+    /// (`timeouts.client_send`).
+    tunnel_linger: Duration,
 }
 
 /// The session a request arrived with.
@@ -125,6 +129,7 @@ impl Proxy {
             rotate_grace: Duration::from_secs(s.rotate_grace),
             absolute_timeout: s.absolute_timeout,
             max_header_bytes: config.limits.max_header_bytes,
+            tunnel_linger: crate::config::secs(config.timeouts.client_send),
         })
     }
 
@@ -502,6 +507,7 @@ impl Proxy {
         let upstream = hyper::upgrade::on(&mut *response);
         let metrics = self.metrics.clone();
         let stop = self.shutdown.tunnels_cancelled();
+        let linger = self.tunnel_linger;
         self.shutdown.tunnels().spawn(async move {
             // The tunnel is still the client's connection: it counts as open, and against
             // `limits.max_connections`, until it ends.
@@ -510,13 +516,38 @@ impl Proxy {
                 return;
             };
             metrics.tunnels().inc();
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                _ = join(TokioIo::new(client), TokioIo::new(upstream), linger) => {}
                 _ = stop.cancelled() => {}
             }
             metrics.tunnels().dec();
         });
+    }
+}
+
+/// Copies bytes both ways between a tunnel's two sides. Once one side has closed (its
+/// end passed on as a half-close), the other has `linger` to finish: a peer that never
+/// closes its side cannot hold the tunnel, and its place under `limits.max_connections`,
+/// for ever.
+async fn join<A, B>(a: A, b: B, linger: Duration)
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let a_to_b = async {
+        let _ = tokio::io::copy(&mut a_read, &mut b_write).await;
+        let _ = b_write.shutdown().await;
+    };
+    let b_to_a = async {
+        let _ = tokio::io::copy(&mut b_read, &mut a_write).await;
+        let _ = a_write.shutdown().await;
+    };
+    tokio::pin!(a_to_b, b_to_a);
+    tokio::select! {
+        () = &mut a_to_b => { let _ = tokio::time::timeout(linger, b_to_a).await; }
+        () = &mut b_to_a => { let _ = tokio::time::timeout(linger, a_to_b).await; }
     }
 }
 

@@ -454,6 +454,62 @@ async fn a_request_body_that_stops_is_cut_off_after_client_body() {
     }
 }
 
+/// Once one side of a tunnel has closed, the other has `timeouts.client_send` to follow:
+/// an application that never closes its side cannot keep the tunnel (and its place under
+/// `limits.max_connections`) for ever.
+#[tokio::test]
+async fn a_tunnel_half_closed_by_the_client_ends_after_client_send() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+                          connection: upgrade\r\n\r\n",
+                    )
+                    .await;
+                // Reads to the end, then keeps its side open.
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    let mut config = support::config(&format!("http://{app}"));
+    config.timeouts.client_send = 0.5;
+    let proxy = Proxy::start(config).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 1024];
+    let n = s.read(&mut head).await.unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    s.shutdown().await.unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel ends")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while proxy.metric("session_proxy_websocket_tunnels_open").await != 0.0 {
+        assert!(Instant::now() < deadline, "the tunnel is still counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A WebSocket tunnel holds its client connection's place under the cap until it ends.
 #[tokio::test]
 async fn websocket_tunnels_count_against_the_connection_cap() {
