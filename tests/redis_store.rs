@@ -945,6 +945,72 @@ async fn a_database_the_server_lacks_is_named_in_the_error() {
     assert_eq!(unavailable(store.ping().await), why);
 }
 
+/// The least-privilege ACL SECURITY.md gives is enough for every operation of the store,
+/// the per-user index and late rotation markers included.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_acl_security_md_gives_is_enough() {
+    const ACL: &str = "resetkeys ~session:* resetchannels -@all \
+        +@connection +ping +evalsha +eval +script|load +hget +hmget +hset +hdel +hincrby \
+        +exists +get +set +del +pexpire +pexpireat +pexpiretime +pttl +zadd +zrem \
+        +zrange +zremrangebyscore";
+    let documented: String = include_str!("../SECURITY.md")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let acl_words: Vec<&str> = ACL.split_whitespace().collect();
+    assert!(
+        documented.contains(&acl_words.join(" ")),
+        "SECURITY.md no longer gives this ACL"
+    );
+    let server = RedisServer::start();
+    let mut args = vec!["ACL", "SETUSER", "session-proxy", "on", ">pw-0123456789"];
+    args.extend(acl_words.iter().copied());
+    server.cli::<()>(&args);
+    let url = format!(
+        "redis://session-proxy:pw-0123456789@127.0.0.1:{}",
+        server.port()
+    );
+    let store = connect(Topology::Standalone { url }, MINUTE).await;
+    store.ping().await.unwrap();
+    let (a, b, c) = (new_id(), new_id(), new_id());
+    store
+        .create(&a, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    assert!(store.load(&a, false).await.unwrap().is_some());
+    assert!(store.load(&a, true).await.unwrap().is_some());
+    assert_eq!(
+        store
+            .replace(&a, bytes(r#"{"user":"ann","n":1}"#))
+            .await
+            .unwrap(),
+        Landed::Done
+    );
+    assert!(matches!(
+        store.patch(&a, &patch(r#"{"n":2}"#)).await.unwrap(),
+        PatchOutcome::Updated(_)
+    ));
+    assert_eq!(store.rotate(&a, &b, MINUTE).await.unwrap(), Rotated::Done);
+    // No grace period: marked after it, by Redis's clock.
+    assert_eq!(
+        store.rotate(&b, &c, Duration::ZERO).await.unwrap(),
+        Rotated::Done
+    );
+    let (moved, data): (Option<String>, Option<String>) =
+        server.cli(&["HMGET", &key(&b), "moved", "data"]);
+    assert_eq!(moved.as_deref(), Some(c.as_str()), "the old ID is marked");
+    assert_eq!(data, None, "the old ID is unreadable");
+    assert!(server.cli::<i64>(&["PTTL", &key(&b)]) <= 4_000);
+    assert_eq!(store.user_sessions("ann").await.unwrap().len(), 2);
+    assert!(store.revoke_handle(&c.handle()).await.unwrap());
+    let d = new_id();
+    store.create(&d, session(r#"{"user":"bo"}"#)).await.unwrap();
+    assert_eq!(store.revoke_user("bo").await.unwrap(), 1);
+    let e = new_id();
+    store.create(&e, session("{}")).await.unwrap();
+    assert_eq!(store.delete(&e).await.unwrap(), Landed::Done);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_without_access_to_the_key_prefix_is_told_to_check_its_acl() {
     let server = RedisServer::start();
@@ -1031,8 +1097,19 @@ async fn a_certificate_from_an_untrusted_ca_is_named_in_the_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sentinel_failover_loses_no_acknowledged_write() {
+    sentinel_failover_loses_no_acknowledged_write(1).await;
+}
+
+/// With two replicas, the one promoted may not be the one that confirmed a write: a write
+/// counts as done only once every replica the Sentinels know as healthy holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sentinel_failover_with_two_replicas_loses_no_acknowledged_write() {
+    sentinel_failover_loses_no_acknowledged_write(2).await;
+}
+
+async fn sentinel_failover_loses_no_acknowledged_write(replicas: usize) {
     let setup = Arc::new(
-        tokio::task::spawn_blocking(RedisSentinel::start)
+        tokio::task::spawn_blocking(move || RedisSentinel::start_with(replicas))
             .await
             .unwrap(),
     );
@@ -1058,35 +1135,39 @@ async fn a_sentinel_failover_loses_no_acknowledged_write() {
     assert!(store.load(&counter, true).await.unwrap().is_some());
     assert_eq!(store.user_sessions("ann").await.unwrap().len(), 1);
 
-    // A stream of writes: a new session each time, and a patch of one shared session.
+    // Streams of writes: a new session each time, and a patch of one shared session.
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn({
-        let (store, stop, counter) = (store.clone(), stop.clone(), counter.clone());
-        async move {
-            let mut created = Vec::new();
-            let mut patched = Vec::new();
-            let mut failures = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let id = new_id();
-                let json = format!(r#"{{"n":{n}}}"#);
-                match store.create(&id, session(&json)).await {
-                    Ok(()) => created.push((id, json, Instant::now())),
-                    Err(StoreError::Unavailable(_)) => failures.push(Instant::now()),
-                    Err(e) => panic!("unexpected {e}"),
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            tokio::spawn({
+                let (store, stop, counter) = (store.clone(), stop.clone(), counter.clone());
+                async move {
+                    let mut created = Vec::new();
+                    let mut patched = Vec::new();
+                    let mut failures = Vec::new();
+                    let mut n = w * 1_000_000;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let id = new_id();
+                        let json = format!(r#"{{"n":{n}}}"#);
+                        match store.create(&id, session(&json)).await {
+                            Ok(()) => created.push((id, json, Instant::now())),
+                            Err(StoreError::Unavailable(_)) => failures.push(Instant::now()),
+                            Err(e) => panic!("unexpected {e}"),
+                        }
+                        match store.patch(&counter, &json!({ format!("p{n}"): n })).await {
+                            Ok(PatchOutcome::Updated(_)) => patched.push(n),
+                            Ok(other) => panic!("patch: {other:?}"),
+                            Err(StoreError::Unavailable(_)) => failures.push(Instant::now()),
+                            Err(e) => panic!("unexpected {e}"),
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    (created, patched, failures)
                 }
-                match store.patch(&counter, &json!({ format!("p{n}"): n })).await {
-                    Ok(PatchOutcome::Updated(_)) => patched.push(n),
-                    Ok(other) => panic!("patch: {other:?}"),
-                    Err(StoreError::Unavailable(_)) => failures.push(Instant::now()),
-                    Err(e) => panic!("unexpected {e}"),
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            (created, patched, failures)
-        }
-    });
+            })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let old_master = setup.master_port();
@@ -1099,10 +1180,18 @@ async fn a_sentinel_failover_loses_no_acknowledged_write() {
     .unwrap();
     let switched = started.elapsed();
     assert_ne!(new_master, old_master);
-    // Keep writing until writes have gone through for a while after the switch.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Keep writing until writes have gone through for a while after the switch (a replica
+    // re-pointed at the new master needs a full sync first).
+    tokio::time::sleep(Duration::from_secs(3 * replicas as u64)).await;
     stop.store(true, Ordering::Relaxed);
-    let (created, patched, failures) = writer.await.unwrap();
+    let (mut created, mut patched, mut failures) = (Vec::new(), Vec::new(), Vec::new());
+    for writer in writers {
+        let (c, p, f) = writer.await.unwrap();
+        created.extend(c);
+        patched.extend(p);
+        failures.extend(f);
+    }
+    failures.sort();
 
     let resumed = created
         .iter()
@@ -1157,6 +1246,40 @@ async fn a_sentinel_failover_loses_no_acknowledged_write() {
         .await
         .unwrap();
     assert!(master.cli::<i64>(&["EXISTS", &key(&id)]) == 1);
+}
+
+/// A master whose replica died: once the Sentinels mark the replica down, writes go
+/// through without waiting for it, steadily (not held up each time what the Sentinels
+/// said is asked again).
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_go_on_steadily_once_the_sentinels_mark_the_only_replica_down() {
+    let mut setup = tokio::task::spawn_blocking(RedisSentinel::start)
+        .await
+        .unwrap();
+    let topology = Topology::Sentinel {
+        master: SENTINEL_MASTER.into(),
+        nodes: setup.sentinel_urls(),
+    };
+    let store = RedisStore::connect(topology, options(PREFIX), settings(MINUTE))
+        .await
+        .unwrap();
+    store.create(&new_id(), session("{}")).await.unwrap();
+    setup.crash_replicas();
+    let crashed = Instant::now();
+    let mut late = Vec::new();
+    while crashed.elapsed() < Duration::from_secs(6) {
+        let started = Instant::now();
+        let written = store.create(&new_id(), session(r#"{"a":1}"#)).await;
+        // The Sentinels take `down-after-milliseconds` (1 s) to see the replica gone,
+        // and what they said holds a second: from 2.5 s on, every write goes through.
+        if crashed.elapsed() > Duration::from_millis(2500)
+            && (written.is_err() || started.elapsed() > Duration::from_millis(300))
+        {
+            late.push((crashed.elapsed(), started.elapsed(), written.is_ok()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(late.is_empty(), "writes held up or refused: {late:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

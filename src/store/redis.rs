@@ -40,6 +40,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex as StdMutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -354,6 +355,10 @@ end
 if not f[1] then return 0 end
 if f[2] then return 3 end
 if (f[3] or '0') ~= ARGV[3] then return 2 end
+-- Redis's clock, from the key's expiry (without TIME, which needs a permission of its
+-- own); before any write, since a script that fails half-way keeps what it wrote.
+local left = redis.call('PTTL', KEYS[1])
+local now = redis.call('PEXPIRETIME', KEYS[1]) - left
 local ends = tonumber(f[4])
 if not ends or ends > tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'ends', ARGV[1]) end
 redis.call('HSET', KEYS[1], 'moved', ARGV[4])
@@ -362,9 +367,7 @@ redis.call('HSET', KEYS[1], 'moved', ARGV[4])
 local t = tonumber(ARGV[2])
 if ends then t = math.min(t, ends * 1000 - tonumber(ARGV[5])) end
 local at = tonumber(ARGV[5]) + math.max(t, 0)
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-if at <= now then
+if left > 0 and at <= now then
   -- Without `created` too, every other script takes it for gone (a write racing the
   -- rotation cannot bring it back).
   redis.call('HDEL', KEYS[1], 'data', 'user', 'created')
@@ -803,13 +806,17 @@ fn worth_retrying(e: &RedisError) -> bool {
 /// Sentinels announce a new master (`follow_failovers`), the master is looked up again,
 /// and when it has moved the connections are replaced.
 ///
-/// Writes are acknowledged only once a replica holds them (`WAIT 1`). During a failover
-/// the old master goes on accepting writes for seconds after its replica was promoted,
-/// and drops them when it is turned into a replica; `WAIT` finds no replica for those, so
-/// they fail instead of being lost. A master may also legitimately have no replica, right
-/// after a failover or while its replica is down: then nothing could be promoted over it
-/// and nothing lost, so when the Sentinels name it as master and know no healthy replica,
-/// its writes are accepted without one, for `ALONE_FOR` before the Sentinels are asked again.
+/// Writes are acknowledged only once every replica the Sentinels know as healthy holds
+/// them (`WAIT n`): the Sentinels may promote any of them, and a write only one replica
+/// confirmed is lost when another is promoted and the first is re-synced from it. During
+/// a failover the old master goes on accepting writes for seconds after a replica was
+/// promoted, and drops them when it is turned into a replica; `WAIT` finds too few
+/// replicas for those, and the Sentinels then say a failover is under way or name another
+/// master, so they fail instead of being lost. A master may also legitimately have no
+/// healthy replica, right after a failover or while its replicas are down: then nothing
+/// could be promoted over it and nothing lost, so its writes are accepted without one. What
+/// the Sentinels say is kept for `ALONE_FOR`, and asked again before a write after that,
+/// so that a replica they marked down no longer holds every write up.
 struct SentinelLink {
     service: String,
     /// How to connect to the master once found.
@@ -828,8 +835,20 @@ struct SentinelLink {
     /// Each worker thread's own connection to the master, opened from that thread (see
     /// `PerWorker`), replaced when the master moves.
     local: Box<[StdMutex<Option<Master>>]>,
-    /// A master found without a healthy replica, and until when that answer holds.
-    alone: StdMutex<Option<(Arc<ConnectionAddr>, Instant)>>,
+    /// What the Sentinels last said of a master's replicas, and until when it holds.
+    replicas: StdMutex<Option<(Arc<ConnectionAddr>, Replicas, Instant)>>,
+    /// Set while one write asks the Sentinels: the others go on with what was said last.
+    asking: AtomicBool,
+}
+
+/// How many replicas must confirm a write to a master, as the Sentinels see it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Replicas {
+    /// Every healthy replica (0: it is alone).
+    Want(u64),
+    /// A failover is under way, or the Sentinels name another master: nothing written to
+    /// this one can be relied on.
+    Refuse,
 }
 
 /// Finds the master through the Sentinels, and remembers when it last did.
@@ -909,7 +928,8 @@ impl SentinelLink {
             }),
             master: RwLock::new(None),
             local: (0..options.workers).map(|_| StdMutex::default()).collect(),
-            alone: StdMutex::new(None),
+            replicas: StdMutex::new(None),
+            asking: AtomicBool::new(false),
         })
     }
 
@@ -1002,42 +1022,77 @@ impl SentinelLink {
     }
 
     /// Whether writes to `master` currently go without a replica's acknowledgement.
-    fn known_alone(&self, master: &ConnectionAddr) -> bool {
-        let alone = self.alone.lock().unwrap_or_else(PoisonError::into_inner);
-        alone
-            .as_ref()
-            .is_some_and(|(addr, until)| **addr == *master && Instant::now() < *until)
+    /// How many replicas must confirm a write to `master`: what the Sentinels said within
+    /// `ALONE_FOR`, else asked now (`fresh`: asked now in any case). When no Sentinel
+    /// answers, what they said last holds, or one replica if they never said.
+    async fn replicas_for(&self, master: &Arc<ConnectionAddr>, fresh: bool) -> Replicas {
+        let known = {
+            let cached = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
+            cached
+                .as_ref()
+                .filter(|(addr, _, _)| **addr == **master)
+                .map(|(_, replicas, until)| (*replicas, Instant::now() < *until))
+        };
+        match known {
+            Some((replicas, true)) if !fresh => return replicas,
+            // Another write is asking: what was said last will do until it has.
+            Some((replicas, false)) if !fresh && self.asking.load(Ordering::Relaxed) => {
+                return replicas;
+            }
+            _ => {}
+        }
+        self.asking.store(true, Ordering::Relaxed);
+        let asked = self.ask_all(master).await;
+        self.asking.store(false, Ordering::Relaxed);
+        match asked {
+            Some(replicas) => {
+                let mut cached = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
+                *cached = Some((master.clone(), replicas, Instant::now() + ALONE_FOR));
+                replicas
+            }
+            None => known.map_or(Replicas::Want(1), |(replicas, _)| replicas),
+        }
     }
 
-    /// Asks the Sentinels whether `master` is theirs and has no healthy replica, in which
-    /// case a write it took without one stands. Any doubt counts as no.
-    async fn is_alone(&self, master: &Arc<ConnectionAddr>) -> bool {
+    /// Asks the Sentinels, one after another until one answers, how many replicas must
+    /// confirm a write to `master`. `None` when none answers.
+    async fn ask_all(&self, master: &Arc<ConnectionAddr>) -> Option<Replicas> {
         let (ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. }) =
             &**master
         else {
-            return false;
+            return Some(Replicas::Want(1));
         };
         for sentinel in &self.sentinels {
             let answer = tokio::time::timeout(self.lookup_timeout, self.ask(sentinel)).await;
-            let Ok(Ok((Some((named_host, named_port)), replicas))) = answer else {
+            let Ok(Ok((Some((named_host, named_port)), replicas, state))) = answer else {
                 continue;
             };
-            let alone = named_host == *host
-                && named_port == *port
-                && !replicas.iter().any(replica_is_healthy);
-            if alone {
-                let mut cached = self.alone.lock().unwrap_or_else(PoisonError::into_inner);
-                *cached = Some((master.clone(), Instant::now() + ALONE_FOR));
+            let flags = |info: &ReplicaInfo| {
+                info.get("flags")
+                    .map(|f| f.split(',').map(str::to_owned).collect::<Vec<_>>())
+                    .unwrap_or_default()
+            };
+            let failing_over = flags(&state)
+                .iter()
+                .any(|f| f.starts_with("failover") || f == "promoted")
+                || replicas
+                    .iter()
+                    .any(|r| flags(r).iter().any(|f| f == "promoted"));
+            if named_host != *host || named_port != *port || failing_over {
+                return Some(Replicas::Refuse);
             }
-            return alone;
+            let healthy = replicas.iter().filter(|r| replica_is_healthy(r)).count();
+            return Some(Replicas::Want(healthy as u64));
         }
-        false
+        None
     }
 
+    /// The master a Sentinel names, its replicas, and its own state (`flags` tells of a
+    /// failover under way).
     async fn ask(
         &self,
         sentinel: &Client,
-    ) -> RedisResult<(Option<(String, u16)>, Vec<ReplicaInfo>)> {
+    ) -> RedisResult<(Option<(String, u16)>, Vec<ReplicaInfo>, ReplicaInfo)> {
         let mut conn = sentinel
             .get_multiplexed_async_connection_with_config(&self.sentinel_config)
             .await?;
@@ -1047,6 +1102,9 @@ impl SentinelLink {
             .arg(&self.service)
             .cmd("SENTINEL")
             .arg("REPLICAS")
+            .arg(&self.service)
+            .cmd("SENTINEL")
+            .arg("MASTER")
             .arg(&self.service)
             .query_async(&mut conn)
             .await
@@ -1179,23 +1237,30 @@ impl RedisStore {
             return Ok(call.invoke_async(conn).await?);
         };
         let addr = master.addr.clone();
-        if link.known_alone(&addr) {
-            return Ok(call.invoke_async(conn).await?);
-        }
+        let wanted = match link.replicas_for(&addr, false).await {
+            Replicas::Refuse => return Err(Failure::Unconfirmed),
+            Replicas::Want(0) => return Ok(call.invoke_async(conn).await?),
+            Replicas::Want(n) => n,
+        };
         let mut pipe = redis::pipe();
         pipe.invoke_script(call)
             .cmd("WAIT")
-            .arg(1)
+            .arg(wanted)
             .arg(millis(link.confirm_within));
-        let (value, replicas): (T, u64) = match pipe.query_async(conn).await {
+        let (value, confirmed): (T, u64) = match pipe.query_async(conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 call.load_async(conn).await?;
                 pipe.query_async(conn).await?
             }
             reply => reply?,
         };
-        if replicas == 0 && !link.is_alone(&addr).await {
-            return Err(Failure::Unconfirmed);
+        if confirmed < wanted {
+            // Fewer than expected: a replica went down (then the Sentinels know fewer
+            // healthy ones by now), or a failover is under way (then nothing stands).
+            match link.replicas_for(&addr, true).await {
+                Replicas::Want(n) if n <= confirmed => {}
+                _ => return Err(Failure::Unconfirmed),
+            }
         }
         Ok(value)
     }

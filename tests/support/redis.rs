@@ -406,26 +406,36 @@ impl RedisCluster {
 /// The name the Sentinels give the monitored master.
 pub const SENTINEL_MASTER: &str = "mymaster";
 
-/// A master, one replica, and three Sentinels (quorum 2) watching them.
+/// A master, its replicas, and three Sentinels (quorum 2) watching them.
 pub struct RedisSentinel {
     data: Vec<RedisServer>,
     sentinels: Vec<RedisServer>,
 }
 
 impl RedisSentinel {
+    /// A master with one replica.
     pub fn start() -> RedisSentinel {
+        RedisSentinel::start_with(1)
+    }
+
+    pub fn start_with(replicas: usize) -> RedisSentinel {
         let master = RedisServer::start();
-        let replica = RedisServer::spawn_new(
-            "redis-replica",
-            Mode::Server,
-            &format!("replicaof 127.0.0.1 {}\n", master.port()),
-            false,
-        );
-        wait_until("the replica to sync with the master", STARTUP, || {
-            replica
-                .try_cli::<String>(&["INFO", "replication"])
-                .is_ok_and(|info| info.contains("master_link_status:up"))
-        });
+        let mut data = vec![master];
+        for _ in 0..replicas {
+            let replica = RedisServer::spawn_new(
+                "redis-replica",
+                Mode::Server,
+                &format!("replicaof 127.0.0.1 {}\n", data[0].port()),
+                false,
+            );
+            wait_until("the replica to sync with the master", STARTUP, || {
+                replica
+                    .try_cli::<String>(&["INFO", "replication"])
+                    .is_ok_and(|info| info.contains("master_link_status:up"))
+            });
+            data.push(replica);
+        }
+        let master = &data[0];
         let config = format!(
             "sentinel resolve-hostnames no\n\
              sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {} 2\n\
@@ -436,23 +446,25 @@ impl RedisSentinel {
         let sentinels: Vec<RedisServer> = (0..3)
             .map(|_| RedisServer::spawn_new("redis-sentinel", Mode::Sentinel, &config, false))
             .collect();
-        let setup = RedisSentinel {
-            data: vec![master, replica],
-            sentinels,
-        };
-        let replica_port = setup.data[1].port();
+        let setup = RedisSentinel { data, sentinels };
+        let replica_ports: Vec<String> = setup.data[1..]
+            .iter()
+            .map(|r| r.port().to_string())
+            .collect();
         wait_until(
-            "every Sentinel to know the replica and the other Sentinels",
+            "every Sentinel to know the replicas and the other Sentinels",
             STARTUP,
             || {
                 setup.sentinels.iter().all(|s| {
                     let knows_replica = s
                         .try_cli::<Vec<Vec<String>>>(&["SENTINEL", "REPLICAS", SENTINEL_MASTER])
                         .is_ok_and(|replicas| {
-                            replicas.iter().any(|r| {
-                                field(r, "port") == Some(replica_port.to_string().as_str())
-                                    && field(r, "flags") == Some("slave")
-                                    && field(r, "master-link-status") == Some("ok")
+                            replica_ports.iter().all(|port| {
+                                replicas.iter().any(|r| {
+                                    field(r, "port") == Some(port.as_str())
+                                        && field(r, "flags") == Some("slave")
+                                        && field(r, "master-link-status") == Some("ok")
+                                })
                             })
                         });
                     let knows_sentinels = s
@@ -515,6 +527,14 @@ impl RedisSentinel {
             master.stop();
         }
         self.wait_for_new_master(old)
+    }
+
+    /// Kills (SIGKILL) every server but the master.
+    pub fn crash_replicas(&mut self) {
+        let master = self.master_port();
+        for replica in self.data.iter_mut().filter(|s| s.port() != master) {
+            replica.stop();
+        }
     }
 
     /// Waits until every Sentinel names a master other than `old`, and that server acts as
