@@ -699,16 +699,7 @@ fn an_evicting_redis_is_warned_about_at_start_up() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (lines, seen) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = lines.send(line);
-            }
-        });
+        let seen = stderr_lines(&mut child);
         let deadline = Instant::now() + Duration::from_secs(if warned { 10 } else { 3 });
         let mut warning = None;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
@@ -748,7 +739,17 @@ fn a_rust_log_that_silences_the_proxy_is_pointed_out() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let seen = stderr_lines(&mut child);
+    let line = seen.recv_timeout(Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a line on stderr");
+    assert!(line.contains("RUST_LOG's `warning`"), "{line}");
+}
+
+/// The lines `child` writes to its piped stderr, as they come.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr piped");
     let (lines, seen) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
@@ -758,9 +759,5 @@ fn a_rust_log_that_silences_the_proxy_is_pointed_out() {
             let _ = lines.send(line);
         }
     });
-    let line = seen.recv_timeout(Duration::from_secs(10));
-    let _ = child.kill();
-    let _ = child.wait();
-    let line = line.expect("a line on stderr");
-    assert!(line.contains("RUST_LOG's `warning`"), "{line}");
+    seen
 }

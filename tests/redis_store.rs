@@ -1248,21 +1248,25 @@ async fn sentinel_failover_loses_no_acknowledged_write(replicas: usize) {
     assert!(master.cli::<i64>(&["EXISTS", &key(&id)]) == 1);
 }
 
-/// A master whose replica died: once the Sentinels mark the replica down, writes go
-/// through without waiting for it, steadily (not held up each time what the Sentinels
-/// said is asked again).
-#[tokio::test(flavor = "multi_thread")]
-async fn writes_go_on_steadily_once_the_sentinels_mark_the_only_replica_down() {
-    let mut setup = tokio::task::spawn_blocking(RedisSentinel::start)
+/// A master with one replica and three Sentinels, and a store that finds it through them.
+async fn sentinel_with_store() -> (RedisSentinel, RedisStore) {
+    let setup = tokio::task::spawn_blocking(RedisSentinel::start)
         .await
         .unwrap();
     let topology = Topology::Sentinel {
         master: SENTINEL_MASTER.into(),
         nodes: setup.sentinel_urls(),
     };
-    let store = RedisStore::connect(topology, options(PREFIX), settings(MINUTE))
-        .await
-        .unwrap();
+    let store = connect(topology, MINUTE).await;
+    (setup, store)
+}
+
+/// A master whose replica died: once the Sentinels mark the replica down, writes go
+/// through without waiting for it, steadily (not held up each time what the Sentinels
+/// said is asked again).
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_go_on_steadily_once_the_sentinels_mark_the_only_replica_down() {
+    let (mut setup, store) = sentinel_with_store().await;
     store.create(&new_id(), session("{}")).await.unwrap();
     setup.crash_replicas();
     let crashed = Instant::now();
@@ -1284,14 +1288,7 @@ async fn writes_go_on_steadily_once_the_sentinels_mark_the_only_replica_down() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_resume_when_a_crashed_master_leaves_a_promoted_replica_on_its_own() {
-    let mut setup = tokio::task::spawn_blocking(RedisSentinel::start)
-        .await
-        .unwrap();
-    let topology = Topology::Sentinel {
-        master: SENTINEL_MASTER.into(),
-        nodes: setup.sentinel_urls(),
-    };
-    let store = connect(topology, MINUTE).await;
+    let (mut setup, store) = sentinel_with_store().await;
     let before = new_id();
     store.create(&before, session(r#"{"a":1}"#)).await.unwrap();
 
