@@ -1286,6 +1286,28 @@ async fn writes_go_on_steadily_once_the_sentinels_mark_the_only_replica_down() {
     assert!(late.is_empty(), "writes held up or refused: {late:?}");
 }
 
+/// A Sentinel alone with the master (the others out of reach, as across a partition) may
+/// see no replica while the others promote one: without a majority of the Sentinels to
+/// say the master is alone, a write still needs a replica, and with none it is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_majority_of_sentinels_a_write_still_needs_a_replica() {
+    let (mut setup, store) = sentinel_with_store().await;
+    store.create(&new_id(), session("{}")).await.unwrap();
+    setup.crash_sentinels(2);
+    // The replica still confirms.
+    store.create(&new_id(), session("{}")).await.unwrap();
+    setup.crash_replicas();
+    // Long enough for the Sentinel left to mark the replica down.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for _ in 0..3 {
+        let refused = store.create(&new_id(), session(r#"{"a":1}"#)).await;
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_resume_when_a_crashed_master_leaves_a_promoted_replica_on_its_own() {
     let (mut setup, store) = sentinel_with_store().await;

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::future::{try_join, try_join_all};
+use futures_util::future::{join_all, try_join, try_join_all};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
@@ -339,8 +339,8 @@ type Peeked = (Vec<u8>, String, String, String, i64, String, String);
 /// or 3 (moved already, by another rotation).
 ///
 /// Marked when its grace period is already over (none was given, or Redis stalled for
-/// longer than it), the old ID is not deleted but left as a marker with only `moved` (no
-/// data, user or creation time) for `settle_ms`: gone to every other script, yet the
+/// longer than it), the old ID is not deleted but left as a marker without data, user or
+/// creation time (`moved` and bookkeeping) for `settle_ms`: gone to every other script, yet the
 /// rotation, asking again after a lost answer, learns
 /// that it ran instead of taking the ID's end for a logout (and dropping the copy, the
 /// session with it).
@@ -841,6 +841,15 @@ struct SentinelLink {
     asking: AtomicBool,
 }
 
+/// Clears a flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// How many replicas must confirm a write to a master, as the Sentinels see it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Replicas {
@@ -1033,58 +1042,92 @@ impl SentinelLink {
                 .filter(|(addr, _, _)| **addr == **master)
                 .map(|(_, replicas, until)| (*replicas, Instant::now() < *until))
         };
-        match known {
-            Some((replicas, true)) if !fresh => return replicas,
-            // Another write is asking: what was said last will do until it has.
-            Some((replicas, false)) if !fresh && self.asking.load(Ordering::Relaxed) => {
-                return replicas;
-            }
-            _ => {}
+        if let Some((replicas, true)) = known
+            && !fresh
+        {
+            return replicas;
         }
-        self.asking.store(true, Ordering::Relaxed);
-        let asked = self.ask_all(master).await;
-        self.asking.store(false, Ordering::Relaxed);
-        match asked {
+        // One write asks at a time; the others go on with what was said last meanwhile.
+        let asking = self
+            .asking
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !asking
+            && !fresh
+            && let Some((replicas, _)) = known
+        {
+            return replicas;
+        }
+        // Cleared however this ends, even if the write that asks is dropped on the way.
+        let _asked = asking.then_some(ClearOnDrop(&self.asking));
+        match self.ask_all(master).await {
             Some(replicas) => {
                 let mut cached = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
                 *cached = Some((master.clone(), replicas, Instant::now() + ALONE_FOR));
                 replicas
             }
-            None => known.map_or(Replicas::Want(1), |(replicas, _)| replicas),
+            // No majority of the Sentinels to ask: a write needs a replica at least, and
+            // a refusal stands.
+            None => match known {
+                Some((Replicas::Want(n), _)) => Replicas::Want(n.max(1)),
+                Some((Replicas::Refuse, _)) => Replicas::Refuse,
+                None => Replicas::Want(1),
+            },
         }
     }
 
-    /// Asks the Sentinels, one after another until one answers, how many replicas must
-    /// confirm a write to `master`. `None` when none answers.
+    /// Asks every Sentinel at once how many replicas must confirm a write to `master`,
+    /// and takes the most cautious answer: a refusal when any of them reports the master
+    /// down by agreement (`o_down`: a failover is about to start) or a failover under way,
+    /// or when fewer than a majority of them name `master`; else the most healthy replicas
+    /// any of them counts. `None` when fewer than a majority answer: a Sentinel alone with
+    /// the master on its side of a partition may see no replica at all while the others
+    /// promote one.
     async fn ask_all(&self, master: &Arc<ConnectionAddr>) -> Option<Replicas> {
         let (ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. }) =
             &**master
         else {
             return Some(Replicas::Want(1));
         };
-        for sentinel in &self.sentinels {
-            let answer = tokio::time::timeout(self.lookup_timeout, self.ask(sentinel)).await;
-            let Ok(Ok((Some((named_host, named_port)), replicas, state))) = answer else {
-                continue;
-            };
-            let flags = |info: &ReplicaInfo| {
-                info.get("flags")
-                    .map(|f| f.split(',').map(str::to_owned).collect::<Vec<_>>())
-                    .unwrap_or_default()
-            };
-            let failing_over = flags(&state)
+        let answers = join_all(self.sentinels.iter().map(|sentinel| async move {
+            tokio::time::timeout(self.lookup_timeout, self.ask(sentinel))
+                .await
+                .ok()
+                .and_then(Result::ok)
+        }))
+        .await;
+        let majority = self.sentinels.len() / 2 + 1;
+        let answers: Vec<_> = answers.into_iter().flatten().collect();
+        if answers.len() < majority {
+            return None;
+        }
+        let flags = |info: &ReplicaInfo| {
+            info.get("flags")
+                .map(|f| f.split(',').map(str::to_owned).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let mut naming = 0;
+        let mut wanted = 0;
+        for (named, replicas, state) in &answers {
+            let troubled = flags(state)
                 .iter()
-                .any(|f| f.starts_with("failover") || f == "promoted")
+                .any(|f| f.starts_with("failover") || ["promoted", "o_down"].contains(&f.as_str()))
                 || replicas
                     .iter()
                     .any(|r| flags(r).iter().any(|f| f == "promoted"));
-            if named_host != *host || named_port != *port || failing_over {
+            if troubled {
                 return Some(Replicas::Refuse);
             }
+            if named.as_ref().is_some_and(|(h, p)| h == host && p == port) {
+                naming += 1;
+            }
             let healthy = replicas.iter().filter(|r| replica_is_healthy(r)).count();
-            return Some(Replicas::Want(healthy as u64));
+            wanted = wanted.max(healthy as u64);
         }
-        None
+        if naming < majority {
+            return Some(Replicas::Refuse);
+        }
+        Some(Replicas::Want(wanted))
     }
 
     /// The master a Sentinel names, its replicas, and its own state (`flags` tells of a

@@ -529,6 +529,14 @@ impl RedisSentinel {
         self.wait_for_new_master(old)
     }
 
+    /// Kills (SIGKILL) the last `count` Sentinels (the first one keeps answering
+    /// `master_port`).
+    pub fn crash_sentinels(&mut self, count: usize) {
+        for sentinel in self.sentinels.iter_mut().rev().take(count) {
+            sentinel.stop();
+        }
+    }
+
     /// Kills (SIGKILL) every server but the master.
     pub fn crash_replicas(&mut self) {
         let master = self.master_port();
