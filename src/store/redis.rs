@@ -1047,33 +1047,29 @@ impl SentinelLink {
         {
             return replicas;
         }
-        // One write asks at a time; the others go on with what was said last meanwhile.
-        let asking = self
+        // What an expired answer still allows: never less than one replica, and a refusal
+        // stands.
+        let cautious = match known {
+            Some((Replicas::Want(n), _)) => Replicas::Want(n.max(1)),
+            Some((Replicas::Refuse, _)) => Replicas::Refuse,
+            None => Replicas::Want(1),
+        };
+        // One write asks at a time; the others go on with the cautious answer meanwhile.
+        if self
             .asking
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if !asking
-            && !fresh
-            && let Some((replicas, _)) = known
+            .is_err()
         {
-            return replicas;
+            return cautious;
         }
         // Cleared however this ends, even if the write that asks is dropped on the way.
-        let _asked = asking.then_some(ClearOnDrop(&self.asking));
-        match self.ask_all(master).await {
-            Some(replicas) => {
-                let mut cached = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
-                *cached = Some((master.clone(), replicas, Instant::now() + ALONE_FOR));
-                replicas
-            }
-            // No majority of the Sentinels to ask: a write needs a replica at least, and
-            // a refusal stands.
-            None => match known {
-                Some((Replicas::Want(n), _)) => Replicas::Want(n.max(1)),
-                Some((Replicas::Refuse, _)) => Replicas::Refuse,
-                None => Replicas::Want(1),
-            },
-        }
+        let _asked = ClearOnDrop(&self.asking);
+        // Without a majority of the Sentinels to ask, the cautious answer holds as long as
+        // an answer would: writes do not each ask again.
+        let replicas = self.ask_all(master).await.unwrap_or(cautious);
+        let mut cached = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
+        *cached = Some((master.clone(), replicas, Instant::now() + ALONE_FOR));
+        replicas
     }
 
     /// Asks every Sentinel at once how many replicas must confirm a write to `master`,
@@ -1089,8 +1085,10 @@ impl SentinelLink {
         else {
             return Some(Replicas::Want(1));
         };
+        // Sentinels answer this in a millisecond: one that takes longer than a write may
+        // wait for a replica counts as out of reach.
         let answers = join_all(self.sentinels.iter().map(|sentinel| async move {
-            tokio::time::timeout(self.lookup_timeout, self.ask(sentinel))
+            tokio::time::timeout(self.confirm_within, self.ask(sentinel))
                 .await
                 .ok()
                 .and_then(Result::ok)
