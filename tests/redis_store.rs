@@ -1640,6 +1640,14 @@ enum Fault {
     Late(u64),
 }
 
+/// Runs a rotation, so that Redis has the store's scripts cached and the next `SHORTEN`
+/// is one `EVALSHA` that runs.
+async fn warm_scripts(store: &RedisStore) {
+    let (a, b) = (new_id(), new_id());
+    store.create(&a, session(r#"{"user":"bo"}"#)).await.unwrap();
+    assert_eq!(store.rotate(&a, &b, MINUTE).await.unwrap(), Rotated::Done);
+}
+
 /// `millis(grace)` for a grace period of 4321 s, as RESP sends it: only SHORTEN carries it.
 const MARKER: &[u8] = b"$7\r\n4321000\r\n";
 
@@ -1756,13 +1764,7 @@ async fn rotation_with_lost_shorten_reply(fault: Fault) {
         MINUTE,
     )
     .await;
-    // Warm the script cache, so that the next SHORTEN is one EVALSHA that runs.
-    let (a, b) = (new_id(), new_id());
-    store
-        .create(&a, session(r#"{"user":"ann"}"#))
-        .await
-        .unwrap();
-    assert_eq!(store.rotate(&a, &b, MINUTE).await.unwrap(), Rotated::Done);
+    warm_scripts(&store).await;
 
     let (old, new) = (new_id(), new_id());
     store
@@ -1809,10 +1811,7 @@ async fn an_old_id_stays_indexed_for_its_grace_period_when_redis_goes_away_after
     // Less idle time than the grace period: the marking gives the old ID longer.
     let url = format!("redis://127.0.0.1:{port}");
     let store = connect(Topology::Standalone { url }, Duration::from_secs(1)).await;
-    // Warm the script cache, so that the next SHORTEN is one EVALSHA that runs.
-    let (a, b) = (new_id(), new_id());
-    store.create(&a, session(r#"{"user":"bo"}"#)).await.unwrap();
-    assert_eq!(store.rotate(&a, &b, MINUTE).await.unwrap(), Rotated::Done);
+    warm_scripts(&store).await;
     let (old, new) = (new_id(), new_id());
     store
         .create(&old, session(r#"{"user":"ann"}"#))
@@ -1867,10 +1866,7 @@ async fn a_rotation_marked_after_its_grace_period_is_done_and_the_old_id_unreada
     .await;
     let url = format!("redis://127.0.0.1:{port}");
     let store = connect(Topology::Standalone { url }, MINUTE).await;
-    // Warm the script cache, so that the next SHORTEN is one EVALSHA that runs.
-    let (a, b) = (new_id(), new_id());
-    store.create(&a, session(r#"{"user":"bo"}"#)).await.unwrap();
-    assert_eq!(store.rotate(&a, &b, MINUTE).await.unwrap(), Rotated::Done);
+    warm_scripts(&store).await;
     let (old, new) = (new_id(), new_id());
     store
         .create(&old, session(r#"{"user":"ann","cart":1}"#))
