@@ -89,10 +89,7 @@ impl Admin {
             "/metrics" => {
                 // OpenMetrics for a scraper that asks for it (Prometheus does), else the
                 // Prometheus text format.
-                let open_metrics = req.headers().get_all(ACCEPT).iter().any(|v| {
-                    v.to_str()
-                        .is_ok_and(|v| v.contains("application/openmetrics-text"))
-                });
+                let open_metrics = prefers_open_metrics(req.headers().get_all(ACCEPT));
                 let body = self.metrics.render_as(&self.store, open_metrics);
                 let mut r = text(StatusCode::OK, body);
                 r.headers_mut().insert(
@@ -272,4 +269,67 @@ fn problem(status: StatusCode, detail: &str) -> AdminResponse {
         HeaderValue::from_static("application/problem+json"),
     );
     r
+}
+
+/// Whether an `Accept` header prefers OpenMetrics to Prometheus's text format: it names
+/// `application/openmetrics-text` with a weight above 0, and no higher weight for
+/// `text/plain`. A range such as `*/*` says nothing for either, so Prometheus's text
+/// format, the one every scraper reads, stays the default.
+fn prefers_open_metrics(accept: http::header::GetAll<'_, HeaderValue>) -> bool {
+    let (mut open, mut plain) = (0.0_f32, 0.0_f32);
+    let ranges = accept
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for range in ranges {
+        let mut parts = range.split(';');
+        let kind = parts.next().unwrap_or_default().trim();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+        if kind.eq_ignore_ascii_case("application/openmetrics-text") {
+            open = open.max(q);
+        } else if kind.eq_ignore_ascii_case("text/plain") {
+            plain = plain.max(q);
+        }
+    }
+    open > 0.0 && open >= plain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefers(accept: &[&str]) -> bool {
+        let mut headers = http::HeaderMap::new();
+        for v in accept {
+            headers.append(ACCEPT, HeaderValue::from_str(v).unwrap());
+        }
+        prefers_open_metrics(headers.get_all(ACCEPT))
+    }
+
+    #[test]
+    fn open_metrics_only_when_the_scraper_prefers_it() {
+        // What Prometheus sends.
+        assert!(prefers(&[
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        ]));
+        assert!(prefers(&["Application/OpenMetrics-Text"]));
+        assert!(prefers(&[
+            "text/html",
+            "application/openmetrics-text; q=0.3"
+        ]));
+        assert!(!prefers(&[]));
+        assert!(!prefers(&["*/*"]));
+        assert!(!prefers(&["application/openmetrics-text;q=0"]));
+        assert!(!prefers(&[
+            "application/openmetrics-text;q=0.0, text/plain"
+        ]));
+        assert!(!prefers(&[
+            "text/plain, application/openmetrics-text;q=0.9"
+        ]));
+        assert!(!prefers(&["application/openmetrics-text;q=oops"]));
+        assert!(!prefers(&["application/openmetrics-textual"]));
+    }
 }
