@@ -1497,6 +1497,45 @@ async fn a_cluster_that_lost_a_master_fails_the_ping_until_it_is_back() {
     drop(cluster);
 }
 
+/// A Cluster master that stops answering without closing its connections (a paused
+/// machine, a network partition): once its replica has taken over, the sessions in its
+/// slots are read and written again while it is still paused. The cluster client alone
+/// kept sending them to the silent master until it woke.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_follows_a_failover_away_from_a_master_that_stopped_answering() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(1, 1000))
+        .await
+        .unwrap();
+    let store = clustered(&cluster, MINUTE).await;
+    let id = new_id();
+    store.create(&id, session(r#"{"a":1}"#)).await.unwrap();
+    let master = cluster.master_of(&key(&id));
+    let copies: i64 = cluster.nodes()[master].cli(&["WAIT", "1", "5000"]);
+    assert_eq!(copies, 1, "the replica holds the session");
+
+    cluster.nodes()[master].pause();
+    let took = eventually(
+        "the session to be read from the promoted replica",
+        Duration::from_secs(40),
+        || async { matches!(store.load(&id, false).await, Ok(Some(_))) },
+    )
+    .await;
+    eprintln!("sessions of the paused master's slots were served again after {took:?}");
+    assert!(
+        cluster.nodes()[master]
+            .try_cli::<String>(&["PING"])
+            .is_err(),
+        "the old master is still paused"
+    );
+    // Every slot is served: new sessions, wherever they land, are stored and read back.
+    for _ in 0..16 {
+        let id = new_id();
+        store.create(&id, session(r#"{"b":2}"#)).await.unwrap();
+        assert!(store.load(&id, false).await.unwrap().is_some());
+    }
+    cluster.nodes()[master].resume();
+}
+
 /// "Log out everywhere" while a session of the user is being rotated: neither the old ID
 /// nor the new one may survive it, whichever way the two interleave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -676,9 +676,28 @@ type Opener<T> = Box<dyn Fn() -> RedisResult<T> + Send + Sync>;
 /// tasks run on the runtime it is opened on, so its I/O is done by the thread whose
 /// requests use it and a reply wakes no other thread.
 struct PerWorker<T> {
-    shared: T,
-    local: Box<[OnceLock<T>]>,
+    shared: Renewable<T>,
+    local: Box<[OnceLock<Renewable<T>>]>,
     open: Opener<T>,
+}
+
+/// One of a `PerWorker`'s connections, and when it was opened. Only the thread it belongs
+/// to takes its lock (the shared one's: whoever runs outside the workers), so the lock is
+/// not contended.
+struct Renewable<T>(StdMutex<(T, Instant)>);
+
+impl<T: Clone> Renewable<T> {
+    fn new(conn: T) -> Renewable<T> {
+        Renewable(StdMutex::new((conn, Instant::now())))
+    }
+
+    fn get(&self) -> T {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
+    }
 }
 
 impl<T: Clone> PerWorker<T> {
@@ -687,24 +706,42 @@ impl<T: Clone> PerWorker<T> {
         open: impl Fn() -> RedisResult<T> + Send + Sync + 'static,
     ) -> RedisResult<PerWorker<T>> {
         Ok(PerWorker {
-            shared: open()?,
+            shared: Renewable::new(open()?),
             local: (0..workers).map(|_| OnceLock::new()).collect(),
             open: Box::new(open),
         })
     }
 
-    /// The connection for the thread this runs on.
-    fn get(&self) -> T {
+    /// The connection for the thread this runs on, opened on its first use.
+    fn slot(&self) -> &Renewable<T> {
         let Some(cell) = current_worker().and_then(|w| self.local.get(w)) else {
-            return self.shared.clone();
+            return &self.shared;
         };
-        if let Some(conn) = cell.get() {
-            return conn.clone();
+        if let Some(slot) = cell.get() {
+            return slot;
         }
         match (self.open)() {
-            Ok(conn) => cell.get_or_init(|| conn).clone(),
+            Ok(conn) => cell.get_or_init(|| Renewable::new(conn)),
             // The same settings opened the shared connection, so this does not happen.
-            Err(_) => self.shared.clone(),
+            Err(_) => &self.shared,
+        }
+    }
+
+    fn get(&self) -> T {
+        self.slot().get()
+    }
+
+    /// Replaces the connection of the thread this runs on with a new one, unless it is
+    /// younger than `min_age`: after a timeout, many operations fail at once, and one new
+    /// connection is enough for all of them.
+    fn renew(&self, min_age: Duration) {
+        let slot = self.slot();
+        let mut current = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.1.elapsed() < min_age {
+            return;
+        }
+        if let Ok(conn) = (self.open)() {
+            *current = (conn, Instant::now());
         }
     }
 }
@@ -713,7 +750,8 @@ impl<T: Clone> PerWorker<T> {
 enum Link {
     Standalone(PerWorker<ConnectionManager>),
     Sentinel(Arc<SentinelLink>),
-    Cluster(PerWorker<ClusterConnection>),
+    /// With how old a connection must be before a timeout replaces it (see `recover`).
+    Cluster(PerWorker<ClusterConnection>, Duration),
 }
 
 impl Link {
@@ -721,14 +759,23 @@ impl Link {
         match self {
             Link::Standalone(conns) => Ok(Conn::Node(conns.get())),
             Link::Sentinel(link) => link.conn().await.map(Conn::Master),
-            Link::Cluster(conns) => Ok(Conn::Cluster(conns.get())),
+            Link::Cluster(conns, _) => Ok(Conn::Cluster(conns.get())),
         }
     }
 
-    /// After a failed command: under Sentinel the master may have moved.
-    async fn recover(&self) {
-        if let Link::Sentinel(link) = self {
-            link.recover().await;
+    /// After a failed command: under Sentinel the master may have moved. Under Cluster,
+    /// a command that timed out may have gone to a master that stopped answering without
+    /// closing its connections (a paused process, a network partition): the cluster
+    /// client follows a failover only when a node says the slot has `MOVED`, which such
+    /// a master never does, so this thread's connection is replaced by one that learns
+    /// the slots afresh.
+    async fn recover(&self, failure: Option<&RedisError>) {
+        match self {
+            Link::Sentinel(link) => link.recover().await,
+            Link::Cluster(conns, renew_after) if failure.is_some_and(RedisError::is_timeout) => {
+                conns.renew(*renew_after);
+            }
+            _ => {}
         }
     }
 }
@@ -1232,7 +1279,9 @@ impl RedisStore {
                 tokio::spawn(follow_failovers(Arc::downgrade(&link)));
                 Link::Sentinel(link)
             }
-            Topology::Cluster { nodes } => Link::Cluster(cluster(&nodes, &options)?),
+            Topology::Cluster { nodes } => {
+                Link::Cluster(cluster(&nodes, &options)?, options.response_timeout)
+            }
         };
         Ok(RedisStore {
             link,
@@ -1250,15 +1299,15 @@ impl RedisStore {
             Ok(value) => Ok(value),
             Err(Failure::Store(e)) => Err(e),
             Err(Failure::Redis(e)) => {
-                self.link.recover().await;
+                self.link.recover(Some(&e)).await;
                 let why = match self.link {
-                    Link::Cluster(_) if e.is_timeout() => CLUSTER_TIMEOUT.into(),
+                    Link::Cluster(..) if e.is_timeout() => CLUSTER_TIMEOUT.into(),
                     _ => describe(&e, &self.keys.prefix),
                 };
                 Err(StoreError::Unavailable(why))
             }
             Err(Failure::Unconfirmed) => {
-                self.link.recover().await;
+                self.link.recover(None).await;
                 Err(StoreError::Unavailable(
                     "no Redis replica acknowledged the write in time".into(),
                 ))

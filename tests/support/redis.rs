@@ -231,6 +231,26 @@ impl RedisServer {
         }
     }
 
+    /// Stops the process (SIGSTOP) without closing anything: its connections stay open
+    /// and unanswered, as with a paused machine or a network partition.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("a running process").id();
+        let status = Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
     /// Starts the process again on the same port, with an empty dataset.
     pub fn restart(&mut self) {
         self.stop();
@@ -344,21 +364,31 @@ fn make_certificates(dir: &Path) -> Tls {
     }
 }
 
-/// A Redis Cluster of three masters (no replicas), all 16384 slots assigned.
+/// A Redis Cluster of three masters, all 16384 slots assigned, with or without replicas.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
+    /// Three masters, no replicas; a node is declared failed after 5 s.
     pub fn start() -> RedisCluster {
-        let config =
-            "cluster-enabled yes\ncluster-config-file nodes.conf\ncluster-node-timeout 5000\n";
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::spawn_new("redis-cluster", Mode::Server, config, false))
+        RedisCluster::start_with(0, 5000)
+    }
+
+    /// Three masters with `replicas` replicas each (`redis-cli --cluster create` chooses
+    /// which node plays which part); a node is declared failed after `node_timeout_ms`.
+    pub fn start_with(replicas: usize, node_timeout_ms: u64) -> RedisCluster {
+        let config = format!(
+            "cluster-enabled yes\ncluster-config-file nodes.conf\n\
+             cluster-node-timeout {node_timeout_ms}\n"
+        );
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
+            .map(|_| RedisServer::spawn_new("redis-cluster", Mode::Server, &config, false))
             .collect();
         let mut args = vec!["--cluster".to_string(), "create".to_string()];
         args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())));
-        args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
+        args.extend(["--cluster-replicas".into(), replicas.to_string()]);
+        args.push("--cluster-yes".into());
         let out = Command::new("redis-cli")
             .args(&args)
             .output()
@@ -376,7 +406,27 @@ impl RedisCluster {
                 })
             })
         });
+        if replicas > 0 {
+            wait_until("every replica in sync", STARTUP, || {
+                nodes
+                    .iter()
+                    .filter(|n| n.role().as_deref() == Some("slave"))
+                    .all(|n| {
+                        n.try_cli::<String>(&["INFO", "replication"])
+                            .is_ok_and(|info| info.contains("master_link_status:up"))
+                    })
+            });
+        }
         RedisCluster { nodes }
+    }
+
+    /// The node serving `key` as its master: the one that answers for it without a
+    /// redirection.
+    pub fn master_of(&self, key: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.try_cli::<i64>(&["EXISTS", key]).is_ok())
+            .expect("a node serves the key")
     }
 
     pub fn nodes(&self) -> &[RedisServer] {
