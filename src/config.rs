@@ -816,6 +816,10 @@ fn plain_yaml_error(message: &str) -> String {
     if message.contains("recursive references") {
         return "an alias refers to the value that holds it".into();
     }
+    // The only string read from a null is a mapping's key (values name their key).
+    if let Some((place, _)) = message.split_once("cannot deserialize null into string") {
+        return format!("{place}a key is empty: every key must be a name such as `listen`");
+    }
     match message.split_once(", set DuplicateKeyPolicy") {
         Some((duplicate, _)) => format!("{duplicate} (each key may appear once)"),
         None => message.to_string(),
@@ -1373,9 +1377,12 @@ mod tests {
                 "session:\n  exclude: &x [\"/a\", *x]\n",
                 "an alias refers to the value that holds it",
             ),
+            (": : :\n", "line 1 column 1: a key is empty"),
+            ("session:\n  ~: 3\n", "line 2 column 3: a key is empty"),
         ] {
             let e = load(Some(yaml), &[]).unwrap_err();
             assert!(e.0.contains(says), "{yaml}: {e}");
+            assert!(!e.0.contains("Option<"), "{yaml}: {e}");
         }
     }
 

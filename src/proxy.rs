@@ -210,7 +210,7 @@ impl Proxy {
         check_target(&req).map_err(Problem::bad_request)?;
         // First of all, so that no header the proxy adds can be named by the client's
         // `Connection` and dropped on the way out.
-        upstream::remove_hop_by_hop(req.headers_mut(), true)
+        upstream::remove_hop_by_hop(req.headers_mut(), true, &[])
             .map_err(|e| Problem::bad_request(e.to_string()))?;
         self.headers.strip(req.headers_mut());
         // Only a WebSocket upgrade is still asked for here: any other left with the
@@ -584,6 +584,9 @@ fn check_target<B>(req: &Request<B>) -> Result<(), &'static str> {
     let server_wide = req.method() == Method::OPTIONS && target == Some("*");
     if !(server_wide || target.is_some_and(|t| t.starts_with('/'))) {
         return Err("the request target must be a path (/…), an absolute URL, or OPTIONS *");
+    }
+    if crate::session::exclude::leaves_root(req.uri().path()) {
+        return Err("the request path climbs above the root with `..` segments");
     }
     let mut hosts = req.headers().get_all(HOST).iter();
     let one = hosts.next().is_some();

@@ -271,13 +271,17 @@ pub struct Upstream {
     pools: Arc<Pools>,
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// The protocol headers: the proxy reads them from the response even when its
+    /// `Connection` names them (they are meant for the proxy, the next hop, after all).
+    spared: Arc<[HeaderName]>,
 }
 
 impl Upstream {
     /// Must be called inside the runtime: it starts the task that closes idle
     /// connections. Each of the `workers` threads gets connections of its own.
     /// `hidden` names response fields the client must never get: they are removed from
-    /// the application's trailers here (the caller takes them out of the head).
+    /// the application's trailers here (the caller takes them out of the head, and reads
+    /// them first: a response's `Connection` cannot make them vanish before that).
     pub fn new(
         url: UpstreamUrl,
         connect_timeout: Duration,
@@ -285,6 +289,7 @@ impl Upstream {
         workers: usize,
         hidden: Vec<HeaderName>,
     ) -> Upstream {
+        let spared: Arc<[HeaderName]> = hidden.clone().into();
         // Fields that are about a connection, not a message, have no place in trailers
         // either: HTTP/2 clients refuse a response whose trailers carry one.
         let mut hidden = hidden;
@@ -311,6 +316,7 @@ impl Upstream {
             pools,
             connect_timeout,
             response_timeout,
+            spared,
         }
     }
 
@@ -373,7 +379,7 @@ impl Upstream {
             Ok(result) => result?,
         };
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        remove_hop_by_hop(response.headers_mut(), switching)
+        remove_hop_by_hop(response.headers_mut(), switching, &self.spared)
             .map_err(|e| UpstreamError::Invalid(format!("the application's response: {e}")))?;
         let status = response.status();
         // A 1xx or 204 has no body, whatever its length says, and loses its length.
@@ -850,9 +856,14 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1), including every header
-/// `Connection` names. With `keep_upgrade`, a message that asks for an upgrade keeps
-/// `Upgrade` and `Connection: upgrade`, so that a WebSocket handshake passes.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<(), UnknownCoding> {
+/// `Connection` names, except those in `spared`. With `keep_upgrade`, a message that asks
+/// for an upgrade keeps `Upgrade` and `Connection: upgrade`, so that a WebSocket
+/// handshake passes.
+pub fn remove_hop_by_hop(
+    headers: &mut HeaderMap,
+    keep_upgrade: bool,
+    spared: &[HeaderName],
+) -> Result<(), UnknownCoding> {
     // Most messages carry none: one scan of the names is cheaper than a dozen removals.
     if !headers.keys().any(is_hop_by_hop) {
         return Ok(());
@@ -882,6 +893,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::try_from(token.trim()).ok())
+        .filter(|name| !spared.contains(name))
         .collect();
     for name in named {
         headers.remove(name);
@@ -956,7 +968,7 @@ mod tests {
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut h, true).unwrap();
+        remove_hop_by_hop(&mut h, true, &[]).unwrap();
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
     }
@@ -969,13 +981,13 @@ mod tests {
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("Chunked"),
         );
-        remove_hop_by_hop(&mut h, true).unwrap();
+        remove_hop_by_hop(&mut h, true, &[]).unwrap();
         assert!(h.is_empty(), "{h:?}");
         h.insert(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("gzip, chunked"),
         );
-        let e = remove_hop_by_hop(&mut h, true).unwrap_err();
+        let e = remove_hop_by_hop(&mut h, true, &[]).unwrap_err();
         assert_eq!(e.to_string(), "transfer coding `gzip` is not supported");
     }
 }

@@ -293,6 +293,30 @@ async fn upstream_path_prefix_is_prepended() {
     assert_eq!(r.json()["path"], "/base/x");
 }
 
+/// A path whose `..` segments climb above the root is refused: behind a path prefix it
+/// would name something outside it, for an application that resolves dot segments.
+/// Dot segments that stay inside pass as they are.
+#[tokio::test]
+async fn a_path_that_climbs_above_the_root_is_refused() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.upstream = format!("{}/base/", app.url())).await;
+    for path in ["/../admin", "/%2e%2e/admin", "/a/../../admin", "/.."] {
+        let r = Client::new().get(&proxy.url(path), &[]).await;
+        assert_eq!(r.status, 400, "{path}");
+        assert!(
+            r.json()["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(".."),
+            "{path}: {}",
+            r.json()
+        );
+    }
+    let r = Client::new().get(&proxy.url("/a/../x"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/base/a/../x");
+}
+
 #[tokio::test]
 async fn http2_clients_are_served_and_their_cookie_fields_joined() {
     let app = App::scripted().await;

@@ -34,6 +34,35 @@ async fn update_stores_session_and_next_request_reads_it() {
     assert_eq!(proxy.metric("session_proxy_active_sessions").await, 1.0);
 }
 
+/// A protocol header the application's `Connection` names is still the proxy's to read:
+/// the proxy is the hop such a header is meant for. It neither reaches the client nor
+/// goes unapplied.
+#[tokio::test]
+async fn protocol_headers_named_in_the_responses_connection_are_applied() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let mut browser = Browser::new();
+    let r = browser
+        .get(&proxy.url(&format!(
+            "/login?update={}&connection={}",
+            q(r#"{"n":1}"#),
+            q("x-session-update, x-session-rotate")
+        )))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.cookie("session").is_some(), "{:?}", r.headers);
+    assert!(!r.headers.contains_key("x-session-update"));
+    let r = browser
+        .get(&proxy.url(&format!(
+            "/?patch={}&connection=x-session-patch",
+            q(r#"{"m":2}"#)
+        )))
+        .await;
+    assert_eq!(r.status, 200);
+    let r = browser.get(&proxy.url("/")).await;
+    assert_eq!(r.session_seen(), serde_json::json!({"n": 1, "m": 2}));
+}
+
 #[tokio::test]
 async fn session_id_has_the_generated_shape() {
     let app = App::scripted().await;

@@ -73,6 +73,27 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     Cow::Owned(joined)
 }
 
+/// Whether `path`'s dot segments climb above its root (`/../x`, `/a/../../x`), read the
+/// way `normalize` reads it (percent-decoded, repeated slashes as one). No server can
+/// mean such a path, and one behind an upstream path prefix could be read as a path
+/// outside that prefix.
+pub fn leaves_root(path: &str) -> bool {
+    if !path.contains("/.") && !path.contains('%') {
+        return false;
+    }
+    let decoded = percent_decode_str(path).decode_utf8_lossy();
+    let mut depth = 0_usize;
+    for segment in decoded.split('/').filter(|s| !s.is_empty()) {
+        match segment {
+            "." => {}
+            ".." if depth == 0 => return true,
+            ".." => depth -= 1,
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +124,32 @@ mod tests {
         assert!(!e.matches("/static/%2E%2E/account"));
         assert!(e.matches("/%73tatic/app.js"));
         assert!(e.matches("/account/../static/app.js"));
+    }
+
+    #[test]
+    fn paths_that_climb_above_the_root_are_told() {
+        for path in [
+            "/..",
+            "/../x",
+            "/a/../../x",
+            "/%2e%2e/x",
+            "/%2E%2e",
+            "//..//x",
+            "/a/%2F../../x",
+        ] {
+            assert!(leaves_root(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/a/../b",
+            "/a/b/../..",
+            "/..a/x",
+            "/a..",
+            "/.well-known/x",
+            "/%41",
+        ] {
+            assert!(!leaves_root(path), "{path}");
+        }
     }
 
     #[test]

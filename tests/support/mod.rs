@@ -249,6 +249,12 @@ pub async fn scripted(req: Request<Incoming>) -> Response<AppBody> {
             HeaderValue::try_from(cookie.as_str()).unwrap(),
         );
     }
+    if let Some(connection) = q.get("connection") {
+        h.insert(
+            "connection",
+            HeaderValue::try_from(connection.as_str()).unwrap(),
+        );
+    }
     if let Some(status) = q.get("status").and_then(|s| s.parse().ok()) {
         *response.status_mut() = StatusCode::from_u16(status).unwrap();
     }
