@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -422,14 +422,22 @@ impl Upstream {
             if idle_for.is_some_and(|idle| idle >= REPLAY_AFTER_IDLE) && replay.is_none() {
                 replay = Replay::of(&req);
             }
+            let head_request = req.method() == Method::HEAD;
             match sender.try_send_request(req).await {
                 Ok(response) => {
-                    // An upgraded connection belongs to its tunnel from now on.
-                    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    // An upgraded connection belongs to its tunnel from now on; one whose
+                    // answer has no body by rule but announces one is not trusted with
+                    // another request (see `announces_body`).
+                    let status = response.status();
+                    let reuse = status != StatusCode::SWITCHING_PROTOCOLS
+                        && !((head_request
+                            || status == StatusCode::NO_CONTENT
+                            || status == StatusCode::NOT_MODIFIED)
+                            && crate::http1::announces_body(response.headers()));
                     let body = |body| UpstreamBody {
                         inner: Inner::Hyper {
                             body,
-                            reuse: (!switching).then_some(sender),
+                            reuse: reuse.then_some(sender),
                         },
                         pools: self.pools.clone(),
                     };

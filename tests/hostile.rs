@@ -429,6 +429,109 @@ async fn an_upload_answered_early_does_not_hold_up_other_clients() {
     }
 }
 
+/// An application that serves each connection's requests in turn, and answers a `HEAD`,
+/// or any request to `/no-content` or `/not-modified`, with a head that announces a body
+/// it was not to send, then 100 ms later sends one anyway: bytes that read as a whole
+/// answer, with a session update, before it reads the next request.
+async fn late_body_app() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let forged = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: 6\r\nx-session-update: {}\r\n\r\nPWNED!",
+        support::b64(r#"{"user_id":"attacker"}"#)
+    );
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let forged = forged.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut more = [0u8; 4096];
+                        match s.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&more[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                    while buf.len() < end + 4 + length {
+                        let mut more = [0u8; 4096];
+                        match s.read(&mut more).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&more[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + length);
+                    let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                    let announced = if head.starts_with("head ") {
+                        "HTTP/1.1 200 OK\r\ncontent-length: 96\r\n\r\n"
+                    } else if path == "/no-content" {
+                        "HTTP/1.1 204 No Content\r\ncontent-length: 96\r\n\r\n"
+                    } else if path == "/not-modified" {
+                        "HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"
+                    } else {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                        continue;
+                    };
+                    let _ = s.write_all(announced.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = s.write_all(forged.as_bytes()).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A body the application sends where none belongs (to `HEAD`, with a 204 or a 304) never
+/// becomes the answer to the next request on its connection: that client gets its own
+/// answer, and no session the application's stray bytes carry.
+#[tokio::test]
+async fn a_body_sent_where_none_belongs_never_answers_the_next_request() {
+    let app = late_body_app().await;
+    // One worker: every request shares its pool of connections to the application.
+    let mut config = support::config(&format!("http://{app}"));
+    config.limits.workers = 1;
+    let proxy = Proxy::start(config).await;
+    let traps: [(&str, &str, Bytes); 4] = [
+        ("HEAD", "/file", Bytes::new()),
+        ("GET", "/no-content", Bytes::new()),
+        ("GET", "/not-modified", Bytes::new()),
+        // With a body: through the other pool.
+        ("POST", "/no-content", Bytes::from("a=1")),
+    ];
+    for (method, path, body) in traps {
+        let trap = Client::new()
+            .request(method, &proxy.url(path), &[], body.clone())
+            .await;
+        assert!(
+            trap.status.as_u16() < 400,
+            "{method} {path}: {}",
+            trap.status
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let victim = Client::new()
+            .request(method, &proxy.url("/account"), &[], body)
+            .await;
+        assert_eq!(victim.status, 200, "{method} {path}");
+        if method != "HEAD" {
+            assert_eq!(&victim.body[..], b"ok", "{method} {path}");
+        }
+        assert!(
+            victim.set_cookies().is_empty(),
+            "{method} {path}: the stray answer's session reached the next client: {:?}",
+            victim.headers
+        );
+    }
+}
+
 /// A client that stops in the middle of its request body is cut off after
 /// `timeouts.client_body`: with a 408 while the application waits for the body, or by
 /// closing the connection once it has its answer.

@@ -185,7 +185,12 @@ pub fn parse_answer(
         let headers = header_map(&head, &at[..count], 2)
             .ok_or("the application's response has a malformed header field")?;
         let framing = framing(status, &headers, bodiless)?;
+        let bodiless_by_rule =
+            bodiless || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        // Not trusted with another request: see `announces_body`.
+        let may_send_a_body = bodiless_by_rule && super::announces_body(&headers);
         let keep_alive = version == Some(1)
+            && !may_send_a_body
             && !connection_has(&headers, "close")
             && !matches!(framing, Framing::Close)
             && status != StatusCode::SWITCHING_PROTOCOLS;

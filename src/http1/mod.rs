@@ -78,6 +78,16 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// Whether a head announces a body (`Transfer-Encoding`, or a `Content-Length` other than
+/// 0, or one that cannot be read). An answer that has no body by rule (to `HEAD`, a 204 or
+/// a 304) but announces one may come from an application that sends a body anyway: its
+/// connection is not reused, or those late bytes would be read as the next request's
+/// answer.
+pub fn announces_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || !matches!(content_length(headers), Ok(None | Some(0)))
+}
+
 /// The body length the `Content-Length` fields give: `Ok(None)` without one, an error
 /// when they do not agree or do not parse (RFC 9112 §6.3: unrecoverable).
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
