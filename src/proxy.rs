@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HOST, SET_COOKIE};
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper_util::rt::TokioIo;
@@ -210,9 +210,10 @@ impl Proxy {
         check_target(&req).map_err(Problem::bad_request)?;
         // First of all, so that no header the proxy adds can be named by the client's
         // `Connection` and dropped on the way out.
-        upstream::remove_hop_by_hop(req.headers_mut(), true, &[])
+        upstream::remove_hop_by_hop(req.headers_mut(), true, &[HOST])
             .map_err(|e| Problem::bad_request(e.to_string()))?;
         self.headers.strip(req.headers_mut());
+        crate::session::protocol::strip_foreign_forwarding(req.headers_mut());
         // Only a WebSocket upgrade is still asked for here: any other left with the
         // hop-by-hop headers.
         let client_upgrade = upstream::upgrade_protocol(req.headers())
@@ -589,9 +590,17 @@ fn check_target<B>(req: &Request<B>) -> Result<(), &'static str> {
         return Err("the request path climbs above the root with `..` segments");
     }
     let mut hosts = req.headers().get_all(HOST).iter();
-    let one = hosts.next().is_some();
-    if hosts.next().is_some() || (!one && req.version() == Version::HTTP_11) {
+    let host = hosts.next();
+    if hosts.next().is_some() || (host.is_none() && req.version() == Version::HTTP_11) {
         return Err("an HTTP/1.1 request needs exactly one Host header");
+    }
+    // `host[:port]` (RFC 9110 §7.2), or empty for a target without one: never a list, a
+    // path or user information, which the application and the proxy could read apart.
+    if let Some(host) = host.map(HeaderValue::as_bytes)
+        && !host.is_empty()
+        && (host.contains(&b'@') || Authority::try_from(host).is_err())
+    {
+        return Err("the Host header is not a host name or address with an optional port");
     }
     Ok(())
 }

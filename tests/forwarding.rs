@@ -214,6 +214,34 @@ async fn forwarded_headers_are_added_and_host_is_kept() {
     assert_eq!(r.header_seen("x-forwarded-host"), vec!["shop.example"]);
 }
 
+/// Forwarding information only a proxy can give comes from this one alone: what a client
+/// sends as `Forwarded`, `X-Real-IP` or another `X-Forwarded-*` (or a look-alike) never
+/// reaches the application, on excluded paths either.
+#[tokio::test]
+async fn forwarding_headers_the_proxy_does_not_set_are_dropped() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.session.exclude = vec!["/static/**".into()]).await;
+    let forged = [
+        ("forwarded", "for=6.6.6.6;proto=https;host=evil"),
+        ("x-real-ip", "6.6.6.6"),
+        ("x-forwarded-port", "443"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x_forwarded_server", "evil"),
+        ("x-custom", "kept"),
+    ];
+    for path in ["/", "/static/app.js"] {
+        let r = Client::new().get(&proxy.url(path), &forged).await;
+        for (name, _) in &forged[..5] {
+            assert!(
+                r.header_seen(name).is_empty(),
+                "{path}: {name} reached the app"
+            );
+        }
+        assert_eq!(r.header_seen("x-custom"), vec!["kept"], "{path}");
+        assert_eq!(r.header_seen("x-forwarded-proto"), vec!["http"], "{path}");
+    }
+}
+
 /// A target with an authority of its own names the host, whatever `Host` says: an
 /// absolute-form target (RFC 9112 §3.2.2) or an HTTP/2 `:authority` (RFC 9113 §8.3.1),
 /// without user information.

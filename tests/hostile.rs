@@ -745,12 +745,17 @@ async fn oversized_or_non_object_updates_never_touch_the_session() {
 async fn tunnels_and_targets_that_are_not_paths_on_this_host_get_400_options_star_passes() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let refused: [&[u8]; 5] = [
+    let refused: [&[u8]; 9] = [
         b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\nconnection: close\r\n\r\n",
         b"GET admin HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         b"GET example.com:80 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n",
         b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n",
+        // A Host that is not `host[:port]`: a list, user information, a path, a space.
+        b"GET / HTTP/1.1\r\nhost: x, y\r\nconnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: user@x\r\nconnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x/admin\r\nconnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: a b\r\nconnection: close\r\n\r\n",
     ];
     for request in refused {
         let answer = raw(proxy.addr, request, Duration::from_secs(5)).await;
@@ -766,16 +771,29 @@ async fn tunnels_and_targets_that_are_not_paths_on_this_host_get_400_options_sta
         0,
         "none reached the application"
     );
-    let allowed: [&[u8]; 3] = [
+    let allowed: [&[u8]; 6] = [
         b"GET http://x/absolute HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         b"OPTIONS * HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         b"GET /old HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: example.com:8080\r\nconnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: [::1]:80\r\nconnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: \r\nconnection: close\r\n\r\n",
     ];
     for request in allowed {
         let answer = raw(proxy.addr, request, Duration::from_secs(5)).await;
         let shown = String::from_utf8_lossy(request);
         assert_eq!(status_of(&answer), Some(200), "{shown}: {answer}");
     }
+    // `Host` belongs to the request, not the connection: a client's `Connection` cannot
+    // take it away from the application.
+    let answer = raw(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nhost: mine.example\r\nconnection: close, host\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&answer), Some(200), "{answer}");
+    assert!(answer.contains(r#""host":["mine.example"]"#), "{answer}");
 }
 
 /// An application answering 64 MB, far more than the socket buffers hold.

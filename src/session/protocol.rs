@@ -158,6 +158,40 @@ fn take_one(
 /// The `X-Forwarded-*` fields the proxy sets.
 const FORWARDED: [&str; 3] = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"];
 
+/// Removes from a client's request the forwarding information the proxy does not give
+/// (`Forwarded`, `X-Real-IP`, `X-Forwarded-Port`, `X-Forwarded-Prefix` and every other
+/// `X-Forwarded-*` but the three it sets), and their look-alikes: an application that
+/// reads them would take the client's word for what only a proxy can say, and some
+/// (`Forwarded`) are read before the `X-Forwarded-*` the proxy sets.
+pub fn strip_foreign_forwarding(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_foreign_forwarding) {
+        return;
+    }
+    let foreign: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_foreign_forwarding(name))
+        .cloned()
+        .collect();
+    for name in foreign {
+        headers.remove(name);
+    }
+}
+
+fn is_foreign_forwarding(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    let reads_as =
+        |ours: &str| name.len() == ours.len() && name.iter().map(|b| dashed(*b)).eq(ours.bytes());
+    let prefix = b"x-forwarded-";
+    let forwarded_any = name.len() > prefix.len()
+        && name[..prefix.len()]
+            .iter()
+            .map(|b| dashed(*b))
+            .eq(prefix.iter().copied());
+    reads_as("forwarded")
+        || reads_as("x-real-ip")
+        || (forwarded_any && !FORWARDED.iter().any(|ours| name == ours.as_bytes()))
+}
+
 /// A name's byte as servers that turn names into variables read it: letters and digits
 /// stay, anything else is a separator.
 fn dashed(b: u8) -> u8 {
@@ -187,4 +221,47 @@ pub enum Change {
     Destroy,
     /// A JSON merge patch, always an object.
     Patch(Value),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_information_the_proxy_does_not_give_is_removed() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x_forwarded_server",
+            "x.real.ip",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-forwarded",
+            "forwarded-for",
+            "accept",
+        ] {
+            h.insert(
+                HeaderName::try_from(name).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        strip_foreign_forwarding(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "accept",
+                "forwarded-for",
+                "x-forwarded",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto"
+            ]
+        );
+    }
 }
