@@ -174,6 +174,12 @@ pub fn parse_answer(
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(format!("the application's response head is malformed: {e}")),
         };
+        // A read may bring more than the limit at once: the head itself is measured.
+        if len > MAX_HEAD {
+            return Err(format!(
+                "the application's response head is longer than {MAX_HEAD} bytes"
+            ));
+        }
         let head = buf.split_to(len).freeze();
         let status = StatusCode::from_u16(code)
             .map_err(|_| format!("the application answered with status {code}"))?;
@@ -482,5 +488,23 @@ mod tests {
         assert!(reader.frame().await.unwrap().is_ok());
         assert!(reader.frame().await.unwrap().is_err());
         assert!(reader.reusable().is_none());
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused_even_when_it_arrived_whole() {
+        let head = |value_len: usize| {
+            let mut head = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+            head.resize(head.len() + value_len, b'a');
+            head.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+            BytesMut::from(&head[..])
+        };
+        let mut interim = false;
+        let mut over = head(MAX_HEAD);
+        assert!(parse_answer(&mut over, false, &mut interim).is_err());
+        let mut under = head(MAX_HEAD - 100);
+        assert!(matches!(
+            parse_answer(&mut under, false, &mut interim),
+            Ok(Some(_))
+        ));
     }
 }
