@@ -1536,6 +1536,50 @@ async fn a_cluster_follows_a_failover_away_from_a_master_that_stopped_answering(
     cluster.nodes()[master].resume();
 }
 
+/// Under Cluster, a write is acknowledged only once the replica of its master holds it:
+/// with the replica paused, a write fails (503) rather than be acknowledged by a master
+/// whose failure would lose it; once the cluster has marked the replica failed, writes
+/// go on without it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_write_waits_for_the_replica_of_its_master() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(1, 1000))
+        .await
+        .unwrap();
+    let store = clustered(&cluster, MINUTE).await;
+    let id = new_id();
+    store.create(&id, session(r#"{"n":0}"#)).await.unwrap();
+    let master = cluster.master_of(&key(&id));
+    let replica = cluster.replica_of(master);
+
+    cluster.nodes()[replica].pause();
+    let started = Instant::now();
+    let why = unavailable(store.replace(&id, Bytes::from_static(br#"{"n":1}"#)).await);
+    assert!(why.contains("replica"), "{why}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The cluster marks the replica failed after cluster-node-timeout (1 s): from then on
+    // its master has no replica to wait for.
+    let took = eventually(
+        "writes to go on once the replica is marked failed",
+        Duration::from_secs(30),
+        || async {
+            store
+                .replace(&id, Bytes::from_static(br#"{"n":2}"#))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    eprintln!("writes went on {took:?} after the replica stopped");
+    let record = store.load(&id, false).await.unwrap().expect("the session");
+    assert_eq!(&record.data[..], br#"{"n":2}"#);
+    cluster.nodes()[replica].resume();
+}
+
 /// "Log out everywhere" while a session of the user is being rotated: neither the old ID
 /// nor the new one may survive it, whichever way the two interleave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

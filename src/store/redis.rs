@@ -69,6 +69,8 @@ use crate::server::current_worker;
 use crate::session::codec::Merged;
 use crate::session::id::{IdShape, SessionId};
 
+mod cluster;
+
 /// How often a patch re-merges after losing a race with another write before giving up.
 const PATCH_ATTEMPTS: u32 = 200;
 
@@ -489,8 +491,8 @@ fn server_hint(code: &str, detail: &str, prefix: &str) -> Option<String> {
     let hint = match code {
         "NOPERM" => format!(
             "the Redis user's ACL must allow the keys ~{prefix}* and the commands the store \
-             runs (+@read +@write +@scripting +ping; +cluster|info under Cluster, +wait \
-             under Sentinel)"
+             runs (+@read +@write +@scripting +ping; +cluster|info +cluster|nodes +wait under \
+             Cluster, +wait under Sentinel)"
         ),
         "NOAUTH" => "Redis requires a password: give it in the URL \
                      (redis://user:password@host:port)"
@@ -750,8 +752,13 @@ impl<T: Clone> PerWorker<T> {
 enum Link {
     Standalone(PerWorker<ConnectionManager>),
     Sentinel(Arc<SentinelLink>),
-    /// With how old a connection must be before a timeout replaces it (see `recover`).
-    Cluster(PerWorker<ClusterConnection>, Duration),
+    Cluster {
+        conns: PerWorker<ClusterConnection>,
+        /// How old a connection must be before a timeout replaces it (see `recover`).
+        renew_after: Duration,
+        /// How many replicas each write waits for (see `cluster`).
+        replicas: cluster::ClusterReplicas,
+    },
 }
 
 impl Link {
@@ -759,7 +766,7 @@ impl Link {
         match self {
             Link::Standalone(conns) => Ok(Conn::Node(conns.get())),
             Link::Sentinel(link) => link.conn().await.map(Conn::Master),
-            Link::Cluster(conns, _) => Ok(Conn::Cluster(conns.get())),
+            Link::Cluster { conns, .. } => Ok(Conn::Cluster(conns.get())),
         }
     }
 
@@ -772,7 +779,9 @@ impl Link {
     async fn recover(&self, failure: Option<&RedisError>) {
         match self {
             Link::Sentinel(link) => link.recover().await,
-            Link::Cluster(conns, renew_after) if failure.is_some_and(RedisError::is_timeout) => {
+            Link::Cluster {
+                conns, renew_after, ..
+            } if failure.is_some_and(RedisError::is_timeout) => {
                 conns.renew(*renew_after);
             }
             _ => {}
@@ -1280,7 +1289,12 @@ impl RedisStore {
                 Link::Sentinel(link)
             }
             Topology::Cluster { nodes } => {
-                Link::Cluster(cluster(&nodes, &options)?, options.response_timeout)
+                Link::Cluster {
+                    conns: cluster(&nodes, &options)?,
+                    renew_after: options.response_timeout,
+                    // Well inside the response timeout, which bounds `WAIT` itself.
+                    replicas: cluster::ClusterReplicas::new(options.response_timeout / 2),
+                }
             }
         };
         Ok(RedisStore {
@@ -1301,7 +1315,7 @@ impl RedisStore {
             Err(Failure::Redis(e)) => {
                 self.link.recover(Some(&e)).await;
                 let why = match self.link {
-                    Link::Cluster(..) if e.is_timeout() => CLUSTER_TIMEOUT.into(),
+                    Link::Cluster { .. } if e.is_timeout() => CLUSTER_TIMEOUT.into(),
                     _ => describe(&e, &self.keys.prefix),
                 };
                 Err(StoreError::Unavailable(why))
@@ -1315,28 +1329,26 @@ impl RedisStore {
         }
     }
 
-    /// Runs a script that changes a session. Under Sentinel it succeeds only once a
-    /// replica holds the change (see `SentinelLink`); the `WAIT` goes in one pipeline with
-    /// the script, so that it runs on the same connection, after it.
+    /// Runs a script that changes the session under `key`. Under Sentinel and Cluster it
+    /// succeeds only once the replicas hold the change (see `SentinelLink` and `cluster`);
+    /// the `WAIT` goes in one pipeline with the script, so that it runs on the same
+    /// connection, after it.
     async fn commit<T: FromRedisValue>(
         &self,
         conn: &mut Conn,
+        key: &str,
         call: &ScriptInvocation<'_>,
     ) -> Result<T, Failure> {
-        let (Link::Sentinel(link), Conn::Master(master)) = (&self.link, &*conn) else {
+        let wanted = self.replicas_wanted(conn, key, false).await?;
+        let Some(within) = wanted.filter(|n| *n > 0).and(self.confirm_within()) else {
             return Ok(call.invoke_async(conn).await?);
         };
-        let addr = master.addr.clone();
-        let wanted = match link.replicas_for(&addr, false).await {
-            Replicas::Refuse => return Err(Failure::Unconfirmed),
-            Replicas::Want(0) => return Ok(call.invoke_async(conn).await?),
-            Replicas::Want(n) => n,
-        };
+        let wanted = wanted.unwrap_or_default();
         let mut pipe = redis::pipe();
         pipe.invoke_script(call)
             .cmd("WAIT")
             .arg(wanted)
-            .arg(millis(link.confirm_within));
+            .arg(millis(within));
         let (value, confirmed): (T, u64) = match pipe.query_async(conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 call.load_async(conn).await?;
@@ -1345,14 +1357,48 @@ impl RedisStore {
             reply => reply?,
         };
         if confirmed < wanted {
-            // Fewer than expected: a replica went down (then the Sentinels know fewer
-            // healthy ones by now), or a failover is under way (then nothing stands).
-            match link.replicas_for(&addr, true).await {
-                Replicas::Want(n) if n <= confirmed => {}
+            // Fewer than expected: a replica went down (then the Sentinels or the cluster
+            // know fewer healthy ones by now), or a failover is under way (then nothing
+            // stands).
+            match self.replicas_wanted(conn, key, true).await {
+                Ok(Some(n)) if n <= confirmed => {}
                 _ => return Err(Failure::Unconfirmed),
             }
         }
         Ok(value)
+    }
+
+    /// How many replicas must confirm a write to `key`: to the master of its slot (under
+    /// Cluster) or to the master (under Sentinel), asked again when `fresh`; `None` where
+    /// writes do not wait (standalone). A refusal of the Sentinels is `Unconfirmed`.
+    async fn replicas_wanted(
+        &self,
+        conn: &mut Conn,
+        key: &str,
+        fresh: bool,
+    ) -> Result<Option<u64>, Failure> {
+        match (&self.link, conn) {
+            (Link::Sentinel(link), Conn::Master(master)) => {
+                match link.replicas_for(&master.addr, fresh).await {
+                    Replicas::Refuse => Err(Failure::Unconfirmed),
+                    Replicas::Want(n) => Ok(Some(n)),
+                }
+            }
+            (Link::Cluster { replicas, .. }, Conn::Cluster(cluster)) => {
+                let slot = cluster::key_slot(key.as_bytes());
+                Ok(Some(replicas.wanted(cluster, slot, fresh).await?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// How long a write waits for its replicas, where it does.
+    fn confirm_within(&self) -> Option<Duration> {
+        match &self.link {
+            Link::Sentinel(link) => Some(link.confirm_within),
+            Link::Cluster { replicas, .. } => Some(replicas.confirm_within),
+            Link::Standalone(_) => None,
+        }
     }
 
     /// Indexes a session under its user until `until` (unix time), by which it expires at
@@ -1471,14 +1517,15 @@ impl RedisStore {
         if let Some(user) = user {
             self.index(conn, user, id, now + ttl, now).await?;
         }
-        let mut call = CREATE.key(self.keys.session(id));
+        let key = self.keys.session(id);
+        let mut call = CREATE.key(&key);
         call.arg(millis(ttl))
             .arg(&session.data[..])
             .arg(session.created)
             .arg(now.as_secs())
             .arg(session.ends.map(|e| e.to_string()).unwrap_or_default())
             .arg(user.unwrap_or(""));
-        let created: i64 = self.commit(conn, &call).await?;
+        let created: i64 = self.commit(conn, &key, &call).await?;
         if created == 0 {
             // Only with a broken random number generator.
             return Err(StoreError::Unavailable(
@@ -1505,14 +1552,15 @@ impl RedisStore {
             self.index(conn, user, id, now + self.settings.max_age, now)
                 .await?;
         }
-        let mut call = WRITE.key(self.keys.session(id));
+        let key = self.keys.session(id);
+        let mut call = WRITE.key(&key);
         call.arg(millis(now))
             .arg(millis(self.settings.max_age))
             .arg(now.as_secs())
             .arg(data)
             .arg(user.as_deref().unwrap_or(""))
             .arg(ver.unwrap_or(""));
-        let WriteAnswer { written, cut } = self.commit(conn, &call).await?;
+        let WriteAnswer { written, cut } = self.commit(conn, &key, &call).await?;
         match (&user, &written, cut) {
             (Some(user), Written::Done(_) | Written::Moved(_), Some(ttl)) => {
                 self.end_index_at(conn, (user, id), now + ttl, now, "LT")
@@ -1534,9 +1582,10 @@ impl RedisStore {
         ver: Option<&str>,
         user: Option<&str>,
     ) -> Result<Written, Failure> {
-        let mut call = DELETE.key(self.keys.session(id));
+        let key = self.keys.session(id);
+        let mut call = DELETE.key(&key);
         call.arg(ver.unwrap_or("")).arg(user.unwrap_or(""));
-        let removed: Written = self.commit(conn, &call).await?;
+        let removed: Written = self.commit(conn, &key, &call).await?;
         if let Written::Done(Some(owner)) | Written::Moved(Some(owner)) = &removed {
             self.unindex(conn, owner, id).await;
         }
@@ -1721,7 +1770,8 @@ impl RedisStore {
                 self.end_index_at(&conn, (user, old), until, now, "GT")
                     .await;
             }
-            let mut call = SHORTEN.key(self.keys.session(old));
+            let key = self.keys.session(old);
+            let mut call = SHORTEN.key(&key);
             call.arg(secs_up(now + grace))
                 .arg(millis(grace))
                 .arg(&ver)
@@ -1730,9 +1780,9 @@ impl RedisStore {
                 .arg(millis(self.settle));
             // A timeout, or under Sentinel no replica confirmed it in time: sent once more
             // (it answers done again if it ran), so that it is confirmed this time.
-            let shortened = match self.commit::<Shortened>(&mut conn, &call).await {
+            let shortened = match self.commit::<Shortened>(&mut conn, &key, &call).await {
                 Ok(shortened) => Ok(shortened),
-                Err(_) => self.commit::<Shortened>(&mut conn, &call).await,
+                Err(_) => self.commit::<Shortened>(&mut conn, &key, &call).await,
             };
             let Shortened { status, expires_at } = match shortened {
                 Ok(shortened) => shortened,

@@ -420,6 +420,18 @@ impl RedisCluster {
         RedisCluster { nodes }
     }
 
+    /// The replica of the master at `master` (an index into `nodes`).
+    pub fn replica_of(&self, master: usize) -> usize {
+        let port = format!("master_port:{}", self.nodes[master].port());
+        self.nodes
+            .iter()
+            .position(|n| {
+                n.try_cli::<String>(&["INFO", "replication"])
+                    .is_ok_and(|info| info.lines().any(|l| l.trim() == port))
+            })
+            .expect("the master has a replica")
+    }
+
     /// The node serving `key` as its master: the one that answers for it without a
     /// redirection.
     pub fn master_of(&self, key: &str) -> usize {

@@ -1,0 +1,233 @@
+//! Under Redis Cluster, a write waits for the replicas of the master it goes to, as under
+//! Sentinel: Redis replicates asynchronously, so a master that acknowledged a write and
+//! then failed may be replaced by a replica that never got it. Each write is followed, on
+//! the same connection, by `WAIT` for every healthy replica the cluster lists for the
+//! master of its key's hash slot, so that whichever replica is promoted holds it. A master
+//! without a healthy replica (none configured, or all of them failed) has nothing that
+//! could be promoted over it, so its writes go without waiting.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{FromRedisValue, RedisError};
+
+use super::ClearOnDrop;
+
+/// Hash slots in a Redis Cluster.
+const SLOTS: usize = 16384;
+
+/// How long what the cluster said of its replicas holds before a write asks again.
+const FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// The hash slot of a key, as Redis Cluster computes it: CRC16 (XMODEM) of the key, or of
+/// its hash tag (what the first `{…}` holds, when it holds something), modulo 16384.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let hashed = hash_tag(key).unwrap_or(key);
+    let crc = hashed.iter().fold(0_u16, |crc, byte| {
+        (crc << 8) ^ CRC16[usize::from((crc >> 8) as u8 ^ byte)]
+    });
+    crc % SLOTS as u16
+}
+
+fn hash_tag(key: &[u8]) -> Option<&[u8]> {
+    let open = key.iter().position(|b| *b == b'{')?;
+    let rest = &key[open + 1..];
+    let close = rest.iter().position(|b| *b == b'}')?;
+    (close > 0).then(|| &rest[..close])
+}
+
+/// CRC16 with polynomial 0x1021 (XMODEM), a byte at a time.
+const CRC16: [u16; 256] = {
+    let mut table = [0_u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = (i as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// How many replicas must confirm a write, per hash slot, as the cluster last said.
+pub struct ClusterReplicas {
+    known: Mutex<Option<Known>>,
+    /// Set while one write asks the cluster: the others go on with what it said last.
+    asking: AtomicBool,
+    /// How long a write waits for its replicas.
+    pub confirm_within: Duration,
+}
+
+struct Known {
+    per_slot: Box<[u8]>,
+    at: Instant,
+}
+
+impl ClusterReplicas {
+    pub fn new(confirm_within: Duration) -> ClusterReplicas {
+        ClusterReplicas {
+            known: Mutex::new(None),
+            asking: AtomicBool::new(false),
+            confirm_within,
+        }
+    }
+
+    /// How many replicas must confirm a write to `slot`: what the cluster said within
+    /// `FRESH_FOR`, else asked now (`fresh`: asked now in any case). While another write
+    /// asks, or when the cluster cannot be asked, what it said last holds; a write before
+    /// it has ever answered fails.
+    pub async fn wanted(
+        &self,
+        conn: &mut ClusterConnection,
+        slot: u16,
+        fresh: bool,
+    ) -> Result<u64, RedisError> {
+        let known = {
+            let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            known.as_ref().map(|k| {
+                (
+                    u64::from(k.per_slot[usize::from(slot)]),
+                    k.at.elapsed() < FRESH_FOR,
+                )
+            })
+        };
+        match known {
+            Some((wanted, true)) if !fresh => return Ok(wanted),
+            Some((wanted, _)) if self.is_asked() => return Ok(wanted),
+            _ => {}
+        }
+        let asking = self
+            .asking
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        // Cleared however this ends, even if the write that asks is dropped on the way.
+        let _asked = asking.then(|| ClearOnDrop(&self.asking));
+        match ask(conn).await {
+            Ok(per_slot) => {
+                let wanted = u64::from(per_slot[usize::from(slot)]);
+                let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+                *known = Some(Known {
+                    per_slot,
+                    at: Instant::now(),
+                });
+                Ok(wanted)
+            }
+            Err(e) => known.map(|(wanted, _)| wanted).ok_or(e),
+        }
+    }
+
+    fn is_asked(&self) -> bool {
+        self.asking.load(Ordering::Acquire)
+    }
+}
+
+/// Asks a node for the cluster's nodes (`CLUSTER NODES`) and counts, for each slot, the
+/// healthy replicas of the master that serves it.
+async fn ask(conn: &mut ClusterConnection) -> Result<Box<[u8]>, RedisError> {
+    let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+    let answer = conn
+        .route_command(redis::cmd("CLUSTER").arg("NODES").clone(), any)
+        .await?;
+    Ok(replicas_per_slot(&String::from_redis_value(answer)?))
+}
+
+/// Reads `CLUSTER NODES`: one line per node, `<id> <address> <flags> <master id or ->
+/// <ping sent> <pong received> <epoch> <link state> <slot ranges…>`. A replica counts
+/// for its master while no flag says it failed or is not yet known, and its link is up.
+fn replicas_per_slot(nodes: &str) -> Box<[u8]> {
+    let mut replicas: HashMap<&str, u8> = HashMap::new();
+    let mut served: Vec<(&str, usize, usize)> = Vec::new();
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+        let [id, _, flags, master, _, _, _, link, ranges @ ..] = fields.as_slice() else {
+            continue;
+        };
+        let flags: Vec<&str> = flags.split(',').collect();
+        if flags.contains(&"slave") {
+            let failing = flags
+                .iter()
+                .any(|f| matches!(*f, "fail" | "fail?" | "handshake" | "noaddr"));
+            if !failing && *link == "connected" && *master != "-" {
+                let count = replicas.entry(master).or_default();
+                *count = count.saturating_add(1);
+            }
+        } else if flags.contains(&"master") {
+            // `[slot->-id]` and `[slot-<-id]` are slots on the move, listed twice.
+            for range in ranges.iter().filter(|r| !r.starts_with('[')) {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(first), Ok(last)) = (first.parse::<usize>(), last.parse::<usize>()) {
+                    served.push((id, first, last.min(SLOTS - 1)));
+                }
+            }
+        }
+    }
+    let mut per_slot = vec![0_u8; SLOTS].into_boxed_slice();
+    for (master, first, last) in served {
+        let count = replicas.get(master).copied().unwrap_or(0);
+        for slot in per_slot.iter_mut().take(last + 1).skip(first) {
+            *slot = count;
+        }
+    }
+    per_slot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_computed_as_redis_computes_them() {
+        // From the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(key_slot(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(
+            key_slot(b"session:7OLq4UFyxDN57sYSUqILqGxRhXdhwVrjC7PWg28-EJQ"),
+            4980
+        );
+        assert_eq!(key_slot(b"{app}session:x"), 6805);
+        assert_eq!(key_slot(b"a{}b"), 13694);
+        assert_eq!(key_slot(b"foo{{bar}}zap"), 4015);
+        assert_eq!(key_slot(b"x{y"), 2740);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
+        assert_eq!(key_slot(b""), 0);
+    }
+
+    #[test]
+    fn each_slot_wants_the_healthy_replicas_of_its_master() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+a2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922 [5461->-a3]
+a3 127.0.0.1:7002@17002 master - 0 1 3 connected 10923-16383
+r1 127.0.0.1:7003@17003 slave a1 0 1 1 connected
+r2 127.0.0.1:7004@17004 slave a1 0 1 1 connected
+r3 127.0.0.1:7005@17005 slave,fail a2 0 1 2 disconnected
+r4 127.0.0.1:7006@17006 slave a3 0 1 3 disconnected
+r5 127.0.0.1:7007@17007 slave,fail? a3 0 1 3 connected
+";
+        let per_slot = replicas_per_slot(nodes);
+        assert_eq!(per_slot.len(), SLOTS);
+        assert_eq!((per_slot[0], per_slot[5460]), (2, 2));
+        assert_eq!((per_slot[5461], per_slot[10922]), (0, 0));
+        assert_eq!((per_slot[10923], per_slot[16383]), (0, 0));
+        let single = replicas_per_slot(
+            "m 1:1@2 master - 0 0 1 connected 7\nr 1:2@3 slave m 0 0 1 connected\n",
+        );
+        assert_eq!((per_slot[7], single[7], single[6], single[8]), (2, 1, 0, 0));
+        assert!(replicas_per_slot("garbage\n\n").iter().all(|n| *n == 0));
+    }
+}
