@@ -440,10 +440,44 @@ mod tests {
             (b"until close".to_vec(), None, false)
         );
 
-        // An answer to HEAD has no body, whatever its Content-Length says.
+        // An answer to HEAD has no body, whatever its Content-Length says; one that
+        // announces a body may come from an application that sends it anyway, so its
+        // connection is not reused. The same for a 204 or a 304.
         let conn = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).await;
         let (_, reader) = conn.exchange(&get("HEAD")).await.unwrap();
-        assert_eq!(body_of(reader).await.unwrap(), (vec![], None, true));
+        assert_eq!(body_of(reader).await.unwrap(), (vec![], None, false));
+        for (answer, method, reusable) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"[..],
+                "HEAD",
+                true,
+            ),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", "GET", true),
+            (
+                b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n",
+                "GET",
+                false,
+            ),
+            (
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 0\r\n\r\n",
+                "GET",
+                true,
+            ),
+            (
+                b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "GET",
+                false,
+            ),
+        ] {
+            let conn = answering(answer, true).await;
+            let (_, reader) = conn.exchange(&get(method)).await.unwrap();
+            assert_eq!(
+                body_of(reader).await.unwrap(),
+                (vec![], None, reusable),
+                "{method}: {}",
+                String::from_utf8_lossy(answer)
+            );
+        }
 
         let conn = answering(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
