@@ -377,6 +377,49 @@ async fn concurrent_patches_of_different_keys_all_land() {
     assert_eq!(server.cli::<String>(&["HGET", &key(&id), "ver"]), "51");
 }
 
+/// Hundreds of patches of one session at once: every patch lands, none gives up (a 503
+/// with Redis in good health), and the session keeps every key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crowd_of_patches_of_one_session_all_land() {
+    let server = RedisServer::start();
+    let settings = StoreSettings {
+        max_bytes: 64 * 1024,
+        ..settings(MINUTE)
+    };
+    let topology = Topology::Standalone { url: server.url() };
+    let store = RedisStore::connect(topology, options(PREFIX), settings)
+        .await
+        .expect("connect");
+    let store = Arc::new(store);
+    let id = new_id();
+    store
+        .create(&id, session(r#"{"start":true}"#))
+        .await
+        .unwrap();
+    let patches = (0..500).map(|i| {
+        let (store, id) = (store.clone(), id.clone());
+        tokio::spawn(async move { store.patch(&id, &json!({ format!("k{i}"): i })).await })
+    });
+    let outcomes = futures_util::future::join_all(patches).await;
+    let failed: Vec<String> = outcomes
+        .into_iter()
+        .filter_map(|o| match o.unwrap() {
+            Ok(PatchOutcome::Updated(_)) => None,
+            other => Some(format!("{other:?}")),
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} patches failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let stored: Value = serde_json::from_str(&data(&store, &id).await.unwrap()).unwrap();
+    for i in 0..500 {
+        assert_eq!(stored[format!("k{i}")], json!(i), "patch {i} was lost");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_moves_the_session_and_the_old_id_lasts_only_the_grace_period() {
     let server = RedisServer::start();

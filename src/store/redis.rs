@@ -114,7 +114,15 @@ pub struct RedisStore {
     /// How long an ID a rotation marked after its grace period (see `SHORTEN`) is kept as
     /// a marker: long enough for the rotation to ask again whether it ran.
     settle: Duration,
+    /// Patches and rotations of one session through this store take turns, one stripe
+    /// per group of sessions (see `turn`).
+    turns: Box<[Mutex<()>]>,
+    /// How long a patch or rotation waits for its turn before it goes anyway.
+    turn_within: Duration,
 }
+
+/// Stripes of `RedisStore::turns`.
+const TURNS: usize = 64;
 
 /// The names of the keys the store writes. Session IDs are base64url, without `:`, so a
 /// session key never collides with an index key.
@@ -1304,6 +1312,8 @@ impl RedisStore {
             },
             settings,
             settle: options.response_timeout * 3 + Duration::from_secs(1),
+            turns: (0..TURNS).map(|_| Mutex::new(())).collect(),
+            turn_within: options.response_timeout,
         })
     }
 
@@ -1657,7 +1667,24 @@ impl RedisStore {
         })
     }
 
+    /// Waits until no other patch or rotation of `id` (or of a session in the same stripe)
+    /// runs through this store. Concurrent ones would race each other's version checks
+    /// and, many at once on one session, could run out of attempts (a 503 with Redis in
+    /// good health); in turn, each merges into what the one before wrote. A turn not given
+    /// within `turn_within` (Redis stalled under the one before) is not waited for: the
+    /// version check alone keeps them apart then, as it does across proxies.
+    async fn turn(&self, id: &SessionId) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        let stripe = id.as_str().bytes().take(8).fold(0_usize, |h, b| {
+            h.wrapping_mul(64).wrapping_add(usize::from(b))
+        });
+        let turn = self.turns.get(stripe % self.turns.len())?;
+        tokio::time::timeout(self.turn_within, turn.lock())
+            .await
+            .ok()
+    }
+
     async fn patch_session(&self, id: &SessionId, patch: &Json) -> Result<PatchOutcome, Failure> {
+        let _turn = self.turn(id).await;
         let mut conn = self.link.conn().await?;
         let (data, ver): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
             .arg(self.keys.session(id))
@@ -1722,6 +1749,7 @@ impl RedisStore {
         new: &SessionId,
         grace: Duration,
     ) -> Result<Rotated, Failure> {
+        let _turn = self.turn(old).await;
         let mut conn = self.link.conn().await?;
         for _ in 0..PATCH_ATTEMPTS {
             let now = unix_now();
