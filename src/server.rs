@@ -433,7 +433,13 @@ async fn serve_connection(
     // its verdict once: the connection's task, woken several times per request, then
     // polls one channel instead of a timer and a cancellation token each time.
     let (verdict, mut decided) = oneshot::channel();
-    let watcher = tokio::spawn(watch_connection(requests, request_every, closing, verdict));
+    let watcher = tokio::spawn(watch_connection(
+        requests,
+        writes.clone(),
+        (request_every, client_send),
+        closing,
+        verdict,
+    ));
     let end = tokio::select! {
         biased;
         result = conn.as_mut() => {
@@ -449,6 +455,10 @@ async fn serve_connection(
         None => return,
         Some(End::Drop) => {
             tracing::debug!(%peer, "no request within timeouts.header_read: closing");
+            return;
+        }
+        Some(End::Stalled) => {
+            tracing::debug!(%peer, "the client read nothing for timeouts.client_send: closing");
             return;
         }
         Some(End::Quiet) => tracing::debug!(%peer, "idle for timeouts.header_read: closing"),
@@ -634,34 +644,58 @@ enum End {
     Quiet,
     /// The proxy is shutting down: asked to finish what is in flight.
     Shutdown,
+    /// Its client left a response unread for `timeouts.client_send`: dropped.
+    Stalled,
 }
 
+/// Watches a connection for its verdict: `Drop` when it brought no request within
+/// `request_every`, `Quiet` once a whole `request_every` passed without a new one (so an
+/// idle keep-alive connection lasts between one and one and a quarter of that), `Stalled`
+/// when the client has left a response unread (the socket full) for `client_send`, and
+/// `Shutdown` when the proxy is closing. Checked every quarter of the shorter period.
 async fn watch_connection(
     requests: Arc<AtomicU64>,
-    request_every: Duration,
+    writes: Arc<Writes>,
+    (request_every, client_send): (Duration, Duration),
     closing: CancellationToken,
     verdict: oneshot::Sender<End>,
 ) {
-    let mut period =
-        tokio::time::interval_at(tokio::time::Instant::now() + request_every, request_every);
-    let mut seen = 0;
+    let tick = request_every.min(client_send) / CHECKS_PER_PERIOD;
+    let tick = tick.max(Duration::from_millis(1));
+    let mut period = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut seen, mut last_request) = (0, tokio::time::Instant::now());
+    let (mut written, mut last_write) = (0, tokio::time::Instant::now());
     let end = loop {
         tokio::select! {
             _ = closing.cancelled() => break End::Shutdown,
             _ = period.tick() => {
-                let now = requests.load(Ordering::Relaxed);
-                if now == 0 {
-                    break End::Drop;
+                let now = tokio::time::Instant::now();
+                let count = requests.load(Ordering::Relaxed);
+                if count != seen {
+                    (seen, last_request) = (count, now);
                 }
-                if now == seen {
-                    break End::Quiet;
+                let bytes = writes.written.load(Ordering::Relaxed);
+                if bytes != written {
+                    (written, last_write) = (bytes, now);
                 }
-                seen = now;
+                if writes.blocked.load(Ordering::Relaxed)
+                    && now.duration_since(last_write) >= client_send
+                {
+                    break End::Stalled;
+                }
+                if now.duration_since(last_request) >= request_every {
+                    break if count == 0 { End::Drop } else { End::Quiet };
+                }
             }
         }
     };
     let _ = verdict.send(end);
 }
+
+/// How often a connection's watcher looks, per `timeouts.header_read` (or
+/// `timeouts.client_send`, when shorter).
+const CHECKS_PER_PERIOD: u32 = 4;
 
 /// The configured backend, ready to serve requests on `workers` worker threads.
 pub async fn build_store(config: &Config, workers: usize) -> Result<Arc<dyn Store>, String> {

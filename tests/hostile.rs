@@ -260,6 +260,32 @@ async fn silent_connections_are_closed_after_header_read() {
     assert_eq!(r.status, 200);
 }
 
+/// A keep-alive connection left idle after its answer lasts `timeouts.header_read`, give
+/// or take a quarter of it: not up to twice as long.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_header_read() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.timeouts.header_read = 1.0).await;
+    // The request comes early in the connection's first period: a watcher that looks
+    // once a period would leave the connection open for most of a second one.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let answered = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "still open");
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(900) && idle <= Duration::from_millis(1400),
+        "closed after {idle:?} idle"
+    );
+}
+
 #[tokio::test]
 async fn idle_http2_connections_are_closed_after_header_read() {
     let app = App::scripted().await;
@@ -843,6 +869,41 @@ async fn a_client_that_stops_reading_loses_its_connection() {
         .unwrap();
     // The only connection slot is taken until the proxy gives up on the stalled client.
     the_slot_is_freed(&proxy).await;
+    drop(stalled);
+}
+
+/// A client that leaves its response unread loses its connection after
+/// `timeouts.client_send`, however long `timeouts.header_read` is.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_client_send() {
+    let app = big_download_app().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.timeouts.header_read = 3.0;
+        c.timeouts.client_send = 0.5;
+    })
+    .await;
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // Read nothing until the proxy has given up; then the rest of what it had sent
+    // drains, and the connection ends (or is reset) well before the 64 MB.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut closed_after = None;
+    while started.elapsed() < Duration::from_secs(8) {
+        if proxy.metric("session_proxy_connections_open").await == 0.0 {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let closed_after = closed_after.expect("the stalled connection was closed");
+    assert!(
+        closed_after < Duration::from_millis(1500),
+        "closed after {closed_after:?}"
+    );
     drop(stalled);
 }
 
