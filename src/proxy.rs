@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HOST, SET_COOKIE};
+use http::header::{CONNECTION, HOST, SET_COOKIE};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
@@ -141,6 +141,7 @@ impl Proxy {
         client: HeaderValue,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
+        let version = req.version();
         let method = req.method().clone();
         // Shares the request's bytes: no copy of the path for the log.
         let uri = req.uri().clone();
@@ -198,7 +199,20 @@ impl Proxy {
             session = served.outcome.as_str(),
             session_tag = %tag_of(&served.session),
         );
-        served.response
+        let mut response = served.response;
+        // Draining: HTTP/1 clients are asked to go on over new connections (to another
+        // instance, or to this one while it still accepts), so that when the drain delay
+        // ends few of them are caught sending on a connection that closes. (HTTP/2
+        // clients get a GOAWAY then.)
+        if version <= Version::HTTP_11
+            && status != StatusCode::SWITCHING_PROTOCOLS
+            && self.shutdown.is_draining()
+        {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 
     /// The request path, step by step.

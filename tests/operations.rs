@@ -25,6 +25,41 @@ async fn health_and_readiness_answer_on_the_admin_port() {
     assert_eq!(status("/healthz").await, 200);
 }
 
+/// While the proxy drains, an HTTP/1 client's keep-alive connection is closed after the
+/// answer it is on, with `Connection: close`, on both of the proxy's HTTP/1 paths (a
+/// request without a body, and one with): clients move to new connections before the
+/// old ones are closed under them.
+#[tokio::test]
+async fn while_draining_answers_close_their_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = App::scripted().await;
+    let requests: [&[u8]; 2] = [
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi",
+    ];
+    for request in requests {
+        let proxy = Proxy::with(&app, |_| {}).await;
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+        assert!(!answer.contains("connection: close"), "{answer}");
+
+        proxy.shutdown.begin_drain();
+        s.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+            .await
+            .expect("the connection closes after the answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert_eq!(answer.matches("connection:").count(), 1, "{answer}");
+    }
+}
+
 #[tokio::test]
 async fn metrics_move_as_requests_flow() {
     let app = App::scripted().await;

@@ -150,7 +150,7 @@ where
                 }
             }
         };
-        let close = close || graceful.is_begun();
+        let close = close || graceful.is_begun() || connection_has(response.headers(), "close");
         out.clear();
         let mut client = Client {
             buf: &mut buf,
