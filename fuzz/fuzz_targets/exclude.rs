@@ -1,5 +1,5 @@
-//! `session.exclude`: `Exclusions::new`, `Exclusions::matches` and `exclude::normalize`
-//! on arbitrary globs and request paths.
+//! `session.exclude`: `Exclusions::new`, `Exclusions::matches`, `exclude::normalize` and
+//! `exclude::leaves_root` on arbitrary globs and request paths.
 //!
 //! Input: lines; the last is the request path, the ones before it (at most 8, each at
 //! most 128 bytes) the exclusion globs.
@@ -26,6 +26,11 @@ fuzz_target!(|data: &[u8]| {
     let path = lines.pop().unwrap_or_default();
     if lines.len() > 8 || lines.iter().any(|l| l.len() > 128) {
         return;
+    }
+
+    // `leaves_root` never panics, and needs a dot, plain or percent-encoded, to say yes.
+    if exclude::leaves_root(path) {
+        assert!(path.contains('.') || path.contains('%'), "{path:?}");
     }
 
     let once = exclude::normalize(path);
