@@ -377,6 +377,28 @@ async fn concurrent_patches_of_different_keys_all_land() {
     assert_eq!(server.cli::<String>(&["HGET", &key(&id), "ver"]), "51");
 }
 
+/// Data someone else wrote under a session's key, not a JSON object, never reaches the
+/// application as its session, and is not taken for no session either (which would
+/// clear the cookie): the read fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn stored_data_that_is_not_a_json_object_is_refused() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let id = new_id();
+    store.create(&id, session(r#"{"a":1}"#)).await.unwrap();
+    for junk in ["not json TOPSECRET", "[1,2]", "\"{}\"", ""] {
+        let _: i64 = server.cli(&["HSET", &key(&id), "data", junk]);
+        for renew in [false, true] {
+            let why = unavailable(store.load(&id, renew).await);
+            assert!(why.contains("not a JSON object"), "{junk:?}: {why}");
+            assert!(!why.contains("TOPSECRET"), "{why}");
+        }
+    }
+    let _: i64 = server.cli(&["HSET", &key(&id), "data", r#"{"b":2}"#]);
+    let record = store.load(&id, false).await.unwrap().expect("the session");
+    assert_eq!(&record.data[..], br#"{"b":2}"#);
+}
+
 /// Hundreds of patches of one session at once: every patch lands, none gives up (a 503
 /// with Redis in good health), and the session keeps every key.
 #[tokio::test(flavor = "multi_thread")]

@@ -1614,7 +1614,7 @@ impl RedisStore {
                     .arg("moved")
                     .query_async(&mut conn)
                     .await?;
-            return Ok(record(data, created, moved.is_some()));
+            return record(data, created, moved.is_some());
         }
         let now = unix_now();
         let mut call = RENEW.key(&key);
@@ -1631,7 +1631,7 @@ impl RedisStore {
             let until = now + Duration::from_millis(ttl);
             self.index(&conn, &user, id, until, now).await?;
         }
-        Ok(record(Some(data), Some(created), !moved.is_empty()))
+        record(Some(data), Some(created), !moved.is_empty())
     }
 
     async fn is_current(&self, id: &SessionId) -> Result<bool, Failure> {
@@ -2084,12 +2084,34 @@ async fn cluster_serves(conn: &mut ClusterConnection) -> Result<(), Failure> {
 
 /// A session as read from its hash; one without a readable `created` was not written by
 /// the proxy and counts as absent.
-fn record(data: Option<Vec<u8>>, created: Option<String>, moved: bool) -> Option<Record> {
-    Some(Record {
-        data: Bytes::from(data?),
-        created: created?.parse().ok()?,
+/// A stored session as read. The proxy stores compact JSON objects only: `data` that is
+/// not one was written by something else, and is refused (503) rather than handed to
+/// the application as its session, or taken for no session (which would clear the
+/// cookie).
+fn record(
+    data: Option<Vec<u8>>,
+    created: Option<String>,
+    moved: bool,
+) -> Result<Option<Record>, Failure> {
+    let (Some(data), Some(created)) = (data, created) else {
+        return Ok(None);
+    };
+    let Ok(created) = created.parse() else {
+        return Ok(None);
+    };
+    if data.first() != Some(&b'{') || data.last() != Some(&b'}') {
+        return Err(StoreError::Unavailable(
+            "the stored session is not a JSON object: its data was written by something other \
+             than session-proxy"
+                .into(),
+        )
+        .into());
+    }
+    Ok(Some(Record {
+        data: Bytes::from(data),
+        created,
         moved,
-    })
+    }))
 }
 
 impl Store for RedisStore {
