@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, SET_COOKIE};
-use http::uri::{Authority, PathAndQuery};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper_util::rt::TokioIo;
@@ -612,11 +612,57 @@ fn check_target<B>(req: &Request<B>) -> Result<(), &'static str> {
     // path or user information, which the application and the proxy could read apart.
     if let Some(host) = host.map(HeaderValue::as_bytes)
         && !host.is_empty()
-        && (host.contains(&b'@') || Authority::try_from(host).is_err())
+        && !is_host_and_port(host)
     {
         return Err("the Host header is not a host name or address with an optional port");
     }
+    // The same for the target's own authority, which replaces `Host` on the way.
+    if let Some(authority) = req.uri().authority() {
+        let host = authority
+            .as_str()
+            .rsplit_once('@')
+            .map_or(authority.as_str(), |(_, host)| host);
+        if !is_host_and_port(host.as_bytes()) {
+            return Err("the request target's host is not a host name or address");
+        }
+    }
     Ok(())
+}
+
+/// Whether `value` is a host name, an IPv4 address or a bracketed IPv6 address (with a
+/// zone), then optionally `:` and a port of at most five digits. Stricter than RFC 3986's
+/// reg-name, which allows `,`, `;`, `*` and the like: real host names never hold them,
+/// and a `Host` of `a.com,b.com` reads as one host to one server and as a list to another.
+fn is_host_and_port(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|b| *b == b':') {
+        // An IPv6 literal's colons are inside its brackets.
+        Some(colon) if !value[colon..].contains(&b']') => {
+            (&value[..colon], Some(&value[colon + 1..]))
+        }
+        _ => (value, None),
+    };
+    let port_ok = port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p).is_ok_and(|p| p.parse::<u16>().is_ok())
+    });
+    let host_ok = match host {
+        [b'[', inner @ .., b']'] => {
+            !inner.is_empty()
+                && inner.iter().all(|b| {
+                    b.is_ascii_hexdigit()
+                        || matches!(b, b':' | b'.' | b'%' | b'-' | b'_' | b'~')
+                        || b.is_ascii_alphanumeric()
+                })
+        }
+        _ => {
+            !host.is_empty()
+                && host
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        }
+    };
+    port_ok && host_ok
 }
 
 /// The access log's tag for a session, computed only when a log line is written.
@@ -668,5 +714,50 @@ fn unavailable(e: StoreError) -> Problem {
         // The title already says "session store unavailable"; why is for the log.
         StoreError::Unavailable(why) => Problem::store_failed(why),
         e => Problem::store_unavailable(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_host_and_port;
+
+    #[test]
+    fn hosts_are_names_or_addresses_with_an_optional_port() {
+        for good in [
+            "example.com",
+            "example.com:8080",
+            "EXAMPLE.com.",
+            "a-b_c.example",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "[fe80::1%25eth0]:80",
+            "localhost:65535",
+        ] {
+            assert!(is_host_and_port(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "a.com,b.com",
+            "a.com:80,b.com",
+            "a.com,",
+            ",a.com",
+            "*",
+            "a.com;x",
+            "a.com:abc",
+            "a.com:+80",
+            "a.com:99999",
+            "a.com:",
+            ":80",
+            "user@a.com",
+            "a.com/x",
+            "a b",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "a.com:80:80",
+        ] {
+            assert!(!is_host_and_port(bad.as_bytes()), "{bad}");
+        }
     }
 }

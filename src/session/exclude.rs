@@ -74,16 +74,21 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
 }
 
 /// Whether `path`'s dot segments climb above its root (`/../x`, `/a/../../x`), read the
-/// way `normalize` reads it (percent-decoded, repeated slashes as one). No server can
-/// mean such a path, and one behind an upstream path prefix could be read as a path
-/// outside that prefix.
+/// way servers read it: percent-decoded, repeated slashes as one, `\` as a slash too
+/// (IIS, and WHATWG URL parsers such as Node's), and a segment's `;parameters` left out
+/// (`..;` is `..` to Tomcat and Spring). No server can mean such a path, and one behind
+/// an upstream path prefix could be read as a path outside that prefix.
 pub fn leaves_root(path: &str) -> bool {
-    if !path.contains("/.") && !path.contains('%') {
+    if !path.contains('.') && !path.contains('%') {
         return false;
     }
     let decoded = percent_decode_str(path).decode_utf8_lossy();
     let mut depth = 0_usize;
-    for segment in decoded.split('/').filter(|s| !s.is_empty()) {
+    let segments = decoded
+        .split(['/', '\\'])
+        .map(|s| s.split(';').next().unwrap_or_default())
+        .filter(|s| !s.is_empty());
+    for segment in segments {
         match segment {
             "." => {}
             ".." if depth == 0 => return true,
@@ -136,6 +141,13 @@ mod tests {
             "/%2E%2e",
             "//..//x",
             "/a/%2F../../x",
+            "/..\\x",
+            "/x/..\\..\\x",
+            "/..%5c..%5cx",
+            "/%2e%2e%5Cx",
+            "/..;/x",
+            "/a/..;/..;/x",
+            "/..;jsessionid=1/x",
         ] {
             assert!(leaves_root(path), "{path}");
         }
@@ -147,6 +159,9 @@ mod tests {
             "/a..",
             "/.well-known/x",
             "/%41",
+            "/a..b",
+            "/a\\..\\b",
+            "/a;x/..;y/b",
         ] {
             assert!(!leaves_root(path), "{path}");
         }
