@@ -684,7 +684,11 @@ async fn watch_connection(
                 {
                     break End::Stalled;
                 }
-                if now.duration_since(last_request) >= request_every {
+                // A response the client is not reading is not idleness: `client_send`
+                // decides for it, above.
+                if now.duration_since(last_request) >= request_every
+                    && !writes.blocked.load(Ordering::Relaxed)
+                {
                     break if count == 0 { End::Drop } else { End::Quiet };
                 }
             }
