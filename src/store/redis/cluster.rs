@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{FromRedisValue, RedisError};
+use redis::{FromRedisValue, RedisError, Value};
 
 use super::ClearOnDrop;
 
@@ -22,6 +22,9 @@ const SLOTS: usize = 16384;
 
 /// How long what the cluster said of its replicas holds before a write asks again.
 const FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// How long what the cluster said still stands in for an answer while it cannot be asked.
+const STALE_FOR: Duration = Duration::from_secs(30);
 
 /// The hash slot of a key, as Redis Cluster computes it: CRC16 (XMODEM) of the key, or of
 /// its hash tag (what the first `{…}` holds, when it holds something), modulo 16384.
@@ -86,8 +89,8 @@ impl ClusterReplicas {
 
     /// How many replicas must confirm a write to `slot`: what the cluster said within
     /// `FRESH_FOR`, else asked now (`fresh`: asked now in any case). While another write
-    /// asks, or when the cluster cannot be asked, what it said last holds; a write before
-    /// it has ever answered fails.
+    /// asks, or when the cluster cannot be asked (within `confirm_within`), what it said
+    /// within `STALE_FOR` holds; a write fails when it has not answered for that long.
     pub async fn wanted(
         &self,
         conn: &mut ClusterConnection,
@@ -96,12 +99,15 @@ impl ClusterReplicas {
     ) -> Result<u64, RedisError> {
         let known = {
             let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-            known.as_ref().map(|k| {
-                (
-                    u64::from(k.per_slot[usize::from(slot)]),
-                    k.at.elapsed() < FRESH_FOR,
-                )
-            })
+            known
+                .as_ref()
+                .filter(|k| k.at.elapsed() < STALE_FOR)
+                .map(|k| {
+                    (
+                        u64::from(k.per_slot[usize::from(slot)]),
+                        k.at.elapsed() < FRESH_FOR,
+                    )
+                })
         };
         match known {
             Some((wanted, true)) if !fresh => return Ok(wanted),
@@ -114,7 +120,15 @@ impl ClusterReplicas {
             .is_ok();
         // Cleared however this ends, even if the write that asks is dropped on the way.
         let _asked = asking.then(|| ClearOnDrop(&self.asking));
-        match ask(conn).await {
+        let asked = tokio::time::timeout(self.confirm_within, ask(conn))
+            .await
+            .unwrap_or_else(|_| {
+                Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "CLUSTER NODES went unanswered",
+                )))
+            });
+        match asked {
             Ok(per_slot) => {
                 let wanted = u64::from(per_slot[usize::from(slot)]);
                 let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
@@ -137,9 +151,14 @@ impl ClusterReplicas {
 /// healthy replicas of the master that serves it.
 async fn ask(conn: &mut ClusterConnection) -> Result<Box<[u8]>, RedisError> {
     let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-    let answer = conn
+    let answer = match conn
         .route_command(redis::cmd("CLUSTER").arg("NODES").clone(), any)
-        .await?;
+        .await?
+    {
+        // A refusal (an ACL without `cluster|nodes`) says so, not that it cannot be read.
+        Value::ServerError(e) => return Err(e.into()),
+        answer => answer,
+    };
     Ok(replicas_per_slot(&String::from_redis_value(answer)?))
 }
 
@@ -149,6 +168,8 @@ async fn ask(conn: &mut ClusterConnection) -> Result<Box<[u8]>, RedisError> {
 fn replicas_per_slot(nodes: &str) -> Box<[u8]> {
     let mut replicas: HashMap<&str, u8> = HashMap::new();
     let mut served: Vec<(&str, usize, usize)> = Vec::new();
+    // Slots on the move: a write may run on either node, so the fewer replicas count.
+    let mut moving: Vec<(usize, &str)> = Vec::new();
     for line in nodes.lines() {
         let fields: Vec<&str> = line.split_ascii_whitespace().collect();
         let [id, _, flags, master, _, _, _, link, ranges @ ..] = fields.as_slice() else {
@@ -164,8 +185,20 @@ fn replicas_per_slot(nodes: &str) -> Box<[u8]> {
                 *count = count.saturating_add(1);
             }
         } else if flags.contains(&"master") {
-            // `[slot->-id]` and `[slot-<-id]` are slots on the move, listed twice.
-            for range in ranges.iter().filter(|r| !r.starts_with('[')) {
+            for range in ranges.iter() {
+                // `[slot->-id]` (migrating to id) and `[slot-<-id]` (importing from id).
+                if let Some(marker) = range.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+                    let other = marker
+                        .split_once("->-")
+                        .or_else(|| marker.split_once("-<-"));
+                    if let Some((slot, other)) = other
+                        && let Ok(slot) = slot.parse::<usize>()
+                        && slot < SLOTS
+                    {
+                        moving.push((slot, other));
+                    }
+                    continue;
+                }
                 let (first, last) = range.split_once('-').unwrap_or((range, range));
                 if let (Ok(first), Ok(last)) = (first.parse::<usize>(), last.parse::<usize>()) {
                     served.push((id, first, last.min(SLOTS - 1)));
@@ -179,6 +212,10 @@ fn replicas_per_slot(nodes: &str) -> Box<[u8]> {
         for slot in per_slot.iter_mut().take(last + 1).skip(first) {
             *slot = count;
         }
+    }
+    for (slot, other) in moving {
+        let count = replicas.get(other).copied().unwrap_or(0);
+        per_slot[slot] = per_slot[slot].min(count);
     }
     per_slot
 }
@@ -223,6 +260,13 @@ r5 127.0.0.1:7007@17007 slave,fail? a3 0 1 3 connected
         assert_eq!(per_slot.len(), SLOTS);
         assert_eq!((per_slot[0], per_slot[5460]), (2, 2));
         assert_eq!((per_slot[5461], per_slot[10922]), (0, 0));
+        let migrating = replicas_per_slot(
+            "m1 1:1@2 myself,master - 0 0 1 connected 0-9 [3->-m2]\n\
+             m2 1:2@3 master - 0 0 2 connected 10-19 [3-<-m1]\n\
+             r1 1:3@4 slave m1 0 0 1 connected\n",
+        );
+        assert_eq!((migrating[2], migrating[3], migrating[4]), (1, 0, 1));
+        assert_eq!(migrating[10], 0);
         assert_eq!((per_slot[10923], per_slot[16383]), (0, 0));
         let single = replicas_per_slot(
             "m 1:1@2 master - 0 0 1 connected 7\nr 1:2@3 slave m 0 0 1 connected\n",
