@@ -200,11 +200,12 @@ impl Proxy {
             session_tag = %tag_of(&served.session),
         );
         let mut response = served.response;
-        // Draining: HTTP/1 clients are asked to go on over new connections (to another
+        // Draining: HTTP/1.1 clients are asked to go on over new connections (to another
         // instance, or to this one while it still accepts), so that when the drain delay
         // ends few of them are caught sending on a connection that closes. (HTTP/2
-        // clients get a GOAWAY then.)
-        if version <= Version::HTTP_11
+        // clients get a GOAWAY then; HTTP/1.0 ones keep a connection only when they ask,
+        // and hyper answers them.)
+        if version == Version::HTTP_11
             && status != StatusCode::SWITCHING_PROTOCOLS
             && self.shutdown.is_draining()
         {

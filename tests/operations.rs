@@ -58,6 +58,21 @@ async fn while_draining_answers_close_their_connection() {
         assert!(answer.contains("connection: close"), "{answer}");
         assert_eq!(answer.matches("connection:").count(), 1, "{answer}");
     }
+    // An HTTP/1.0 client that asked to keep its connection gets one answer or the other.
+    let proxy = Proxy::with(&app, |_| {}).await;
+    proxy.shutdown.begin_drain();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1."), "{answer}");
+    assert!(
+        !(answer.contains("close") && answer.contains("keep-alive")),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

@@ -1674,10 +1674,11 @@ impl RedisStore {
     /// within `turn_within` (Redis stalled under the one before) is not waited for: the
     /// version check alone keeps them apart then, as it does across proxies.
     async fn turn(&self, id: &SessionId) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        let stripe = id.as_str().bytes().take(8).fold(0_usize, |h, b| {
-            h.wrapping_mul(64).wrapping_add(usize::from(b))
+        // FNV-1a over the whole ID: every byte moves the stripe.
+        let stripe = id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
-        let turn = self.turns.get(stripe % self.turns.len())?;
+        let turn = self.turns.get((stripe % TURNS as u64) as usize)?;
         tokio::time::timeout(self.turn_within, turn.lock())
             .await
             .ok()
