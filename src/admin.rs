@@ -273,8 +273,8 @@ fn problem(status: StatusCode, detail: &str) -> AdminResponse {
 
 /// Whether an `Accept` header prefers OpenMetrics to Prometheus's text format: it names
 /// `application/openmetrics-text` with a weight above 0, and no higher weight for
-/// `text/plain`. A range such as `*/*` says nothing for either, so Prometheus's text
-/// format, the one every scraper reads, stays the default.
+/// `text/plain` or a range that takes it (`text/*`, `*/*`). Without such a preference
+/// Prometheus's text format, the one every scraper reads, is the default.
 fn prefers_open_metrics(accept: http::header::GetAll<'_, HeaderValue>) -> bool {
     let (mut open, mut plain) = (0.0_f32, 0.0_f32);
     let ranges = accept
@@ -290,7 +290,10 @@ fn prefers_open_metrics(accept: http::header::GetAll<'_, HeaderValue>) -> bool {
             .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
         if kind.eq_ignore_ascii_case("application/openmetrics-text") {
             open = open.max(q);
-        } else if kind.eq_ignore_ascii_case("text/plain") {
+        } else if ["text/plain", "text/*", "*/*"]
+            .iter()
+            .any(|plain| kind.eq_ignore_ascii_case(plain))
+        {
             plain = plain.max(q);
         }
     }
@@ -331,5 +334,8 @@ mod tests {
         ]));
         assert!(!prefers(&["application/openmetrics-text;q=oops"]));
         assert!(!prefers(&["application/openmetrics-textual"]));
+        assert!(!prefers(&["application/openmetrics-text;q=0.1, */*;q=0.9"]));
+        assert!(!prefers(&["application/openmetrics-text;q=0.5", "text/*"]));
+        assert!(prefers(&["application/openmetrics-text, */*;q=0.1"]));
     }
 }

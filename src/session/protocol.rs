@@ -159,8 +159,10 @@ fn take_one(
 const FORWARDED: [&str; 3] = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"];
 
 /// Removes from a client's request the forwarding information the proxy does not give
-/// (`Forwarded`, `X-Real-IP`, `X-Forwarded-Port`, `X-Forwarded-Prefix` and every other
-/// `X-Forwarded-*` but the three it sets), and their look-alikes: an application that
+/// (`Forwarded`, `X-Forwarded-Port`, `X-Forwarded-Prefix` and every other
+/// `X-Forwarded-*` but the three it sets, the client addresses CDNs and other proxies
+/// pass on such as `X-Real-IP` and `True-Client-IP`, and the original-URL overrides
+/// `X-Original-URL` and `X-Rewrite-URL`), and their look-alikes: an application that
 /// reads them would take the client's word for what only a proxy can say, and some
 /// (`Forwarded`) are read before the `X-Forwarded-*` the proxy sets.
 pub fn strip_foreign_forwarding(headers: &mut HeaderMap) {
@@ -177,6 +179,22 @@ pub fn strip_foreign_forwarding(headers: &mut HeaderMap) {
     }
 }
 
+/// Forwarding fields other proxies and CDNs set, besides `X-Forwarded-*`.
+const FOREIGN: [&str; 12] = [
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-host",
+];
+
 fn is_foreign_forwarding(name: &HeaderName) -> bool {
     let name = name.as_str().as_bytes();
     let reads_as =
@@ -187,8 +205,7 @@ fn is_foreign_forwarding(name: &HeaderName) -> bool {
             .iter()
             .map(|b| dashed(*b))
             .eq(prefix.iter().copied());
-    reads_as("forwarded")
-        || reads_as("x-real-ip")
+    FOREIGN.iter().any(|foreign| reads_as(foreign))
         || (forwarded_any && !FORWARDED.iter().any(|ours| name == ours.as_bytes()))
 }
 
@@ -243,6 +260,9 @@ mod tests {
             "x-forwarded",
             "forwarded-for",
             "accept",
+            "true-client-ip",
+            "client_ip",
+            "x-original-url",
         ] {
             h.insert(
                 HeaderName::try_from(name).unwrap(),
