@@ -372,36 +372,17 @@ async fn uploads_app() -> std::net::SocketAddr {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    let mut more = [0u8; 4096];
-                    let n = match s.read(&mut more).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    buf.extend_from_slice(&more[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    if head.starts_with("post /upload") {
+                while let Some(request) = next_head(&mut s, &mut buf).await {
+                    if request.head.starts_with("post /upload") {
                         // Answered before the body is read; the body is never read.
                         let _ = s
                             .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
                             .await;
                         std::future::pending::<()>().await;
                     }
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap_or(0));
-                    while buf.len() < end + 4 + length {
-                        let n = s.read(&mut more).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&more[..n]);
+                    if take_body(&mut s, &mut buf, &request).await.is_none() {
+                        return;
                     }
-                    buf.drain(..end + 4 + length);
                     let _ = s
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                         .await;
@@ -412,16 +393,65 @@ async fn uploads_app() -> std::net::SocketAddr {
     addr
 }
 
+/// A request as an application written on raw sockets reads it: its head, lower-cased,
+/// where the head ends in the buffer, and the length of the body that follows.
+struct RawRequest {
+    head: String,
+    end: usize,
+    length: usize,
+}
+
+/// Reads until `buf` holds a whole request head; `None` once the connection ends.
+async fn next_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<RawRequest> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap_or(0));
+            return Some(RawRequest { head, end, length });
+        }
+        read_more(s, buf).await?;
+    }
+}
+
+/// Reads the request's body, then takes the request out of `buf`; `None` once the
+/// connection ends.
+async fn take_body(s: &mut TcpStream, buf: &mut Vec<u8>, request: &RawRequest) -> Option<()> {
+    let whole = request.end + 4 + request.length;
+    while buf.len() < whole {
+        read_more(s, buf).await?;
+    }
+    buf.drain(..whole);
+    Some(())
+}
+
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut more = [0u8; 4096];
+    match s.read(&mut more).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buf.extend_from_slice(&more[..n]);
+            Some(())
+        }
+    }
+}
+
+/// A proxy with one worker thread in front of `app`: every client's request shares its
+/// pool of connections to the application.
+async fn one_worker_proxy(app: std::net::SocketAddr) -> Proxy {
+    let mut config = support::config(&format!("http://{app}"));
+    config.limits.workers = 1;
+    Proxy::start(config).await
+}
+
 /// An application that answers an upload at once (a 401, say) without reading its body,
 /// while the client is still sending it: that connection to the application is busy with
 /// the body, and is not handed to another client's request, which would wait behind it.
 #[tokio::test]
 async fn an_upload_answered_early_does_not_hold_up_other_clients() {
-    let app = uploads_app().await;
-    // One worker: every client shares its pool of connections to the application.
-    let mut config = support::config(&format!("http://{app}"));
-    config.limits.workers = 1;
-    let proxy = Proxy::start(config).await;
+    let proxy = one_worker_proxy(uploads_app().await).await;
     let mut uploads = Vec::new();
     for _ in 0..3 {
         let mut s = TcpStream::connect(proxy.addr).await.unwrap();
@@ -471,28 +501,11 @@ async fn late_body_app() -> std::net::SocketAddr {
             let forged = forged.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut more = [0u8; 4096];
-                        match s.read(&mut more).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&more[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap_or(0));
-                    while buf.len() < end + 4 + length {
-                        let mut more = [0u8; 4096];
-                        match s.read(&mut more).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&more[..n]),
-                        }
+                while let Some(request) = next_head(&mut s, &mut buf).await {
+                    if take_body(&mut s, &mut buf, &request).await.is_none() {
+                        return;
                     }
-                    buf.drain(..end + 4 + length);
+                    let head = request.head;
                     let path = head.split(' ').nth(1).unwrap_or_default().to_string();
                     let announced = if head.starts_with("head ") {
                         "HTTP/1.1 200 OK\r\ncontent-length: 96\r\n\r\n"
@@ -521,11 +534,7 @@ async fn late_body_app() -> std::net::SocketAddr {
 /// answer, and no session the application's stray bytes carry.
 #[tokio::test]
 async fn a_body_sent_where_none_belongs_never_answers_the_next_request() {
-    let app = late_body_app().await;
-    // One worker: every request shares its pool of connections to the application.
-    let mut config = support::config(&format!("http://{app}"));
-    config.limits.workers = 1;
-    let proxy = Proxy::start(config).await;
+    let proxy = one_worker_proxy(late_body_app().await).await;
     let traps: [(&str, &str, Bytes); 4] = [
         ("HEAD", "/file", Bytes::new()),
         ("GET", "/no-content", Bytes::new()),

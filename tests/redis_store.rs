@@ -1562,19 +1562,28 @@ async fn a_cluster_that_lost_a_master_fails_the_ping_until_it_is_back() {
     drop(cluster);
 }
 
+/// A Cluster of three masters with a replica each (a node is declared failed after
+/// 1 s), a store on it, a session stored there, and the index of the session's master.
+async fn replicated_cluster_with_a_session(
+    json: &str,
+) -> (RedisCluster, RedisStore, SessionId, usize) {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(1, 1000))
+        .await
+        .unwrap();
+    let store = clustered(&cluster, MINUTE).await;
+    let id = new_id();
+    store.create(&id, session(json)).await.unwrap();
+    let master = cluster.master_of(&key(&id));
+    (cluster, store, id, master)
+}
+
 /// A Cluster master that stops answering without closing its connections (a paused
 /// machine, a network partition): once its replica has taken over, the sessions in its
 /// slots are read and written again while it is still paused. The cluster client alone
 /// kept sending them to the silent master until it woke.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cluster_follows_a_failover_away_from_a_master_that_stopped_answering() {
-    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(1, 1000))
-        .await
-        .unwrap();
-    let store = clustered(&cluster, MINUTE).await;
-    let id = new_id();
-    store.create(&id, session(r#"{"a":1}"#)).await.unwrap();
-    let master = cluster.master_of(&key(&id));
+    let (cluster, store, id, master) = replicated_cluster_with_a_session(r#"{"a":1}"#).await;
     let copies: i64 = cluster.nodes()[master].cli(&["WAIT", "1", "5000"]);
     assert_eq!(copies, 1, "the replica holds the session");
 
@@ -1607,13 +1616,7 @@ async fn a_cluster_follows_a_failover_away_from_a_master_that_stopped_answering(
 /// go on without it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cluster_write_waits_for_the_replica_of_its_master() {
-    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(1, 1000))
-        .await
-        .unwrap();
-    let store = clustered(&cluster, MINUTE).await;
-    let id = new_id();
-    store.create(&id, session(r#"{"n":0}"#)).await.unwrap();
-    let master = cluster.master_of(&key(&id));
+    let (cluster, store, id, master) = replicated_cluster_with_a_session(r#"{"n":0}"#).await;
     let replica = cluster.replica_of(master);
 
     cluster.nodes()[replica].pause();
