@@ -651,9 +651,8 @@ fn is_host_and_port(value: &[u8]) -> bool {
         [b'[', inner @ .., b']'] => {
             !inner.is_empty()
                 && inner.iter().all(|b| {
-                    b.is_ascii_hexdigit()
+                    b.is_ascii_alphanumeric()
                         || matches!(b, b':' | b'.' | b'%' | b'-' | b'_' | b'~')
-                        || b.is_ascii_alphanumeric()
                 })
         }
         _ => {
