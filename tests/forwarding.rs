@@ -228,6 +228,8 @@ async fn forwarding_headers_the_proxy_does_not_set_are_dropped() {
         ("x-forwarded-prefix", "/admin"),
         ("x_forwarded_server", "evil"),
         ("x-custom", "kept"),
+        // Who the user is, from a proxy in front (oauth2-proxy): that proxy's to vouch for.
+        ("x-forwarded-user", "ann"),
     ];
     for path in ["/", "/static/app.js"] {
         let r = Client::new().get(&proxy.url(path), &forged).await;
@@ -238,6 +240,7 @@ async fn forwarding_headers_the_proxy_does_not_set_are_dropped() {
             );
         }
         assert_eq!(r.header_seen("x-custom"), vec!["kept"], "{path}");
+        assert_eq!(r.header_seen("x-forwarded-user"), vec!["ann"], "{path}");
         assert_eq!(r.header_seen("x-forwarded-proto"), vec!["http"], "{path}");
     }
 }

@@ -158,13 +158,16 @@ fn take_one(
 /// The `X-Forwarded-*` fields the proxy sets.
 const FORWARDED: [&str; 3] = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"];
 
-/// Removes from a client's request the forwarding information the proxy does not give
-/// (`Forwarded`, `X-Forwarded-Port`, `X-Forwarded-Prefix` and every other
-/// `X-Forwarded-*` but the three it sets, the client addresses CDNs and other proxies
-/// pass on such as `X-Real-IP` and `True-Client-IP`, and the original-URL overrides
-/// `X-Original-URL` and `X-Rewrite-URL`), and their look-alikes: an application that
-/// reads them would take the client's word for what only a proxy can say, and some
-/// (`Forwarded`) are read before the `X-Forwarded-*` the proxy sets.
+/// Removes from a client's request the forwarding information about the connection that
+/// the proxy alone can give, in the fields other proxies and CDNs use for it: the
+/// client's address (`Forwarded`, `X-Real-IP`, `True-Client-IP`, …), the scheme, port
+/// and path prefix the client used (`X-Forwarded-Port`, `X-Forwarded-Prefix`, …), and
+/// the original-URL overrides (`X-Original-URL`, `X-Rewrite-URL`), with their
+/// look-alikes. An application that reads them would take the client's word for it, and
+/// some (`Forwarded`) are read before the `X-Forwarded-*` the proxy sets. Fields a proxy
+/// in front adds about who the user is (`X-Forwarded-User`, `-Email`, `-Groups` from
+/// oauth2-proxy, Envoy's `X-Forwarded-Client-Cert`) are that proxy's to vouch for, and
+/// pass.
 pub fn strip_foreign_forwarding(headers: &mut HeaderMap) {
     if !headers.keys().any(is_foreign_forwarding) {
         return;
@@ -179,9 +182,22 @@ pub fn strip_foreign_forwarding(headers: &mut HeaderMap) {
     }
 }
 
-/// Forwarding fields other proxies and CDNs set, besides `X-Forwarded-*`.
-const FOREIGN: [&str; 12] = [
+/// Connection facts other proxies and CDNs forward, besides the `X-Forwarded-*` the
+/// proxy sets.
+const FOREIGN: [&str; 24] = [
     "forwarded",
+    "x-forwarded",
+    "forwarded-for",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-protocol",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "front-end-https",
+    "x-url-scheme",
     "x-real-ip",
     "true-client-ip",
     "x-client-ip",
@@ -197,16 +213,9 @@ const FOREIGN: [&str; 12] = [
 
 fn is_foreign_forwarding(name: &HeaderName) -> bool {
     let name = name.as_str().as_bytes();
-    let reads_as =
-        |ours: &str| name.len() == ours.len() && name.iter().map(|b| dashed(*b)).eq(ours.bytes());
-    let prefix = b"x-forwarded-";
-    let forwarded_any = name.len() > prefix.len()
-        && name[..prefix.len()]
-            .iter()
-            .map(|b| dashed(*b))
-            .eq(prefix.iter().copied());
-    FOREIGN.iter().any(|foreign| reads_as(foreign))
-        || (forwarded_any && !FORWARDED.iter().any(|ours| name == ours.as_bytes()))
+    FOREIGN.iter().any(|foreign| {
+        name.len() == foreign.len() && name.iter().map(|b| dashed(*b)).eq(foreign.bytes())
+    })
 }
 
 /// A name's byte as servers that turn names into variables read it: letters and digits
@@ -263,6 +272,9 @@ mod tests {
             "true-client-ip",
             "client_ip",
             "x-original-url",
+            "x-forwarded-user",
+            "x-forwarded-email",
+            "x-forwarded-client-cert",
         ] {
             h.insert(
                 HeaderName::try_from(name).unwrap(),
@@ -276,11 +288,12 @@ mod tests {
             left,
             [
                 "accept",
-                "forwarded-for",
-                "x-forwarded",
+                "x-forwarded-client-cert",
+                "x-forwarded-email",
                 "x-forwarded-for",
                 "x-forwarded-host",
-                "x-forwarded-proto"
+                "x-forwarded-proto",
+                "x-forwarded-user"
             ]
         );
     }
