@@ -12,7 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::{FromRedisValue, RedisError, Value};
 
 use super::ClearOnDrop;
@@ -89,8 +89,9 @@ impl ClusterReplicas {
 
     /// How many replicas must confirm a write to `slot`: what the cluster said within
     /// `FRESH_FOR`, else asked now (`fresh`: asked now in any case). While another write
-    /// asks, or when the cluster cannot be asked (within `confirm_within`), what it said
-    /// within `STALE_FOR` holds; a write fails when it has not answered for that long.
+    /// asks, or when the cluster cannot be asked (within `confirm_within`, see `ask`),
+    /// what it said within `STALE_FOR` holds; a write fails when it has not answered for
+    /// that long.
     pub async fn wanted(
         &self,
         conn: &mut ClusterConnection,
@@ -120,15 +121,7 @@ impl ClusterReplicas {
             .is_ok();
         // Cleared however this ends, even if the write that asks is dropped on the way.
         let _asked = asking.then(|| ClearOnDrop(&self.asking));
-        let asked = tokio::time::timeout(self.confirm_within, ask(conn))
-            .await
-            .unwrap_or_else(|_| {
-                Err(RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "CLUSTER NODES went unanswered",
-                )))
-            });
-        match asked {
+        match ask(conn, self.confirm_within / 2).await {
             Ok(per_slot) => {
                 let wanted = u64::from(per_slot[usize::from(slot)]);
                 let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
@@ -147,19 +140,66 @@ impl ClusterReplicas {
     }
 }
 
-/// Asks a node for the cluster's nodes (`CLUSTER NODES`) and counts, for each slot, the
-/// healthy replicas of the master that serves it.
-async fn ask(conn: &mut ClusterConnection) -> Result<Box<[u8]>, RedisError> {
-    let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-    let answer = match conn
-        .route_command(redis::cmd("CLUSTER").arg("NODES").clone(), any)
-        .await?
+/// Asks the cluster for its nodes (`CLUSTER NODES`) and counts, for each slot, the
+/// healthy replicas of the master that serves it. Every master is asked, and each slot
+/// takes the fewest any of them count: a slot on the move shows as such only on its two
+/// masters. When they cannot all answer within `within` (one is paused, say), one node's
+/// view is taken.
+async fn ask(conn: &mut ClusterConnection, within: Duration) -> Result<Box<[u8]>, RedisError> {
+    let nodes = redis::cmd("CLUSTER").arg("NODES").clone();
+    let masters = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+    let mut refused = None;
+    if let Ok(Ok(answers)) =
+        tokio::time::timeout(within, conn.route_command(nodes.clone(), masters)).await
     {
-        // A refusal (an ACL without `cluster|nodes`) says so, not that it cannot be read.
-        Value::ServerError(e) => return Err(e.into()),
-        answer => answer,
-    };
-    Ok(replicas_per_slot(&String::from_redis_value(answer)?))
+        // Without a response policy, a fan-out answers with each node's reply by address.
+        let answers = match answers {
+            Value::Map(answers) => answers,
+            other => vec![(Value::Nil, other)],
+        };
+        let mut fewest: Option<Box<[u8]>> = None;
+        for (_, answer) in answers {
+            let view = match answer {
+                Value::ServerError(e) => {
+                    refused = Some(e);
+                    continue;
+                }
+                answer => match String::from_redis_value(answer) {
+                    Ok(text) => replicas_per_slot(&text),
+                    Err(_) => continue,
+                },
+            };
+            fewest = Some(match fewest {
+                None => view,
+                Some(mut fewest) => {
+                    for (slot, count) in fewest.iter_mut().zip(view.iter()) {
+                        *slot = (*slot).min(*count);
+                    }
+                    fewest
+                }
+            });
+        }
+        if let Some(fewest) = fewest {
+            return Ok(fewest);
+        }
+    }
+    // A refusal (an ACL without `cluster|nodes`) says so, not that it cannot be read.
+    if let Some(e) = refused {
+        return Err(e.into());
+    }
+    let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+    let answer = tokio::time::timeout(within, conn.route_command(nodes, any))
+        .await
+        .map_err(|_| {
+            RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "CLUSTER NODES went unanswered",
+            ))
+        })??;
+    match answer {
+        Value::ServerError(e) => Err(e.into()),
+        answer => Ok(replicas_per_slot(&String::from_redis_value(answer)?)),
+    }
 }
 
 /// Reads `CLUSTER NODES`: one line per node, `<id> <address> <flags> <master id or ->
