@@ -271,33 +271,48 @@ fn problem(status: StatusCode, detail: &str) -> AdminResponse {
     r
 }
 
-/// Whether an `Accept` header prefers OpenMetrics to Prometheus's text format: it names
-/// `application/openmetrics-text` with a weight above 0, and no higher weight for
-/// `text/plain` or a range that takes it (`text/*`, `*/*`). Without such a preference
-/// Prometheus's text format, the one every scraper reads, is the default.
+/// Whether an `Accept` header prefers OpenMetrics to Prometheus's text format. Each takes
+/// the weight of the most specific range that names it (RFC 9110 §12.5.1): its own type,
+/// else `application/*` or `text/*`, else `*/*`; a range whose weight is not a number
+/// from 0 to 1 is left out. OpenMetrics needs a weight above 0 and above the text
+/// format's, so that `*/*` alone, or no `Accept` at all, gets the text format every
+/// scraper reads.
 fn prefers_open_metrics(accept: http::header::GetAll<'_, HeaderValue>) -> bool {
-    let (mut open, mut plain) = (0.0_f32, 0.0_f32);
+    // Most specific first: the type itself, its type's wildcard, `*/*`.
+    let (mut open, mut text) = ([None::<f32>; 3], [None::<f32>; 3]);
     let ranges = accept
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','));
     for range in ranges {
         let mut parts = range.split(';');
-        let kind = parts.next().unwrap_or_default().trim();
-        let q = parts
+        let kind = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let q = match parts
             .filter_map(|p| p.split_once('='))
             .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
-            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
-        if kind.eq_ignore_ascii_case("application/openmetrics-text") {
-            open = open.max(q);
-        } else if ["text/plain", "text/*", "*/*"]
-            .iter()
-            .any(|plain| kind.eq_ignore_ascii_case(plain))
         {
-            plain = plain.max(q);
+            None => 1.0,
+            Some((_, v)) => match v.trim().parse::<f32>() {
+                Ok(q) if (0.0..=1.0).contains(&q) => q,
+                _ => continue,
+            },
+        };
+        let mut weigh = |slot: &mut Option<f32>| *slot = Some(slot.map_or(q, |w| w.max(q)));
+        match kind.as_str() {
+            "application/openmetrics-text" => weigh(&mut open[0]),
+            "application/*" => weigh(&mut open[1]),
+            "text/plain" => weigh(&mut text[0]),
+            "text/*" => weigh(&mut text[1]),
+            "*/*" => {
+                weigh(&mut open[2]);
+                weigh(&mut text[2]);
+            }
+            _ => {}
         }
     }
-    open > 0.0 && open >= plain
+    let weight = |ranks: [Option<f32>; 3]| ranks.into_iter().flatten().next().unwrap_or(0.0);
+    let (open, text) = (weight(open), weight(text));
+    open > 0.0 && open > text
 }
 
 #[cfg(test)]
@@ -337,5 +352,17 @@ mod tests {
         assert!(!prefers(&["application/openmetrics-text;q=0.1, */*;q=0.9"]));
         assert!(!prefers(&["application/openmetrics-text;q=0.5", "text/*"]));
         assert!(prefers(&["application/openmetrics-text, */*;q=0.1"]));
+        // The most specific range decides, whatever a wildcard says.
+        assert!(prefers(&[
+            "application/openmetrics-text;q=0.5, text/plain;q=0.1, */*"
+        ]));
+        assert!(prefers(&["text/plain;q=0, */*"]));
+        assert!(!prefers(&["application/openmetrics-text, text/plain"]));
+        // Weights that are not numbers from 0 to 1 count for nothing.
+        assert!(!prefers(&[
+            "application/openmetrics-text;q=2, text/plain;q=0.5"
+        ]));
+        assert!(!prefers(&["application/openmetrics-text;q=inf"]));
+        assert!(!prefers(&["application/openmetrics-text;q=NaN"]));
     }
 }
