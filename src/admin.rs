@@ -297,7 +297,7 @@ fn prefers_open_metrics(accept: http::header::GetAll<'_, HeaderValue>) -> bool {
                 _ => continue,
             },
         };
-        let mut weigh = |slot: &mut Option<f32>| *slot = Some(slot.map_or(q, |w| w.max(q)));
+        let weigh = |slot: &mut Option<f32>| *slot = Some(slot.map_or(q, |w| w.max(q)));
         match kind.as_str() {
             "application/openmetrics-text" => weigh(&mut open[0]),
             "application/*" => weigh(&mut open[1]),
