@@ -617,6 +617,13 @@ fn check_target<B>(req: &Request<B>) -> Result<(), &'static str> {
     {
         return Err("the Host header is not a host name or address with an optional port");
     }
+    // An absolute-form target names this proxy's own scheme.
+    if let Some(scheme) = req.uri().scheme_str()
+        && !scheme.eq_ignore_ascii_case("http")
+        && !scheme.eq_ignore_ascii_case("https")
+    {
+        return Err("the request target's scheme is not http or https");
+    }
     // The same for the target's own authority, which replaces `Host` on the way.
     if let Some(authority) = req.uri().authority() {
         let host = authority
@@ -642,17 +649,30 @@ fn is_host_and_port(value: &[u8]) -> bool {
         }
         _ => (value, None),
     };
+    // `port = *DIGIT` (RFC 3986 §3.2.3): it may be empty.
     let port_ok = port.is_none_or(|p| {
-        (1..=5).contains(&p.len())
-            && p.iter().all(u8::is_ascii_digit)
-            && std::str::from_utf8(p).is_ok_and(|p| p.parse::<u16>().is_ok())
+        p.is_empty()
+            || (p.len() <= 5
+                && p.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(p).is_ok_and(|p| p.parse::<u16>().is_ok()))
     });
     let host_ok = match host {
+        // An IPv6 address (hex digits, colons, an IPv4 tail), then perhaps a zone.
         [b'[', inner @ .., b']'] => {
-            !inner.is_empty()
-                && inner.iter().all(|b| {
-                    b.is_ascii_alphanumeric()
-                        || matches!(b, b':' | b'.' | b'%' | b'-' | b'_' | b'~')
+            let (address, zone) = match inner.iter().position(|b| *b == b'%') {
+                Some(at) => (&inner[..at], Some(&inner[at + 1..])),
+                None => (inner, None),
+            };
+            address.contains(&b':')
+                && address
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+                && zone.is_none_or(|z| {
+                    !z.is_empty()
+                        && z.iter().all(|b| {
+                            b.is_ascii_alphanumeric()
+                                || matches!(b, b'%' | b'-' | b'.' | b'_' | b'~')
+                        })
                 })
         }
         _ => {
@@ -734,6 +754,10 @@ mod tests {
             "[::1]:443",
             "[fe80::1%25eth0]:80",
             "localhost:65535",
+            "example.com:",
+            "[::1]:",
+            "[::ffff:127.0.0.1]",
+            "[fe80::1%eth0]",
         ] {
             assert!(is_host_and_port(good.as_bytes()), "{good}");
         }
@@ -747,8 +771,11 @@ mod tests {
             "a.com:abc",
             "a.com:+80",
             "a.com:99999",
-            "a.com:",
             ":80",
+            "[example.com]",
+            "[%]",
+            "[::1%]",
+            "[v1.x]",
             "user@a.com",
             "a.com/x",
             "a b",

@@ -780,7 +780,7 @@ async fn oversized_or_non_object_updates_never_touch_the_session() {
 async fn tunnels_and_targets_that_are_not_paths_on_this_host_get_400_options_star_passes() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let refused: [&[u8]; 12] = [
+    let refused: [&[u8]; 13] = [
         b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\nconnection: close\r\n\r\n",
         b"GET admin HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         b"GET example.com:80 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
@@ -794,6 +794,7 @@ async fn tunnels_and_targets_that_are_not_paths_on_this_host_get_400_options_sta
         b"GET / HTTP/1.1\r\nhost: a.com,b.com\r\nconnection: close\r\n\r\n",
         b"GET / HTTP/1.1\r\nhost: a.com:abc\r\nconnection: close\r\n\r\n",
         b"GET http://a.com,b.com/x HTTP/1.1\r\nhost: ok.com\r\nconnection: close\r\n\r\n",
+        b"GET ftp://a.com/x HTTP/1.1\r\nhost: a.com\r\nconnection: close\r\n\r\n",
     ];
     for request in refused {
         let answer = raw(proxy.addr, request, Duration::from_secs(5)).await;
