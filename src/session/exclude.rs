@@ -33,10 +33,15 @@ impl Exclusions {
     }
 }
 
-/// Percent-decodes `path`, merges repeated slashes (many servers read `//static/x` as
-/// `/static/x`), and removes its dot segments (RFC 3986 §5.2.4).
+/// Percent-decodes `path`, reads `\` as `/` (as IIS and WHATWG URL parsers do), merges
+/// repeated slashes (many servers read `//static/x` as `/static/x`), and removes its dot
+/// segments (RFC 3986 §5.2.4), a segment's `;parameters` left out (`..;` is `..` to
+/// Tomcat and Spring): the path as the application may read it, as `leaves_root` does.
 pub fn normalize(path: &str) -> Cow<'_, str> {
     let mut decoded = percent_decode_str(path).decode_utf8_lossy();
+    if decoded.contains('\\') {
+        decoded = Cow::Owned(decoded.replace('\\', "/"));
+    }
     if decoded.contains("//") {
         let mut merged = String::with_capacity(decoded.len());
         for c in decoded.chars() {
@@ -53,9 +58,10 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
     let segments: Vec<&str> = decoded.split('/').collect();
     let last = segments.len().saturating_sub(1);
     for (i, segment) in segments.iter().enumerate() {
-        match *segment {
+        let bare = segment.split(';').next().unwrap_or_default();
+        match bare {
             "." | ".." => {
-                if *segment == ".." && out.len() > 1 {
+                if bare == ".." && out.len() > 1 {
                     out.pop();
                 }
                 // A trailing dot segment leaves a directory: `/a/b/..` is `/a/`.
@@ -129,6 +135,14 @@ mod tests {
         assert!(!e.matches("/static/%2E%2E/account"));
         assert!(e.matches("/%73tatic/app.js"));
         assert!(e.matches("/account/../static/app.js"));
+        // As servers that read `\` as `/`, or `..;` as `..`, read them.
+        assert_eq!(normalize("/static/..;/account"), "/account");
+        assert_eq!(normalize("/static/..%5caccount"), "/account");
+        assert_eq!(normalize("/static\\app.js"), "/static/app.js");
+        assert_eq!(normalize("/a;x/b"), "/a;x/b");
+        assert!(!e.matches("/static/..;/account"));
+        assert!(!e.matches("/static/..\\account"));
+        assert!(e.matches("/static\\app.js"));
     }
 
     #[test]
