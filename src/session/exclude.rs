@@ -69,7 +69,7 @@ pub fn normalize(path: &str) -> Cow<'_, str> {
                     out.push("");
                 }
             }
-            s => out.push(s),
+            _ => out.push(segment),
         }
     }
     let mut joined = out.join("/");
@@ -140,6 +140,7 @@ mod tests {
         assert_eq!(normalize("/static/..%5caccount"), "/account");
         assert_eq!(normalize("/static\\app.js"), "/static/app.js");
         assert_eq!(normalize("/a;x/b"), "/a;x/b");
+        assert_eq!(normalize("/a;x/./b;y/../c"), "/a;x/c");
         assert!(!e.matches("/static/..;/account"));
         assert!(!e.matches("/static/..\\account"));
         assert!(e.matches("/static\\app.js"));
