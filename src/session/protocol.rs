@@ -213,6 +213,10 @@ const FOREIGN: [&str; 24] = [
 
 fn is_foreign_forwarding(name: &HeaderName) -> bool {
     let name = name.as_str().as_bytes();
+    // Every name in `FOREIGN` starts with one of these: most fields are ruled out at once.
+    if !matches!(name.first(), Some(b'f' | b'x' | b't' | b'c')) {
+        return false;
+    }
     FOREIGN.iter().any(|foreign| {
         name.len() == foreign.len() && name.iter().map(|b| dashed(*b)).eq(foreign.bytes())
     })
@@ -255,6 +259,12 @@ mod tests {
 
     #[test]
     fn forwarding_information_the_proxy_does_not_give_is_removed() {
+        assert!(
+            FOREIGN
+                .iter()
+                .all(|f| matches!(f.as_bytes()[0], b'f' | b'x' | b't' | b'c')),
+            "is_foreign_forwarding's first-letter filter must cover every name"
+        );
         let mut h = HeaderMap::new();
         for name in [
             "forwarded",
