@@ -349,6 +349,24 @@ async fn a_patch_merges_into_the_stored_session_keeping_numbers_and_arrays() {
     assert_eq!(server.cli::<i64>(&["EXISTS", &key(&id)]), 0);
 }
 
+/// Patches `count` keys of one session at once (`k0`: 0, `k1`: 1, …), each in a task of
+/// its own, and gives their outcomes.
+async fn patch_keys_at_once(
+    store: &Arc<RedisStore>,
+    id: &SessionId,
+    count: usize,
+) -> Vec<Result<PatchOutcome, StoreError>> {
+    let patches = (0..count).map(|i| {
+        let (store, id) = (store.clone(), id.clone());
+        tokio::spawn(async move { store.patch(&id, &json!({ format!("k{i}"): i })).await })
+    });
+    futures_util::future::join_all(patches)
+        .await
+        .into_iter()
+        .map(|joined| joined.expect("the patch task"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_patches_of_different_keys_all_land() {
     let server = RedisServer::start();
@@ -358,12 +376,8 @@ async fn concurrent_patches_of_different_keys_all_land() {
         .create(&id, session(r#"{"start":true}"#))
         .await
         .unwrap();
-    let patches = (0..50).map(|i| {
-        let (store, id) = (store.clone(), id.clone());
-        tokio::spawn(async move { store.patch(&id, &json!({ format!("k{i}"): i })).await })
-    });
-    for outcome in futures_util::future::join_all(patches).await {
-        assert!(matches!(outcome.unwrap(), Ok(PatchOutcome::Updated(_))));
+    for outcome in patch_keys_at_once(&store, &id, 50).await {
+        assert!(matches!(outcome, Ok(PatchOutcome::Updated(_))));
     }
     let stored: Value = serde_json::from_str(&data(&store, &id).await.unwrap()).unwrap();
     for i in 0..50 {
@@ -418,14 +432,10 @@ async fn a_crowd_of_patches_of_one_session_all_land() {
         .create(&id, session(r#"{"start":true}"#))
         .await
         .unwrap();
-    let patches = (0..500).map(|i| {
-        let (store, id) = (store.clone(), id.clone());
-        tokio::spawn(async move { store.patch(&id, &json!({ format!("k{i}"): i })).await })
-    });
-    let outcomes = futures_util::future::join_all(patches).await;
-    let failed: Vec<String> = outcomes
+    let failed: Vec<String> = patch_keys_at_once(&store, &id, 500)
+        .await
         .into_iter()
-        .filter_map(|o| match o.unwrap() {
+        .filter_map(|o| match o {
             Ok(PatchOutcome::Updated(_)) => None,
             other => Some(format!("{other:?}")),
         })
