@@ -416,6 +416,27 @@ impl RedisCluster {
                             .is_ok_and(|info| info.contains("master_link_status:up"))
                     })
             });
+            // Gossip tells the other nodes who replicates whom a moment later.
+            wait_until(
+                "every node to list every replica as healthy",
+                STARTUP,
+                || {
+                    nodes.iter().all(|n| {
+                        n.try_cli::<String>(&["CLUSTER", "NODES"])
+                            .is_ok_and(|listed| {
+                                let healthy = listed.lines().filter(|line| {
+                                    let fields: Vec<&str> = line.split_whitespace().collect();
+                                    fields.len() >= 8
+                                        && fields[2].split(',').any(|f| f == "slave")
+                                        && !fields[2].contains("fail")
+                                        && !fields[2].contains("handshake")
+                                        && fields[7] == "connected"
+                                });
+                                healthy.count() == 3 * replicas
+                            })
+                    })
+                },
+            );
         }
         RedisCluster { nodes }
     }

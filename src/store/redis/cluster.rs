@@ -141,9 +141,8 @@ impl ClusterReplicas {
 }
 
 /// Asks the cluster for its nodes (`CLUSTER NODES`) and counts, for each slot, the
-/// healthy replicas of the master that serves it. Every master is asked, and each slot
-/// takes the fewest any of them count: a slot on the move shows as such only on its two
-/// masters. When they cannot all answer within `within` (one is paused, say), one node's
+/// healthy replicas of the master that serves it (see `replicas_per_slot`). Every master
+/// is asked; when they cannot all answer within `within` (one is paused, say), one node's
 /// view is taken.
 async fn ask(conn: &mut ClusterConnection, within: Duration) -> Result<Box<[u8]>, RedisError> {
     let nodes = redis::cmd("CLUSTER").arg("NODES").clone();
@@ -157,30 +156,15 @@ async fn ask(conn: &mut ClusterConnection, within: Duration) -> Result<Box<[u8]>
             Value::Map(answers) => answers,
             other => vec![(Value::Nil, other)],
         };
-        let mut fewest: Option<Box<[u8]>> = None;
+        let mut views = Vec::new();
         for (_, answer) in answers {
-            let view = match answer {
-                Value::ServerError(e) => {
-                    refused = Some(e);
-                    continue;
-                }
-                answer => match String::from_redis_value(answer) {
-                    Ok(text) => replicas_per_slot(&text),
-                    Err(_) => continue,
-                },
-            };
-            fewest = Some(match fewest {
-                None => view,
-                Some(mut fewest) => {
-                    for (slot, count) in fewest.iter_mut().zip(view.iter()) {
-                        *slot = (*slot).min(*count);
-                    }
-                    fewest
-                }
-            });
+            match answer {
+                Value::ServerError(e) => refused = Some(e),
+                answer => views.extend(String::from_redis_value(answer).ok()),
+            }
         }
-        if let Some(fewest) = fewest {
-            return Ok(fewest);
+        if !views.is_empty() {
+            return Ok(replicas_per_slot(&views));
         }
     }
     // A refusal (an ACL without `cluster|nodes`) says so, not that it cannot be read.
@@ -198,66 +182,125 @@ async fn ask(conn: &mut ClusterConnection, within: Duration) -> Result<Box<[u8]>
         })??;
     match answer {
         Value::ServerError(e) => Err(e.into()),
-        answer => Ok(replicas_per_slot(&String::from_redis_value(answer)?)),
+        answer => Ok(replicas_per_slot(&[String::from_redis_value(answer)?])),
     }
 }
 
-/// Reads `CLUSTER NODES`: one line per node, `<id> <address> <flags> <master id or ->
-/// <ping sent> <pong received> <epoch> <link state> <slot ranges…>`. A replica counts
-/// for its master while no flag says it failed or is not yet known, and its link is up.
-fn replicas_per_slot(nodes: &str) -> Box<[u8]> {
-    let mut replicas: HashMap<&str, u8> = HashMap::new();
-    let mut served: Vec<(&str, usize, usize)> = Vec::new();
-    // Slots on the move: a write may run on either node, so the fewer replicas count.
-    let mut moving: Vec<(usize, &str)> = Vec::new();
-    for line in nodes.lines() {
-        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
-        let [id, _, flags, master, _, _, _, link, ranges @ ..] = fields.as_slice() else {
-            continue;
+/// Counts, for each slot, the healthy replicas of its master from the nodes' answers to
+/// `CLUSTER NODES`. A master's own answer is what counts for its replicas: it learns of
+/// them first, and another node's view may lag behind (a replica it has not yet heard
+/// of, or one only it cannot reach). Each slot then takes the fewest any answer gives:
+/// a slot on the move shows as such only on its two masters.
+fn replicas_per_slot(answers: &[String]) -> Box<[u8]> {
+    let views: Vec<View> = answers.iter().map(|answer| View::read(answer)).collect();
+    let own: HashMap<&str, u8> = views
+        .iter()
+        .filter_map(|view| view.me.map(|me| (me, view.replicas_of(me))))
+        .collect();
+    let mut fewest = vec![u8::MAX; SLOTS].into_boxed_slice();
+    for view in &views {
+        for (slot, count) in fewest.iter_mut().zip(view.per_slot(&own).iter()) {
+            *slot = (*slot).min(*count);
+        }
+    }
+    if views.is_empty() {
+        fewest.fill(0);
+    }
+    fewest
+}
+
+/// One node's `CLUSTER NODES`: one line per node, `<id> <address> <flags> <master id or
+/// -> <ping sent> <pong received> <epoch> <link state> <slot ranges…>`.
+struct View<'a> {
+    /// The answering node, when it is a master.
+    me: Option<&'a str>,
+    /// A replica counts for its master while no flag says it failed or is not yet known,
+    /// and its link is up.
+    replicas: HashMap<&'a str, u8>,
+    /// The slot ranges each master serves.
+    served: Vec<(&'a str, usize, usize)>,
+    /// Slots on the move, and the other master: a write may run on either node.
+    moving: Vec<(usize, &'a str)>,
+}
+
+impl<'a> View<'a> {
+    fn read(nodes: &'a str) -> View<'a> {
+        let mut view = View {
+            me: None,
+            replicas: HashMap::new(),
+            served: Vec::new(),
+            moving: Vec::new(),
         };
-        let flags: Vec<&str> = flags.split(',').collect();
-        if flags.contains(&"slave") {
-            let failing = flags
-                .iter()
-                .any(|f| matches!(*f, "fail" | "fail?" | "handshake" | "noaddr"));
-            if !failing && *link == "connected" && *master != "-" {
-                let count = replicas.entry(master).or_default();
-                *count = count.saturating_add(1);
-            }
-        } else if flags.contains(&"master") {
-            for range in ranges.iter() {
-                // `[slot->-id]` (migrating to id) and `[slot-<-id]` (importing from id).
-                if let Some(marker) = range.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-                    let other = marker
-                        .split_once("->-")
-                        .or_else(|| marker.split_once("-<-"));
-                    if let Some((slot, other)) = other
-                        && let Ok(slot) = slot.parse::<usize>()
-                        && slot < SLOTS
-                    {
-                        moving.push((slot, other));
-                    }
-                    continue;
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+            let [id, _, flags, master, _, _, _, link, ranges @ ..] = fields.as_slice() else {
+                continue;
+            };
+            let flags: Vec<&str> = flags.split(',').collect();
+            if flags.contains(&"slave") {
+                let failing = flags
+                    .iter()
+                    .any(|f| matches!(*f, "fail" | "fail?" | "handshake" | "noaddr"));
+                if !failing && *link == "connected" && *master != "-" {
+                    let count = view.replicas.entry(master).or_default();
+                    *count = count.saturating_add(1);
                 }
-                let (first, last) = range.split_once('-').unwrap_or((range, range));
-                if let (Ok(first), Ok(last)) = (first.parse::<usize>(), last.parse::<usize>()) {
-                    served.push((id, first, last.min(SLOTS - 1)));
+            } else if flags.contains(&"master") {
+                if flags.contains(&"myself") {
+                    view.me = Some(id);
+                }
+                for range in ranges.iter() {
+                    view.read_range(id, range);
                 }
             }
         }
+        view
     }
-    let mut per_slot = vec![0_u8; SLOTS].into_boxed_slice();
-    for (master, first, last) in served {
-        let count = replicas.get(master).copied().unwrap_or(0);
-        for slot in per_slot.iter_mut().take(last + 1).skip(first) {
-            *slot = count;
+
+    fn read_range(&mut self, id: &'a str, range: &'a str) {
+        // `[slot->-id]` (migrating to id) and `[slot-<-id]` (importing from id).
+        if let Some(marker) = range.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            let other = marker
+                .split_once("->-")
+                .or_else(|| marker.split_once("-<-"));
+            if let Some((slot, other)) = other
+                && let Ok(slot) = slot.parse::<usize>()
+                && slot < SLOTS
+            {
+                self.moving.push((slot, other));
+            }
+            return;
+        }
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        if let (Ok(first), Ok(last)) = (first.parse::<usize>(), last.parse::<usize>()) {
+            self.served.push((id, first, last.min(SLOTS - 1)));
         }
     }
-    for (slot, other) in moving {
-        let count = replicas.get(other).copied().unwrap_or(0);
-        per_slot[slot] = per_slot[slot].min(count);
+
+    fn replicas_of(&self, master: &str) -> u8 {
+        self.replicas.get(master).copied().unwrap_or(0)
     }
-    per_slot
+
+    /// The replicas each slot waits for in this view, where a master's own count (`own`)
+    /// overrides what this view says of it.
+    fn per_slot(&self, own: &HashMap<&str, u8>) -> Box<[u8]> {
+        let count = |master: &str| {
+            own.get(master)
+                .copied()
+                .unwrap_or_else(|| self.replicas_of(master))
+        };
+        let mut per_slot = vec![0_u8; SLOTS].into_boxed_slice();
+        for (master, first, last) in &self.served {
+            let count = count(master);
+            for slot in per_slot.iter_mut().take(last + 1).skip(*first) {
+                *slot = count;
+            }
+        }
+        for (slot, other) in &self.moving {
+            per_slot[*slot] = per_slot[*slot].min(count(other));
+        }
+        per_slot
+    }
 }
 
 #[cfg(test)]
@@ -296,22 +339,54 @@ r3 127.0.0.1:7005@17005 slave,fail a2 0 1 2 disconnected
 r4 127.0.0.1:7006@17006 slave a3 0 1 3 disconnected
 r5 127.0.0.1:7007@17007 slave,fail? a3 0 1 3 connected
 ";
-        let per_slot = replicas_per_slot(nodes);
+        let per_slot = replicas_per_slot(&[nodes.into()]);
         assert_eq!(per_slot.len(), SLOTS);
         assert_eq!((per_slot[0], per_slot[5460]), (2, 2));
         assert_eq!((per_slot[5461], per_slot[10922]), (0, 0));
-        let migrating = replicas_per_slot(
-            "m1 1:1@2 myself,master - 0 0 1 connected 0-9 [3->-m2]\n\
+        let migrating =
+            replicas_per_slot(&["m1 1:1@2 myself,master - 0 0 1 connected 0-9 [3->-m2]\n\
              m2 1:2@3 master - 0 0 2 connected 10-19 [3-<-m1]\n\
-             r1 1:3@4 slave m1 0 0 1 connected\n",
-        );
+             r1 1:3@4 slave m1 0 0 1 connected\n"
+                .into()]);
         assert_eq!((migrating[2], migrating[3], migrating[4]), (1, 0, 1));
         assert_eq!(migrating[10], 0);
         assert_eq!((per_slot[10923], per_slot[16383]), (0, 0));
-        let single = replicas_per_slot(
-            "m 1:1@2 master - 0 0 1 connected 7\nr 1:2@3 slave m 0 0 1 connected\n",
-        );
+        let single = replicas_per_slot(&[
+            "m 1:1@2 master - 0 0 1 connected 7\nr 1:2@3 slave m 0 0 1 connected\n".into(),
+        ]);
         assert_eq!((per_slot[7], single[7], single[6], single[8]), (2, 1, 0, 0));
-        assert!(replicas_per_slot("garbage\n\n").iter().all(|n| *n == 0));
+        assert!(
+            replicas_per_slot(&["garbage\n\n".into()])
+                .iter()
+                .all(|n| *n == 0)
+        );
+        assert!(replicas_per_slot(&[]).iter().all(|n| *n == 0));
+    }
+
+    /// Each master knows its own replicas first: another master that has not yet heard
+    /// of one, or cannot reach it, does not take it away from the slots it confirms.
+    #[test]
+    fn a_master_counts_its_own_replicas() {
+        let a = "\
+a 1:1@2 myself,master - 0 0 1 connected 0-8191
+b 1:2@3 master - 0 0 2 connected 8192-16383
+ra 1:3@4 slave a 0 0 1 connected
+rb 1:4@5 slave b 0 0 2 connected
+";
+        let b = "\
+a 1:1@2 master - 0 0 1 connected 0-8191
+b 1:2@3 myself,master - 0 0 2 connected 8192-16383
+ra 1:3@4 master - 0 0 0 connected
+rb 1:4@5 slave,fail? b 0 0 2 connected
+";
+        let per_slot = replicas_per_slot(&[a.into(), b.into()]);
+        assert_eq!((per_slot[0], per_slot[8191]), (1, 1));
+        assert_eq!((per_slot[8192], per_slot[16383]), (0, 0));
+        // A replica's own view says nothing of any master's own count.
+        let replica = "\
+a 1:1@2 master - 0 0 1 connected 0-16383
+ra 1:3@4 myself,slave a 0 0 1 connected
+";
+        assert_eq!(replicas_per_slot(&[replica.into()])[5], 1);
     }
 }
