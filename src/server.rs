@@ -390,7 +390,7 @@ async fn serve_connection(
         ..
     } = periods;
     let _ = stream.set_nodelay(true);
-    let requests = Arc::new(AtomicU64::new(0));
+    let requests = Arc::new(Requests::default());
     // Formatted once per connection, not per request.
     let client =
         HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
@@ -399,7 +399,7 @@ async fn serve_connection(
         let requests = requests.clone();
         let writes = writes.clone();
         move |mut req: http::Request<ClientBody>| {
-            requests.fetch_add(1, Ordering::Relaxed);
+            requests.started.fetch_add(1, Ordering::Relaxed);
             if req.version() == http::Version::HTTP_2 {
                 writes.http2.store(true, Ordering::Relaxed);
             }
@@ -407,8 +407,12 @@ async fn serve_connection(
             if req.headers().contains_key(http::header::UPGRADE) {
                 req.extensions_mut().insert(held.clone());
             }
-            let (proxy, client) = (proxy.clone(), client.clone());
-            RunToEnd::new(async move { proxy.handle(req, client).await })
+            let (proxy, client, requests) = (proxy.clone(), client.clone(), requests.clone());
+            RunToEnd::new(async move {
+                let response = proxy.handle(req, client).await;
+                requests.answered.fetch_add(1, Ordering::Relaxed);
+                response
+            })
         }
     };
     let stream = Progress {
@@ -525,6 +529,14 @@ where
     }
     conn.as_mut().graceful_shutdown();
     conn.await
+}
+
+/// The requests of a client connection: how many the proxy began to handle, and how many
+/// of those it has answered (the response head is ready; its body may still stream).
+#[derive(Default)]
+struct Requests {
+    started: AtomicU64,
+    answered: AtomicU64,
 }
 
 /// What became of the writes to a client connection.
@@ -649,12 +661,14 @@ enum End {
 }
 
 /// Watches a connection for its verdict: `Drop` when it brought no request within
-/// `request_every`, `Quiet` once a whole `request_every` passed without a new one (so an
-/// idle keep-alive connection lasts between one and one and a quarter of that), `Stalled`
-/// when the client has left a response unread (the socket full) for `client_send`, and
-/// `Shutdown` when the proxy is closing. Checked every quarter of the shorter period.
+/// `request_every`, `Quiet` once a whole `request_every` passed in which it was idle (no
+/// new request, none being answered, nothing written to it: an idle keep-alive
+/// connection lasts between one and one and a quarter of that, counted from its last
+/// answer, however long that took), `Stalled` when the client has left a response
+/// unread (the socket full) for `client_send`, and `Shutdown` when the proxy is closing.
+/// Checked every quarter of the shorter period.
 async fn watch_connection(
-    requests: Arc<AtomicU64>,
+    requests: Arc<Requests>,
     writes: Arc<Writes>,
     (request_every, client_send): (Duration, Duration),
     closing: CancellationToken,
@@ -664,16 +678,18 @@ async fn watch_connection(
     let tick = tick.max(Duration::from_millis(1));
     let mut period = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut seen, mut last_request) = (0, tokio::time::Instant::now());
+    let (mut seen, mut last_busy) = (0, tokio::time::Instant::now());
     let (mut written, mut last_write) = (0, tokio::time::Instant::now());
     let end = loop {
         tokio::select! {
             _ = closing.cancelled() => break End::Shutdown,
             _ = period.tick() => {
                 let now = tokio::time::Instant::now();
-                let count = requests.load(Ordering::Relaxed);
-                if count != seen {
-                    (seen, last_request) = (count, now);
+                let count = requests.started.load(Ordering::Relaxed);
+                // A request the application is still working on (a slow answer, a long
+                // poll) keeps the connection busy, and with it those pipelined behind it.
+                if count != seen || count != requests.answered.load(Ordering::Relaxed) {
+                    (seen, last_busy) = (count, now);
                 }
                 let bytes = writes.written.load(Ordering::Relaxed);
                 if bytes != written {
@@ -686,7 +702,7 @@ async fn watch_connection(
                 }
                 // A response the client is not reading is not idleness: `client_send`
                 // decides for it, above.
-                if now.duration_since(last_request) >= request_every
+                if now.duration_since(last_busy.max(last_write)) >= request_every
                     && !writes.blocked.load(Ordering::Relaxed)
                 {
                     break if count == 0 { End::Drop } else { End::Quiet };

@@ -319,6 +319,22 @@ async fn sigterm_drains_finishes_in_flight_requests_and_exits_0() {
     assert_eq!(proxy.exit_code(Duration::from_secs(10)).await, Some(0));
 }
 
+/// How many worker threads the proxy has once `expected` of them carry their name, or
+/// after 5 s: a thread takes its name when it first runs, which on a busy machine may be
+/// a moment after the proxy answers.
+async fn workers_named(pid: u32, expected: usize) -> usize {
+    let started = std::time::Instant::now();
+    loop {
+        let count = worker_ticks(pid).len();
+        if count >= expected || started.elapsed() > Duration::from_secs(5) {
+            // A moment more, so that a thread too many would show too.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return worker_ticks(pid).len();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The proxy's worker threads (named `worker-N`) and the CPU ticks each has used.
 fn worker_ticks(pid: u32) -> Vec<u64> {
     let mut ticks = Vec::new();
@@ -340,12 +356,16 @@ async fn connections_are_spread_over_the_configured_worker_threads() {
     let app = App::scripted().await;
     let default = Running::start(&app.url(), "").await;
     let cpus = std::thread::available_parallelism().unwrap().get();
-    assert_eq!(worker_ticks(default.child.id()).len(), cpus, "one per CPU");
+    assert_eq!(
+        workers_named(default.child.id(), cpus).await,
+        cpus,
+        "one per CPU"
+    );
     drop(default);
 
     let proxy = Running::start(&app.url(), "limits:\n  workers: 3\n").await;
+    assert_eq!(workers_named(proxy.child.id(), 3).await, 3);
     let before = worker_ticks(proxy.child.id());
-    assert_eq!(before.len(), 3);
     // Six keep-alive connections at once: two per worker.
     let load: Vec<_> = (0..6)
         .map(|_| {

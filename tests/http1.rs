@@ -114,6 +114,24 @@ async fn serve(mut s: TcpStream) {
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n/slow".to_string()
             }
+            "/slower" => {
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n/slower".to_string()
+            }
+            "/trickle" => {
+                // Five chunks 250 ms apart, then the end.
+                let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if s.write_all(b"1\r\n.\r\n").await.is_err() {
+                        return;
+                    }
+                }
+                "0\r\n\r\n".to_string()
+            }
             other => format!(
                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{other}",
                 other.len()
@@ -417,6 +435,82 @@ async fn a_head_trickled_in_after_a_first_request_is_cut_off_at_header_read() {
         "cut off after {:?}",
         started.elapsed()
     );
+}
+
+/// An answer slower than `timeouts.header_read` does not make its connection idle:
+/// requests pipelined behind it are answered, and the connection stays open for more.
+/// Before, the connection was taken for idle while the application worked, and closed
+/// after the slow answer with the next request unanswered.
+#[tokio::test]
+async fn requests_pipelined_behind_an_answer_slower_than_header_read_are_answered() {
+    let app = application().await;
+    let mut config = support::config(&format!("http://{app}"));
+    config.timeouts.header_read = 0.3;
+    let proxy = Proxy::start(config).await;
+    // Served by the proxy's own HTTP/1.1, and by hyper (a request with a body).
+    for first in [
+        &b"GET /slower HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+        b"POST /slower HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi",
+    ] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(first).await.unwrap();
+        s.write_all(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        for expected in ["/slower", "/second"] {
+            let (head, body) = read_answer(&mut s, &mut pending).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{expected}: {head}");
+            assert!(
+                !head.to_ascii_lowercase().contains("connection: close"),
+                "{expected}: {head}"
+            );
+            assert_eq!(String::from_utf8_lossy(&body), expected);
+        }
+        s.write_all(b"GET /third HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_answer(&mut s, &mut pending).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(String::from_utf8_lossy(&body), "/third");
+    }
+}
+
+/// A response body that streams for longer than `timeouts.header_read` does not make
+/// its connection idle either: the connection takes the next request.
+#[tokio::test]
+async fn a_connection_whose_answer_streamed_past_header_read_takes_the_next_request() {
+    let app = application().await;
+    let mut config = support::config(&format!("http://{app}"));
+    config.timeouts.header_read = 0.3;
+    let proxy = Proxy::start(config).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /trickle HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let head = read_head(&mut s, &mut pending).await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    while !pending.ends_with(b"0\r\n\r\n") {
+        let mut more = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut more))
+            .await
+            .expect("the body")
+            .unwrap();
+        assert!(n > 0, "closed mid-body");
+        pending.extend_from_slice(&more[..n]);
+    }
+    pending.clear();
+    s.write_all(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut s, &mut pending).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(String::from_utf8_lossy(&body), "/next");
 }
 
 #[tokio::test]

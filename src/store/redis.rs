@@ -1606,14 +1606,29 @@ impl RedisStore {
         let mut conn = self.link.conn().await?;
         let key = self.keys.session(id);
         if !renew {
-            let (data, created, moved): (Option<Vec<u8>>, Option<String>, Option<String>) =
-                redis::cmd("HMGET")
-                    .arg(&key)
-                    .arg("data")
-                    .arg("created")
-                    .arg("moved")
-                    .query_async(&mut conn)
-                    .await?;
+            type Fields = (
+                Option<Vec<u8>>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            );
+            let (data, created, ends, moved): Fields = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("data")
+                .arg("created")
+                .arg("ends")
+                .arg("moved")
+                .query_async(&mut conn)
+                .await?;
+            // Past its absolute end, a session is gone, even while its key lasts a moment
+            // longer: a TTL set relative to Redis's clock (a rotation's copy, say) runs
+            // from when the command arrived, not from when its length was computed.
+            let ended = ends
+                .and_then(|ends| ends.parse().ok())
+                .is_some_and(|ends| Duration::from_secs(ends) <= unix_now());
+            if ended {
+                return Ok(None);
+            }
             return record(data, created, moved.is_some());
         }
         let now = unix_now();
