@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, SET_COOKIE};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -222,6 +222,7 @@ impl Proxy {
         mut req: Request<ClientBody>,
         client: &HeaderValue,
     ) -> Result<Served, Refused> {
+        root_absolute_target(&mut req);
         check_target(&req).map_err(Problem::bad_request)?;
         // First of all, so that no header the proxy adds can be named by the client's
         // `Connection` and dropped on the way out.
@@ -587,6 +588,26 @@ fn check_switch(response: &Response<UpstreamBody>, asked: bool) -> Result<(), Pr
         ));
     }
     Ok(())
+}
+
+/// An absolute-form target without a path but with a query (`http://a.com?x=1`) asks
+/// for the root: its origin form is `/?x=1` (RFC 9112 §3.2.1).
+fn root_absolute_target<B>(req: &mut Request<B>) {
+    if req.uri().authority().is_none() {
+        return;
+    }
+    let Some(query) = req
+        .uri()
+        .path_and_query()
+        .and_then(|pq| pq.as_str().strip_prefix('?'))
+    else {
+        return;
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(format!("/?{query}")).ok();
+    if let Ok(rooted) = Uri::from_parts(parts) {
+        *req.uri_mut() = rooted;
+    }
 }
 
 /// A request a reverse proxy can pass on: a path to a resource on this host (or

@@ -245,6 +245,31 @@ async fn forwarding_headers_the_proxy_does_not_set_are_dropped() {
     }
 }
 
+/// An absolute-form target with a query but no path asks for the root, with its query:
+/// through the proxy's own HTTP/1.1 and through hyper (a request with a body).
+#[tokio::test]
+async fn an_absolute_target_without_a_path_reaches_the_root_with_its_query() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    for request in [
+        &b"GET http://good.example?x=1 HTTP/1.1\r\nhost: good.example\r\nconnection: close\r\n\r\n"[..],
+        b"POST http://good.example:80?x=1 HTTP/1.1\r\nhost: good.example\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let (_, body) = text.split_once("\r\n\r\n").unwrap();
+        let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(seen["target"], "/?x=1", "{text}");
+    }
+}
+
 /// A target with an authority of its own names the host, whatever `Host` says: an
 /// absolute-form target (RFC 9112 §3.2.2) or an HTTP/2 `:authority` (RFC 9113 §8.3.1),
 /// without user information.

@@ -211,6 +211,7 @@ pub async fn scripted(req: Request<Incoming>) -> Response<AppBody> {
     let body = json!({
         "session": session,
         "path": req.uri().path(),
+        "target": req.uri().to_string(),
         "headers": headers,
         "version": format!("{:?}", req.version()),
     });
