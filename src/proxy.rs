@@ -81,6 +81,9 @@ const VANISHED: (Outcome, CookieAction) = (Outcome::None, CookieAction::Keep);
 /// A request the proxy answers itself, with a problem.
 struct Refused {
     problem: Problem,
+    /// What the request had done with its session when it failed: nothing changed, so
+    /// `Read` once a session was read, `Excluded` on an excluded path, else `None`.
+    outcome: Outcome,
     /// The session the request came with, for the access log.
     session: Option<SessionId>,
     /// What the answer does with the cookie: it follows a session that moved to a fresh
@@ -92,6 +95,7 @@ impl From<Problem> for Refused {
     fn from(problem: Problem) -> Refused {
         Refused {
             problem,
+            outcome: Outcome::None,
             session: None,
             cookie: CookieAction::Keep,
         }
@@ -157,6 +161,7 @@ impl Proxy {
             Ok(served) => served,
             Err(Refused {
                 problem,
+                outcome,
                 session,
                 cookie,
             }) => {
@@ -182,7 +187,7 @@ impl Proxy {
                 self.set_cookie(response.headers_mut(), cookie);
                 Served {
                     response,
-                    outcome: Outcome::None,
+                    outcome,
                     session,
                 }
             }
@@ -241,9 +246,13 @@ impl Proxy {
         if self.exclusions.matches(req.uri().path()) {
             // No session here, but the application still never sees the session ID.
             self.cookie.strip(req.headers_mut());
-            let mut response = self.forward(req, client).await?;
+            let excluded = |problem| Refused {
+                outcome: Outcome::Excluded,
+                ..Refused::from(problem)
+            };
+            let mut response = self.forward(req, client).await.map_err(excluded)?;
             self.headers.strip(response.headers_mut());
-            check_switch(&response, client_upgrade.is_some())?;
+            check_switch(&response, client_upgrade.is_some()).map_err(excluded)?;
             self.tunnel(client_upgrade, &mut response);
             return Ok(Served {
                 response: response.map(Either::Left),
@@ -254,12 +263,22 @@ impl Proxy {
 
         let presented = self.cookie.take(req.headers_mut());
         let presented_id = presented.as_ref().map(|p| p.id.clone());
-        let fail = |problem: Problem| Refused {
+        let refused = |problem: Problem, outcome| Refused {
             problem,
+            outcome,
             session: presented_id.clone(),
             cookie: CookieAction::Keep,
         };
-        let current = self.load(presented).await.map_err(fail)?;
+        let current = self
+            .load(presented)
+            .await
+            .map_err(|problem| refused(problem, Outcome::None))?;
+        // From here a failure leaves the session as it was read.
+        let read = match current {
+            Current::Live { .. } => Outcome::Read,
+            Current::Absent | Current::Stale => Outcome::None,
+        };
+        let fail = |problem: Problem| refused(problem, read);
         self.hand_session_to_app(&current, req.headers_mut());
 
         let mut response = self.forward(req, client).await.map_err(fail)?;

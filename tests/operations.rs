@@ -75,6 +75,34 @@ async fn while_draining_answers_close_their_connection() {
     );
 }
 
+/// Requests the proxy fails are counted with what they did with their session: an
+/// excluded path stays excluded, a request without a session has none.
+#[tokio::test]
+async fn failed_requests_are_counted_with_their_session_outcome() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.session.exclude = vec!["/static/**".into()];
+        // Nothing listens there: every request fails with 502.
+        c.upstream = "http://127.0.0.1:1".into();
+    })
+    .await;
+    let mut b = Browser::new();
+    assert_eq!(b.get(&proxy.url("/static/x.css")).await.status, 502);
+    assert_eq!(b.get(&proxy.url("/")).await.status, 502);
+    for (metric, value) in [
+        (
+            "session_proxy_requests_total{status=\"5xx\",session=\"excluded\"}",
+            1.0,
+        ),
+        (
+            "session_proxy_requests_total{status=\"5xx\",session=\"none\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(proxy.metric(metric).await, value, "{metric}");
+    }
+}
+
 #[tokio::test]
 async fn metrics_move_as_requests_flow() {
     let app = App::scripted().await;
@@ -120,7 +148,10 @@ async fn metrics_move_as_requests_flow() {
             "session_proxy_requests_total{status=\"4xx\",session=\"read\"}",
             1.0,
         ),
-        ("session_proxy_requests_total{status=\"5xx\"", 1.0),
+        (
+            "session_proxy_requests_total{status=\"5xx\",session=\"read\"}",
+            1.0,
+        ),
         ("session_proxy_protocol_violations_total", 1.0),
         ("session_proxy_request_duration_seconds_count", 8.0),
         ("session_proxy_upstream_duration_seconds_count", 8.0),
