@@ -407,11 +407,14 @@ async fn serve_connection(
             if req.headers().contains_key(http::header::UPGRADE) {
                 req.extensions_mut().insert(held.clone());
             }
-            let (proxy, client, requests) = (proxy.clone(), client.clone(), requests.clone());
+            let (proxy, client) = (proxy.clone(), client.clone());
+            // Counted when the work ends, or is dropped: a request its client gave up on
+            // may be dropped unfinished (see `RunToEnd`), and must not leave its
+            // connection busy for ever.
+            let answered = Answered(requests.clone());
             RunToEnd::new(async move {
-                let response = proxy.handle(req, client).await;
-                requests.answered.fetch_add(1, Ordering::Relaxed);
-                response
+                let _answered = answered;
+                proxy.handle(req, client).await
             })
         }
     };
@@ -537,6 +540,15 @@ where
 struct Requests {
     started: AtomicU64,
     answered: AtomicU64,
+}
+
+/// Counts its request answered when dropped.
+struct Answered(Arc<Requests>);
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        self.0.answered.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// What became of the writes to a client connection.

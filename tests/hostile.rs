@@ -980,3 +980,41 @@ async fn an_http2_client_that_stops_reading_loses_its_connection() {
     the_slot_is_freed(&proxy).await;
     drop(unread);
 }
+
+/// Requests an HTTP/2 client gave up on (each stream reset) do not keep its connection
+/// busy: once the work of each has ended, or been dropped for want of room to finish it,
+/// the idle connection is closed after `timeouts.header_read`.
+#[tokio::test]
+async fn requests_an_http2_client_reset_do_not_keep_its_connection_open() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.timeouts.header_read = 0.3;
+        // Room to finish one abandoned request: the second is dropped unfinished.
+        c.limits.max_connections = 1;
+    })
+    .await;
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(proxy.addr).await.unwrap());
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    let closed = tokio::spawn(conn);
+    for delay in [1500, 6000] {
+        let request = http::Request::get(proxy.url(&format!("/?delay_ms={delay}")))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        // Sent, then given up on: dropping the answer resets the stream.
+        let answer = h2.send_request(request);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), answer)
+                .await
+                .is_err(),
+            "the application answers later"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(8), closed)
+        .await
+        .expect("the connection is closed once idle")
+        .unwrap()
+        .unwrap();
+}
