@@ -280,8 +280,10 @@ async fn an_idle_keep_alive_connection_is_closed_after_header_read() {
     let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
     assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "still open");
     let idle = answered.elapsed();
+    // Looking once a period, it would close after ~1.9 s; the margins are for a busy
+    // machine, where this test may see the answer late.
     assert!(
-        idle >= Duration::from_millis(900) && idle <= Duration::from_millis(1400),
+        idle >= Duration::from_millis(750) && idle <= Duration::from_millis(1600),
         "closed after {idle:?} idle"
     );
 }
