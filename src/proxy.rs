@@ -293,6 +293,11 @@ impl Proxy {
             .apply(current, answer.change, answer.rotate)
             .await
             .map_err(|(problem, cookie)| Refused {
+                // A session that moved to a fresh ID before the failure was changed.
+                outcome: match cookie {
+                    CookieAction::Set(_) => Outcome::Updated,
+                    _ => read,
+                },
                 cookie,
                 ..fail(problem)
             })?;
@@ -609,10 +614,12 @@ fn check_switch(response: &Response<UpstreamBody>, asked: bool) -> Result<(), Pr
     Ok(())
 }
 
-/// An absolute-form target without a path but with a query (`http://a.com?x=1`) asks
-/// for the root: its origin form is `/?x=1` (RFC 9112 §3.2.1).
+/// An HTTP/1 absolute-form target without a path but with a query (`http://a.com?x=1`)
+/// asks for the root: its origin form is `/?x=1` (RFC 9112 §3.2.1). Not over HTTP/2,
+/// where every request has an authority and a `:path` must start with `/` (RFC 9113
+/// §8.3.1).
 fn root_absolute_target<B>(req: &mut Request<B>) {
-    if req.uri().authority().is_none() {
+    if req.uri().authority().is_none() || req.version() >= Version::HTTP_2 {
         return;
     }
     let Some(query) = req

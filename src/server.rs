@@ -674,7 +674,7 @@ enum End {
 
 /// Watches a connection for its verdict: `Drop` when it brought no request within
 /// `request_every`, `Quiet` once a whole `request_every` passed in which it was idle (no
-/// new request, none being answered, nothing written to it: an idle keep-alive
+/// new request, none being answered, no byte of an HTTP/1 answer written: an idle keep-alive
 /// connection lasts between one and one and a quarter of that, counted from its last
 /// answer, however long that took), `Stalled` when the client has left a response
 /// unread (the socket full) for `client_send`, and `Shutdown` when the proxy is closing.
@@ -705,7 +705,14 @@ async fn watch_connection(
                 }
                 let bytes = writes.written.load(Ordering::Relaxed);
                 if bytes != written {
-                    (written, last_write) = (bytes, now);
+                    written = bytes;
+                    // Over HTTP/1 every byte written belongs to an answer: one still
+                    // streaming keeps its connection busy. Over HTTP/2 the proxy also
+                    // writes on its own (a PING's or SETTINGS' acknowledgement), which a
+                    // client could call for for ever without asking anything.
+                    if count > 0 && !writes.http2.load(Ordering::Relaxed) {
+                        last_write = now;
+                    }
                 }
                 if writes.blocked.load(Ordering::Relaxed)
                     && now.duration_since(last_write) >= client_send

@@ -268,6 +268,19 @@ async fn an_absolute_target_without_a_path_reaches_the_root_with_its_query() {
         let seen: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(seen["target"], "/?x=1", "{text}");
     }
+    // Over HTTP/2 a `:path` must start with `/`: `?x=1` is malformed, not the root.
+    let io =
+        hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://good.example?x=1")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let answer = h2.send_request(req).await.unwrap();
+    assert_eq!(answer.status(), 400);
 }
 
 /// A target with an authority of its own names the host, whatever `Host` says: an

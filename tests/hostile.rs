@@ -310,6 +310,38 @@ async fn idle_http2_connections_are_closed_after_header_read() {
     assert!(sender.is_closed());
 }
 
+/// An HTTP/2 client's PINGs (keep-alive, as gRPC, Go and OkHttp send them) are not
+/// requests: its connection is closed after `timeouts.header_read` all the same, whether
+/// it never asked anything or has been idle since its last answer.
+#[tokio::test]
+async fn http2_pings_do_not_keep_a_connection_open() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.timeouts.header_read = 0.5).await;
+    for ask_first in [false, true] {
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_millis(100))
+                .keep_alive_while_idle(true)
+                .handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let driver = tokio::spawn(conn);
+        if ask_first {
+            let req = http::Request::get(proxy.url("/"))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+        assert!(
+            ended.is_ok(),
+            "a pinging HTTP/2 connection still open after 5 s (asked first: {ask_first})"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_long_response_outlives_the_idle_rule() {
     // One request whose body streams for well over two header_read periods: the
