@@ -399,10 +399,12 @@ async fn serve_connection(
         let requests = requests.clone();
         let writes = writes.clone();
         move |mut req: http::Request<ClientBody>| {
-            requests.started.fetch_add(1, Ordering::Relaxed);
+            // First, so that the watcher never sees a request of an HTTP/2 connection
+            // it does not yet know speaks HTTP/2.
             if req.version() == http::Version::HTTP_2 {
                 writes.http2.store(true, Ordering::Relaxed);
             }
+            requests.started.fetch_add(1, Ordering::Relaxed);
             // A tunnel outlives the connection's task: it keeps the connection counted.
             if req.headers().contains_key(http::header::UPGRADE) {
                 req.extensions_mut().insert(held.clone());
@@ -479,12 +481,12 @@ async fn serve_connection(
         tokio::time::interval_at(tokio::time::Instant::now() + client_send, client_send);
     // A worker busy past a tick must not make up for it with two checks in a row.
     period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seen = writes.written.load(Ordering::Relaxed);
+    let mut seen = writes.answer_progress();
     loop {
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = period.tick() => {
-                let now = writes.written.load(Ordering::Relaxed);
+                let now = writes.answer_progress();
                 if now == seen && writes.stalled() {
                     tracing::debug!(%peer, "the client read nothing for timeouts.client_send: closing");
                     return;
@@ -513,8 +515,12 @@ where
         Next::Done => return Ok(()),
         Next::Handover(read, served) => (read, served),
     };
+    let writes = io.writes.clone();
     let hyper_service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        service(req.map(|body| Either::Left(Paced::new(body, body_gap)))).map(Ok::<_, Infallible>)
+        let writes = writes.clone();
+        service(req.map(|body| Either::Left(Paced::new(body, body_gap)))).map(move |response| {
+            Ok::<_, Infallible>(response.map(|body| AnswerFrames { body, writes }))
+        })
     });
     // After HTTP/1.1 requests, an HTTP/2 preface is no longer one (RFC 9113 §3.4): the
     // connection closes rather than turn into HTTP/2 half-way.
@@ -556,6 +562,8 @@ impl Drop for Answered {
 struct Writes {
     /// Bytes written so far.
     written: AtomicU64,
+    /// Frames of response bodies hyper has taken to send so far.
+    answer_frames: AtomicU64,
     /// The last write found the socket full: the client is not reading (yet).
     blocked: AtomicBool,
     /// The connection speaks HTTP/2.
@@ -570,6 +578,49 @@ impl Writes {
     /// connection that is closing then gets `timeouts.client_send`).
     fn stalled(&self) -> bool {
         self.blocked.load(Ordering::Relaxed) || self.http2.load(Ordering::Relaxed)
+    }
+
+    /// A count that moves while answers are being sent. Over HTTP/1 every byte written
+    /// belongs to an answer. Over HTTP/2 the proxy also writes on its own (it
+    /// acknowledges a client's PINGs and SETTINGS), which a client could call for for
+    /// ever without asking anything: there the frames of response bodies count.
+    fn answer_progress(&self) -> u64 {
+        if self.http2.load(Ordering::Relaxed) {
+            self.answer_frames.load(Ordering::Relaxed)
+        } else {
+            self.written.load(Ordering::Relaxed)
+        }
+    }
+}
+
+/// A response body served by hyper, counting its frames in [`Writes`] as hyper takes
+/// them to send.
+struct AnswerFrames {
+    body: ProxyBody,
+    writes: Arc<Writes>,
+}
+
+impl hyper::body::Body for AnswerFrames {
+    type Data = Bytes;
+    type Error = <ProxyBody as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &frame {
+            self.writes.answer_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -674,8 +725,8 @@ enum End {
 
 /// Watches a connection for its verdict: `Drop` when it brought no request within
 /// `request_every`, `Quiet` once a whole `request_every` passed in which it was idle (no
-/// new request, none being answered, no byte of an HTTP/1 answer written: an idle keep-alive
-/// connection lasts between one and one and a quarter of that, counted from its last
+/// new request, none being answered, no answer streaming: an idle keep-alive
+/// connection lasts between one and about one and a half of that, counted from its last
 /// answer, however long that took), `Stalled` when the client has left a response
 /// unread (the socket full) for `client_send`, and `Shutdown` when the proxy is closing.
 /// Checked every quarter of the shorter period.
@@ -691,7 +742,9 @@ async fn watch_connection(
     let mut period = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut seen, mut last_busy) = (0, tokio::time::Instant::now());
+    // Any write (the client reads), and the progress of answers.
     let (mut written, mut last_write) = (0, tokio::time::Instant::now());
+    let (mut answering, mut last_answer) = (0, tokio::time::Instant::now());
     let end = loop {
         tokio::select! {
             _ = closing.cancelled() => break End::Shutdown,
@@ -705,13 +758,14 @@ async fn watch_connection(
                 }
                 let bytes = writes.written.load(Ordering::Relaxed);
                 if bytes != written {
-                    written = bytes;
-                    // Over HTTP/1 every byte written belongs to an answer: one still
-                    // streaming keeps its connection busy. Over HTTP/2 the proxy also
-                    // writes on its own (a PING's or SETTINGS' acknowledgement), which a
-                    // client could call for for ever without asking anything.
-                    if count > 0 && !writes.http2.load(Ordering::Relaxed) {
-                        last_write = now;
+                    (written, last_write) = (bytes, now);
+                }
+                // An answer still streaming keeps its connection busy.
+                let progress = writes.answer_progress();
+                if progress != answering {
+                    answering = progress;
+                    if count > 0 {
+                        last_answer = now;
                     }
                 }
                 if writes.blocked.load(Ordering::Relaxed)
@@ -721,7 +775,7 @@ async fn watch_connection(
                 }
                 // A response the client is not reading is not idleness: `client_send`
                 // decides for it, above.
-                if now.duration_since(last_busy.max(last_write)) >= request_every
+                if now.duration_since(last_busy.max(last_answer)) >= request_every
                     && !writes.blocked.load(Ordering::Relaxed)
                 {
                     break if count == 0 { End::Drop } else { End::Quiet };

@@ -1052,3 +1052,107 @@ async fn requests_an_http2_client_reset_do_not_keep_its_connection_open() {
         .unwrap()
         .unwrap();
 }
+
+/// Appends an HTTP/2 frame.
+fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Opens an HTTP/2 connection by hand, from a socket with a small receive buffer (so
+/// that a client reading slowly fills the proxy's socket), with the given initial
+/// stream window (and the connection's window opened wide), and asks for `path`.
+async fn raw_h2_get(proxy: &Proxy, stream_window: u32, path: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(32 * 1024).unwrap();
+    let mut s = socket.connect(proxy.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE.
+    let mut settings = 4u16.to_be_bytes().to_vec();
+    settings.extend_from_slice(&stream_window.to_be_bytes());
+    h2_frame(&mut out, 0x4, 0, 0, &settings);
+    h2_frame(
+        &mut out,
+        0x8,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    );
+    // HEADERS (END_STREAM | END_HEADERS), HPACK: GET, http, then :path and :authority as
+    // literals naming static-table entries.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 1, b'x']);
+    h2_frame(&mut out, 0x1, 0x5, 1, &block);
+    s.write_all(&out).await.unwrap();
+    s
+}
+
+/// An HTTP/2 download that the client reads more slowly than the proxy could send it,
+/// for longer than `timeouts.client_send`, arrives whole: the client is reading, so it
+/// is not stalled, however full the socket is at times.
+#[tokio::test]
+async fn a_slow_http2_download_longer_than_client_send_arrives_whole() {
+    let app = big_download_app().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.timeouts.header_read = 0.5;
+        c.timeouts.client_send = 0.5;
+    })
+    .await;
+    let mut s = raw_h2_get(&proxy, 0x7fff_ffff, "/big").await;
+    let started = Instant::now();
+    let (mut received, mut since_pause, mut buf) = (0usize, 0usize, vec![0u8; 32 * 1024]);
+    // 64 MB of body in frames of at most 16 kB with a 9-byte header each, at about
+    // 16 MB/s: some four seconds.
+    while received < (64 << 20) + (64 << 20) / 16_384 * 9 {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => (received, since_pause) = (received + n, since_pause + n),
+            other => panic!(
+                "after {received} bytes and {:?}: {other:?}",
+                started.elapsed()
+            ),
+        }
+        if since_pause >= 512 << 10 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            since_pause = 0;
+        }
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// An HTTP/2 client that gives an answer no flow-control window, so that its body can
+/// never be sent, and keeps the connection lively with PINGs, is closed all the same:
+/// the PINGs' acknowledgements are not progress of the answer.
+#[tokio::test]
+async fn http2_pings_do_not_hold_a_connection_whose_answer_cannot_move() {
+    let app = big_download_app().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.timeouts.header_read = 0.3;
+        c.timeouts.client_send = 0.6;
+    })
+    .await;
+    let mut s = raw_h2_get(&proxy, 0, "/big").await;
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut ping = Vec::new();
+        h2_frame(&mut ping, 0x6, 0, 0, &[7; 8]);
+        if s.write_all(&ping).await.is_err() {
+            break;
+        }
+        let read = tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "the connection is still open"
+        );
+    }
+}
