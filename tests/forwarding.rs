@@ -245,6 +245,18 @@ async fn forwarding_headers_the_proxy_does_not_set_are_dropped() {
     }
 }
 
+/// An HTTP/2 connection to the proxy (with prior knowledge), driven in the background.
+async fn http2_to(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let io =
+        hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    let (h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    h2
+}
+
 /// An absolute-form target with a query but no path asks for the root, with its query:
 /// through the proxy's own HTTP/1.1 and through hyper (a request with a body).
 #[tokio::test]
@@ -269,15 +281,9 @@ async fn an_absolute_target_without_a_path_reaches_the_root_with_its_query() {
         assert_eq!(seen["target"], "/?x=1", "{text}");
     }
     // Over HTTP/2 a `:path` must start with `/`: `?x=1` is malformed, not the root.
-    let io =
-        hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
-    let (mut h2, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut h2 = http2_to(&proxy).await;
     let req = Request::get("http://good.example?x=1")
-        .body(http_body_util::Empty::<Bytes>::new())
+        .body(Full::new(Bytes::new()))
         .unwrap();
     let answer = h2.send_request(req).await.unwrap();
     assert_eq!(answer.status(), 400);
@@ -310,13 +316,7 @@ async fn the_targets_authority_wins_over_host() {
         serde_json::json!(["good.example"])
     );
 
-    let io =
-        hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
-    let (mut h2, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut h2 = http2_to(&proxy).await;
     for (uri, host) in [
         ("http://good.example/h2", Some("evil.example")),
         ("http://user:pw@good.example/h2", None),
