@@ -1584,8 +1584,17 @@ async fn replicated_cluster_with_a_session(
         .await
         .unwrap();
     let store = clustered(&cluster, MINUTE).await;
-    let id = new_id();
-    store.create(&id, session(json)).await.unwrap();
+    // On a busy machine the first write may find the just-formed cluster slow to answer
+    // (`CLUSTER NODES`, the replica's acknowledgement), which is a 503 by design: it is
+    // tried again, under a new ID (the failed one may have been written).
+    let mut id = new_id();
+    let started = Instant::now();
+    while let Err(e) = store.create(&id, session(json)).await {
+        eprintln!("first write to the new cluster: {e}");
+        assert!(started.elapsed() < Duration::from_secs(20), "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        id = new_id();
+    }
     let master = cluster.master_of(&key(&id));
     (cluster, store, id, master)
 }

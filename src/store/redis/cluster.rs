@@ -121,7 +121,14 @@ impl ClusterReplicas {
             .is_ok();
         // Cleared however this ends, even if the write that asks is dropped on the way.
         let _asked = asking.then(|| ClearOnDrop(&self.asking));
-        match ask(conn, self.confirm_within / 2).await {
+        // With nothing to fall back on (the first write after start), the write fails
+        // if the cluster does not answer: it gets the longer wait.
+        let within = if known.is_some() {
+            self.confirm_within / 2
+        } else {
+            self.confirm_within
+        };
+        match ask(conn, within).await {
             Ok(per_slot) => {
                 let wanted = u64::from(per_slot[usize::from(slot)]);
                 let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
