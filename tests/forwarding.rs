@@ -257,6 +257,24 @@ async fn http2_to(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<Full
     h2
 }
 
+/// Sends `request` as written (it asks to close the connection) and reads the answer
+/// whole: its text, and what the scripted application says it received.
+async fn raw_request(proxy: &Proxy, request: &[u8]) -> (String, serde_json::Value) {
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let seen = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str(body).ok())
+        .unwrap_or_else(|| panic!("no JSON body: {text}"));
+    (text, seen)
+}
+
 /// An absolute-form target with a query but no path asks for the root, with its query:
 /// through the proxy's own HTTP/1.1 and through hyper (a request with a body).
 #[tokio::test]
@@ -267,17 +285,8 @@ async fn an_absolute_target_without_a_path_reaches_the_root_with_its_query() {
         &b"GET http://good.example?x=1 HTTP/1.1\r\nhost: good.example\r\nconnection: close\r\n\r\n"[..],
         b"POST http://good.example:80?x=1 HTTP/1.1\r\nhost: good.example\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi",
     ] {
-        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(request).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out);
+        let (text, seen) = raw_request(&proxy, request).await;
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-        let (_, body) = text.split_once("\r\n\r\n").unwrap();
-        let seen: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(seen["target"], "/?x=1", "{text}");
     }
     // Over HTTP/2 a `:path` must start with `/`: `?x=1` is malformed, not the root.
@@ -296,20 +305,11 @@ async fn an_absolute_target_without_a_path_reaches_the_root_with_its_query() {
 async fn the_targets_authority_wins_over_host() {
     let app = App::scripted().await;
     let proxy = Proxy::with(&app, |_| {}).await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(
+    let (_, seen) = raw_request(
+        &proxy,
         b"GET http://good.example/abs HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out);
-    let (_, body) = text.split_once("\r\n\r\n").unwrap();
-    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    .await;
     assert_eq!(seen["headers"]["host"], serde_json::json!(["good.example"]));
     assert_eq!(
         seen["headers"]["x-forwarded-host"],
