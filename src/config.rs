@@ -1114,7 +1114,9 @@ mod tests {
             None => Overrides::default(),
         };
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        Config::load_from(&flags, env)
+        let loaded = Config::load_from(&flags, env);
+        let _ = std::fs::remove_dir_all(&dir);
+        loaded
     }
 
     fn key_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {

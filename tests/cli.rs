@@ -13,30 +13,39 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use redis_harness::TempDir;
 use support::{App, Client, q};
 use tokio_tungstenite::tungstenite::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_session-proxy");
 
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sp-cli-{}", rand::random::<u64>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A config file in a directory of its own, removed on drop.
+struct ConfigFile {
+    path: PathBuf,
+    _dir: TempDir,
 }
 
-fn write_config(yaml: &str) -> PathBuf {
-    let path = temp_dir().join("proxy.yaml");
+impl ConfigFile {
+    fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+fn write_config(yaml: &str) -> ConfigFile {
+    let dir = TempDir::new("cli");
+    let path = dir.path().join("proxy.yaml");
     std::fs::File::create(&path)
         .unwrap()
         .write_all(yaml.as_bytes())
         .unwrap();
-    path
+    ConfigFile { path, _dir: dir }
 }
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = TempDir::new("cli");
     let mut cmd = Command::new(BIN);
     cmd.args(args)
-        .current_dir(temp_dir())
+        .current_dir(dir.path())
         .env_remove("RUST_LOG");
     for (k, v) in env {
         cmd.env(k, v);
@@ -56,7 +65,7 @@ fn free_port() -> u16 {
 fn check_prints_the_effective_config_and_exits_0() {
     let path = write_config("session:\n  max_age: 60\n  secret: a-very-secret-value-1234\n");
     let out = run(
-        &["check", "--config", path.to_str().unwrap()],
+        &["check", "--config", path.arg()],
         &[("SESSION_PROXY_SESSION__COOKIE_NAME", "sid")],
     );
     assert!(
@@ -80,7 +89,7 @@ fn a_start_up_failure_is_logged_in_the_log_format() {
     let path = write_config(&format!(
         "listen: {listen}\nadmin_listen: null\nlog: {{format: json}}\n"
     ));
-    let out = run(&["--config", path.to_str().unwrap()], &[]);
+    let out = run(&["--config", path.arg()], &[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let last = stderr.lines().last().unwrap_or_default();
@@ -95,7 +104,7 @@ fn a_start_up_failure_is_logged_in_the_log_format() {
     );
     // A log that drops errors does not swallow it.
     let out = run(
-        &["--config", path.to_str().unwrap()],
+        &["--config", path.arg()],
         &[("SESSION_PROXY_LOG__LEVEL", "off")],
     );
     assert_eq!(out.status.code(), Some(1));
@@ -126,7 +135,7 @@ fn check_rejects_bad_configs_with_exit_1_and_names_the_key() {
     ];
     for (yaml, key) in cases {
         let path = write_config(yaml);
-        let out = run(&["check", "--config", path.to_str().unwrap()], &[]);
+        let out = run(&["check", "--config", path.arg()], &[]);
         assert_eq!(out.status.code(), Some(1), "{yaml}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -146,7 +155,7 @@ fn layers_apply_defaults_then_file_then_env_then_flags() {
         "listen: 127.0.0.1:7000\nupstream: http://127.0.0.1:7100\nsession:\n  max_age: 10\n",
     );
     let env = [
-        ("SESSION_PROXY_CONFIG", path.to_str().unwrap()),
+        ("SESSION_PROXY_CONFIG", path.arg()),
         ("SESSION_PROXY_LISTEN", "127.0.0.1:7001"),
         ("SESSION_PROXY_UPSTREAM", "http://127.0.0.1:7101"),
         ("SESSION_PROXY_SESSION__MAX_AGE", "3600"),
@@ -197,15 +206,15 @@ fn store_flag_selects_redis_and_masks_its_password() {
 
 #[test]
 fn proxy_yaml_in_the_working_directory_is_read_by_default() {
-    let dir = temp_dir();
+    let dir = TempDir::new("cli");
     std::fs::write(
-        dir.join("proxy.yaml"),
+        dir.path().join("proxy.yaml"),
         "session:\n  cookie_name: fromfile\n",
     )
     .unwrap();
     let out = Command::new(BIN)
         .arg("check")
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("cookie_name: fromfile"));
@@ -216,7 +225,7 @@ struct Running {
     child: Child,
     addr: String,
     admin: String,
-    config: PathBuf,
+    config: ConfigFile,
 }
 
 impl Drop for Running {
@@ -232,10 +241,9 @@ impl Running {
         let yaml = format!(
             "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin_port}\nupstream: {upstream}\n{extra}"
         );
-        let path = write_config(&yaml);
-        let config = path.clone();
+        let config = write_config(&yaml);
         let child = Command::new(BIN)
-            .args(["--config", path.to_str().unwrap()])
+            .args(["--config", config.arg()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -568,7 +576,7 @@ async fn demo_takes_its_settings_from_the_configuration_layers() {
     let config = write_config("session:\n  cookie_name: democ\n");
     let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
-        .args(["demo", "--config", config.to_str().unwrap()])
+        .args(["demo", "--config", config.arg()])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
         .env("SESSION_PROXY_LISTEN", &listen)
         .stdout(Stdio::null())
@@ -621,7 +629,7 @@ async fn sessions_command_lists_and_revokes_through_the_admin_port() {
         q(r#"{"user_id":"ann"}"#)
     ))
     .await;
-    let config = proxy.config.to_str().unwrap().to_string();
+    let config = proxy.config.arg().to_string();
     let sessions = |args: &[&str]| {
         let mut all = vec!["sessions"];
         all.extend_from_slice(args);

@@ -35,10 +35,10 @@ pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) 
 }
 
 /// A directory removed on drop.
-struct TempDir(PathBuf);
+pub struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new(tag: &str) -> TempDir {
+    pub fn new(tag: &str) -> TempDir {
         static COUNT: AtomicUsize = AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
             "session-proxy-{tag}-{}-{}-{}",
@@ -48,6 +48,10 @@ impl TempDir {
         ));
         fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
     }
 }
 
