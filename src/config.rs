@@ -309,12 +309,17 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !is_service_link(k))
             .collect();
-        let env_config = env
-            .iter()
-            .find(|(k, _)| k == "SESSION_PROXY_CONFIG")
-            .map(|(_, v)| PathBuf::from(v));
+        let env_config = match env.iter().find(|(k, _)| k == "SESSION_PROXY_CONFIG") {
+            Some((_, v)) if v.trim().is_empty() => {
+                return Err(ConfigError(
+                    "SESSION_PROXY_CONFIG is set but empty: it must name a config file (unset it to read ./proxy.yaml)".into(),
+                ));
+            }
+            Some((_, v)) => Some(PathBuf::from(v)),
+            None => None,
+        };
         let path = flags.config.clone().or(env_config).or_else(|| {
             let default = PathBuf::from("proxy.yaml");
             default.exists().then_some(default)
@@ -366,6 +371,15 @@ impl Config {
             if holds_secrets(&key) {
                 why = redact_quoted(&why);
             }
+            // A key set from the environment is named as the variable that set it: an
+            // unknown one has no line in any file to look for.
+            let origin = env
+                .iter()
+                .map(|(name, _)| name)
+                .find(|name| env_key_path(name) == key)
+                .map_or(origin.clone(), |name| {
+                    format!(" (environment variable {name})")
+                });
             ConfigError(format!("invalid configuration: `{key}`{origin}: {why}"))
         })?;
         config.normalize();
@@ -527,6 +541,17 @@ impl Config {
         }
         if s.user_key.as_deref() == Some("") {
             return Err(invalid("session.user_key", "must not be empty"));
+        }
+        if let Some(admin) = self.admin_listen
+            && same_socket(self.listen, admin)
+        {
+            return Err(invalid(
+                "admin_listen",
+                format!(
+                    "`{admin}` is also `listen` (`{}`): the two need different ports",
+                    self.listen
+                ),
+            ));
         }
         self.validate_store()?;
         for (key, secs, min) in [
@@ -1058,6 +1083,37 @@ fn takes_text(defaults: &Value, path: &[&str]) -> bool {
         && serde_json::from_value::<Config>(probe).is_ok()
 }
 
+/// Whether binding both addresses would collide: the same port (not 0, which picks a
+/// free one) on the same address, or on any address and a wildcard.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The key path (`session.max_age`) an environment variable sets.
+fn env_key_path(name: &str) -> String {
+    name.get(ENV_PREFIX.len()..)
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .replace("__", ".")
+}
+
+/// Whether a variable is one of those Kubernetes gives every pod for each Service in its
+/// namespace (`enableServiceLinks`), here for a Service named `session-proxy`:
+/// `SESSION_PROXY_SERVICE_HOST`, `SESSION_PROXY_SERVICE_PORT[_NAME]`, `SESSION_PROXY_PORT`
+/// and `SESSION_PROXY_PORT_8080_TCP[_PROTO|_PORT|_ADDR]`. No key is named like them, so
+/// they are not taken for (unknown) keys.
+fn is_service_link(name: &str) -> bool {
+    let key = name.get(ENV_PREFIX.len()..).unwrap_or_default();
+    !key.contains("__")
+        && (key == "PORT"
+            || key.starts_with("PORT_")
+            || key == "SERVICE_HOST"
+            || key == "SERVICE_PORT"
+            || key.starts_with("SERVICE_PORT_"))
+}
+
 fn set_path(
     tree: &mut Value,
     path: &[&str],
@@ -1419,6 +1475,60 @@ mod tests {
         assert!(e.0.contains("max_agee"), "{e}");
         let e = load(None, &[("SESSION_PROXY_SESSION__NOPE", "1")]).unwrap_err();
         assert!(e.0.contains("nope"), "{e}");
+        assert!(
+            e.0.contains("environment variable SESSION_PROXY_SESSION__NOPE"),
+            "{e}"
+        );
+        let e = load(None, &[("SESSION_PROXY_SESSION__MAX_AGE", "soon")]).unwrap_err();
+        assert!(e.0.contains("SESSION_PROXY_SESSION__MAX_AGE"), "{e}");
+    }
+
+    /// Kubernetes gives each pod variables for every Service in its namespace: a Service
+    /// named `session-proxy` must not stop the proxy from starting.
+    #[test]
+    fn kubernetes_service_links_are_not_keys() {
+        let links = [
+            ("SESSION_PROXY_PORT", "tcp://10.96.0.12:8080"),
+            ("SESSION_PROXY_SERVICE_HOST", "10.96.0.12"),
+            ("SESSION_PROXY_SERVICE_PORT", "8080"),
+            ("SESSION_PROXY_SERVICE_PORT_HTTP", "8080"),
+            ("SESSION_PROXY_PORT_8080_TCP", "tcp://10.96.0.12:8080"),
+            ("SESSION_PROXY_PORT_8080_TCP_PROTO", "tcp"),
+            ("SESSION_PROXY_PORT_8080_TCP_PORT", "8080"),
+            ("SESSION_PROXY_PORT_8080_TCP_ADDR", "10.96.0.12"),
+        ];
+        let c = load(None, &links).unwrap();
+        assert_eq!(c.listen, Config::default().listen);
+        // Anything else stays an unknown key.
+        let e = load(None, &[("SESSION_PROXY_PORTS", "1")]).unwrap_err();
+        assert!(e.0.contains("SESSION_PROXY_PORTS"), "{e}");
+    }
+
+    #[test]
+    fn the_admin_port_cannot_be_the_listener() {
+        for (listen, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "[::]:8080"),
+        ] {
+            let yaml = format!("listen: \"{listen}\"\nadmin_listen: \"{admin}\"\n");
+            let e = load(Some(&yaml), &[]).unwrap_err();
+            assert!(e.0.contains("admin_listen"), "{e}");
+        }
+        for (listen, admin) in [
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("0.0.0.0:8080", "0.0.0.0:9901"),
+        ] {
+            let yaml = format!("listen: \"{listen}\"\nadmin_listen: \"{admin}\"\n");
+            load(Some(&yaml), &[]).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_empty_config_variable_is_named() {
+        let e = load(None, &[("SESSION_PROXY_CONFIG", "")]).unwrap_err();
+        assert!(e.0.contains("SESSION_PROXY_CONFIG"), "{e}");
     }
 
     #[test]
