@@ -71,6 +71,7 @@ impl Server {
                 .into_iter()
                 .cloned()
                 .collect(),
+            crate::http1::client::head_limit(config.session.max_bytes),
         );
         let proxy = Proxy::new(
             &config,

@@ -271,6 +271,8 @@ pub struct Upstream {
     pools: Arc<Pools>,
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// The longest response head taken from the application.
+    max_head: usize,
     /// The protocol headers: the proxy reads them from the response even when its
     /// `Connection` names them (they are meant for the proxy, the next hop, after all).
     spared: Arc<[HeaderName]>,
@@ -282,12 +284,14 @@ impl Upstream {
     /// `hidden` names response fields the client must never get: they are removed from
     /// the application's trailers here (the caller takes them out of the head, and reads
     /// them first: a response's `Connection` cannot make them vanish before that).
+    /// A response head may be `max_head` bytes long.
     pub fn new(
         url: UpstreamUrl,
         connect_timeout: Duration,
         response_timeout: Duration,
         workers: usize,
         hidden: Vec<HeaderName>,
+        max_head: usize,
     ) -> Upstream {
         let spared: Arc<[HeaderName]> = hidden.clone().into();
         // Fields that are about a connection, not a message, have no place in trailers
@@ -316,6 +320,7 @@ impl Upstream {
             pools,
             connect_timeout,
             response_timeout,
+            max_head,
             spared,
         }
     }
@@ -480,7 +485,7 @@ impl Upstream {
                 Some(conn) => (conn, None),
                 None => match self.pools.lean.take() {
                     Some((conn, idle_for)) => (conn, Some(idle_for)),
-                    None => (client::Conn::new(self.open().await?), None),
+                    None => (client::Conn::new(self.open().await?, self.max_head), None),
                 },
             };
             let sent = Instant::now();
@@ -503,7 +508,7 @@ impl Upstream {
                 {
                     may_replay = false;
                     // On a new connection: the pool's others idled as long.
-                    fresh = Some(client::Conn::new(self.open().await?));
+                    fresh = Some(client::Conn::new(self.open().await?, self.max_head));
                 }
                 Failure::Unsent(why) | Failure::Closed(why) | Failure::Broken(why) => {
                     return Err(UpstreamError::Unreachable(why));
@@ -515,6 +520,7 @@ impl Upstream {
     async fn connect(&self) -> Result<SendRequest<ClientBody>, UpstreamError> {
         let stream = self.open().await?;
         let (sender, connection) = http1::Builder::new()
+            .max_buf_size(self.max_head)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::Unreachable(describe(&e)))?;

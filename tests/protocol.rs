@@ -214,6 +214,42 @@ async fn update_larger_than_max_bytes_is_a_502_and_the_session_stays() {
     assert_violation(&format!("update={}", q(&big))).await;
 }
 
+/// `session.max_bytes` goes up to 1 MiB: an update that large (a third longer in
+/// base64) is taken, over the proxy's own HTTP/1.1 and over hyper's (a request with a
+/// body), though it makes the application's response head longer than usual.
+#[tokio::test]
+async fn an_update_as_large_as_max_bytes_allows_is_taken() {
+    let big = format!(r#"{{"big":"{}"}}"#, "x".repeat(600_000));
+    let update = b64(&big);
+    let app = App::start(std::sync::Arc::new(move |_req| {
+        let update = update.clone();
+        Box::pin(async move {
+            let mut response = http::Response::new(support::full("ok"));
+            let value = http::HeaderValue::try_from(update).unwrap();
+            response.headers_mut().insert("x-session-update", value);
+            response
+        })
+    }))
+    .await;
+    let proxy = Proxy::with(&app, |c| c.session.max_bytes = 1 << 20).await;
+    let client = Client::new();
+    for (method, body) in [("GET", ""), ("POST", "a body")] {
+        let r = client
+            .request(method, &proxy.url("/"), &[], Bytes::from(body))
+            .await;
+        assert_eq!(
+            r.status,
+            200,
+            "{method}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            r.session_cookie().is_some(),
+            "{method}: no session was created"
+        );
+    }
+}
+
 #[tokio::test]
 async fn repeated_update_header_is_a_502_and_the_session_stays() {
     let one = q(&b64(r#"{"a":1}"#));

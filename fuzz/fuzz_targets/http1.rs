@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use http::header;
 use libfuzzer_sys::fuzz_target;
 use session_proxy::http1::chunked::Decoder;
-use session_proxy::http1::client::parse_answer;
+use session_proxy::http1::client::{MAX_HEAD, parse_answer};
 use session_proxy::http1::server::{Parsed, parse};
 
 fn requests(input: &[u8]) {
@@ -55,7 +55,7 @@ fn answer(input: &[u8], step: usize) -> Option<Result<String, String>> {
     let mut interim = false;
     for piece in input.chunks(step) {
         buf.extend_from_slice(piece);
-        match parse_answer(&mut buf, false, &mut interim) {
+        match parse_answer(&mut buf, false, MAX_HEAD, &mut interim) {
             Ok(Some(answer)) => {
                 return Some(Ok(format!(
                     "{} {:?} {:?} {}",

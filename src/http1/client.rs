@@ -16,8 +16,21 @@ use tokio::net::TcpStream;
 use super::chunked::Decoder;
 use super::{FieldAt, MAX_HEADERS, connection_has, content_length, header_map, locate};
 
-/// An answer's head may be at most this long, as hyper's client allows.
-const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// An answer's head may be at most this long, as hyper's client allows by default; more
+/// when the largest session's update header needs it (see [`head_limit`]).
+pub const MAX_HEAD: usize = 8192 + 4096 * 100;
+
+/// The longest answer head taken from the application: room for an update header
+/// carrying a session of `max_bytes` (base64 makes it a third longer) beside the
+/// application's other fields.
+pub fn head_limit(max_bytes: usize) -> usize {
+    MAX_HEAD.max(
+        max_bytes
+            .div_ceil(3)
+            .saturating_mul(4)
+            .saturating_add(64 * 1024),
+    )
+}
 /// Bytes asked of the socket per read.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -27,6 +40,8 @@ pub struct Conn {
     buf: BytesMut,
     /// Where each request head is written, reused from one request to the next.
     out: Vec<u8>,
+    /// The longest answer head taken.
+    max_head: usize,
 }
 
 /// Why an exchange failed.
@@ -42,11 +57,12 @@ pub enum Failure {
 }
 
 impl Conn {
-    pub fn new(io: TcpStream) -> Conn {
+    pub fn new(io: TcpStream, max_head: usize) -> Conn {
         Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
+            max_head,
         }
     }
 
@@ -79,7 +95,7 @@ impl Conn {
         }
         let mut interim = false;
         loop {
-            let answer = parse_answer(&mut self.buf, bodiless, &mut interim);
+            let answer = parse_answer(&mut self.buf, bodiless, self.max_head, &mut interim);
             match answer.map_err(Failure::Broken)? {
                 Some(Answer {
                     head,
@@ -94,9 +110,10 @@ impl Conn {
                     };
                     return Ok((head, reader));
                 }
-                None if self.buf.len() > MAX_HEAD => {
+                None if self.buf.len() > self.max_head => {
                     return Err(Failure::Broken(format!(
-                        "the application's response head is longer than {MAX_HEAD} bytes"
+                        "the application's response head is longer than {} bytes",
+                        self.max_head
                     )));
                 }
                 None => {}
@@ -147,10 +164,12 @@ impl Answer {
 
 /// Parses the answer's head at the start of `buf` and takes it out, past any interim
 /// (1xx) answers (`interim` is set when one was taken). `Ok(None)`: more bytes are needed.
-/// `bodiless` says the answer has no body whatever its head says (an answer to `HEAD`).
+/// `bodiless` says the answer has no body whatever its head says (an answer to `HEAD`);
+/// a head longer than `max_head` is refused.
 pub fn parse_answer(
     buf: &mut BytesMut,
     bodiless: bool,
+    max_head: usize,
     interim: &mut bool,
 ) -> Result<Option<Answer>, String> {
     loop {
@@ -175,9 +194,9 @@ pub fn parse_answer(
             Err(e) => return Err(format!("the application's response head is malformed: {e}")),
         };
         // A read may bring more than the limit at once: the head itself is measured.
-        if len > MAX_HEAD {
+        if len > max_head {
             return Err(format!(
-                "the application's response head is longer than {MAX_HEAD} bytes"
+                "the application's response head is longer than {max_head} bytes"
             ));
         }
         let head = buf.split_to(len).freeze();
@@ -391,7 +410,7 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             }
         });
-        Conn::new(TcpStream::connect(addr).await.unwrap())
+        Conn::new(TcpStream::connect(addr).await.unwrap(), MAX_HEAD)
     }
 
     fn get(method: &str) -> request::Parts {
@@ -534,10 +553,10 @@ mod tests {
         };
         let mut interim = false;
         let mut over = head(MAX_HEAD);
-        assert!(parse_answer(&mut over, false, &mut interim).is_err());
+        assert!(parse_answer(&mut over, false, MAX_HEAD, &mut interim).is_err());
         let mut under = head(MAX_HEAD - 100);
         assert!(matches!(
-            parse_answer(&mut under, false, &mut interim),
+            parse_answer(&mut under, false, MAX_HEAD, &mut interim),
             Ok(Some(_))
         ));
     }
