@@ -512,10 +512,15 @@ where
     S: Fn(http::Request<ClientBody>) -> F + Clone + Send + 'static,
     F: Future<Output = http::Response<ProxyBody>> + Send + 'static,
 {
-    let (read, served) = match http1::server::serve(&mut io, &service, limits, &graceful).await {
-        Next::Done => return Ok(()),
-        Next::Handover(read, served) => (read, served),
-    };
+    let (read, served, ended) =
+        match http1::server::serve(&mut io, &service, limits, &graceful).await {
+            Next::Done => return Ok(()),
+            Next::Handover {
+                read,
+                served,
+                ended,
+            } => (read, served, ended),
+        };
     let writes = io.writes.clone();
     let hyper_service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let writes = writes.clone();
@@ -530,7 +535,18 @@ where
     }
     io.unread = read;
     let io = TokioIo::new(io);
-    let conn = builder.serve_connection_with_upgrades(io, hyper_service);
+    // A client that closed its side behind requests still to answer gets their answers,
+    // as the proxy's own HTTP/1.1 gives them (hyper would take the end of its requests
+    // for the client leaving).
+    let half_closed = ended.then(|| {
+        let mut builder = builder.clone();
+        builder.http1().half_close(true);
+        builder
+    });
+    let conn = half_closed
+        .as_ref()
+        .unwrap_or(builder)
+        .serve_connection_with_upgrades(io, hyper_service);
     tokio::pin!(conn);
     tokio::select! {
         biased;

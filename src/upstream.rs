@@ -374,6 +374,17 @@ impl Upstream {
         // The common case, a request without a body that asks for no upgrade, goes out
         // through the proxy's own HTTP/1.1; the rest through hyper's.
         let lean = req.body().is_end_stream() && !headers_ask_upgrade(req.headers());
+        // hyper sends a `GET` or `HEAD` body of unknown length (chunked from the client, or
+        // HTTP/2 data without a length) as no body at all unless the framing is asked for.
+        if !lean
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+            && req.body().size_hint().exact().is_none()
+        {
+            req.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         let sent = if lean {
             tokio::time::timeout(self.response_timeout, self.send_lean(req)).await
         } else {

@@ -112,6 +112,57 @@ async fn request_body_streams_without_buffering() {
     assert_eq!(body, "17");
 }
 
+/// A `GET` or `HEAD` may carry a body: whatever its framing, the application gets it
+/// (and the client's framing is not passed on beside the proxy's own).
+#[tokio::test]
+async fn a_get_or_head_body_reaches_the_application_whatever_its_framing() {
+    let app = App::start(Arc::new(|req| {
+        Box::pin(async move {
+            let framing = ["content-length", "transfer-encoding"]
+                .map(|name| req.headers().get_all(name).iter().count());
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let mut response = Response::new(full(body.clone()));
+            let seen = format!("{} {framing:?}", String::from_utf8_lossy(&body));
+            response
+                .headers_mut()
+                .insert("x-seen", http::HeaderValue::try_from(seen).unwrap());
+            response
+        })
+    }))
+    .await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    for method in ["GET", "HEAD"] {
+        for framing in ["transfer-encoding: chunked", "content-length: 5"] {
+            let body = if framing.starts_with("transfer") {
+                "5\r\nhello\r\n0\r\n\r\n"
+            } else {
+                "hello"
+            };
+            let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let request = format!(
+                "{method} /q HTTP/1.1\r\nhost: x\r\n{framing}\r\nconnection: close\r\n\r\n{body}"
+            );
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+                .await
+                .unwrap()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+            assert!(
+                text.starts_with("http/1.1 200"),
+                "{method}, {framing}: {text}"
+            );
+            // One framing field upstream, whichever the proxy chose.
+            let seen = ["x-seen: hello [1, 0]", "x-seen: hello [0, 1]"];
+            assert!(
+                seen.iter().any(|s| text.contains(s)),
+                "{method}, {framing}: {text}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
     let app = App::scripted().await;

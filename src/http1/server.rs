@@ -27,10 +27,17 @@ use crate::upstream::{ClientBody, ProxyBody};
 pub enum Next {
     /// It ended: closed by the client, timed out, or finished after a shutdown.
     Done,
-    /// A request this side does not serve arrived: hyper takes over, with these bytes
-    /// read but not yet served, and whether requests were served before it (then the
-    /// connection is HTTP/1.1 for good: an HTTP/2 preface must come first).
-    Handover(Bytes, bool),
+    /// A request this side does not serve arrived: hyper takes over.
+    Handover {
+        /// Bytes read but not yet served.
+        read: Bytes,
+        /// Requests were served before it: the connection is HTTP/1.1 for good (an
+        /// HTTP/2 preface must come first).
+        served: bool,
+        /// The client has closed its side after sending them: they are still to be
+        /// answered.
+        ended: bool,
+    },
 }
 
 /// Asks a connection to finish what is in flight and close. Checked once per request, so
@@ -98,9 +105,9 @@ where
         let (request, close) = loop {
             match parse(&mut buf) {
                 Parsed::Request(request, close) => break (request, close),
-                Parsed::Other => return Next::Handover(buf.freeze(), served),
+                Parsed::Other => return handover(buf, served, ended),
                 Parsed::Partial if buf.len() >= limits.max_head => {
-                    return Next::Handover(buf.freeze(), served);
+                    return handover(buf, served, ended);
                 }
                 Parsed::Partial if ended => return Next::Done,
                 Parsed::Partial => {}
@@ -173,6 +180,14 @@ where
         if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
             buf = BytesMut::with_capacity(4096);
         }
+    }
+}
+
+fn handover(buf: BytesMut, served: bool, ended: bool) -> Next {
+    Next::Handover {
+        read: buf.freeze(),
+        served,
+        ended,
     }
 }
 
