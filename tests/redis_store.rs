@@ -667,7 +667,7 @@ async fn the_user_index_lists_and_revokes_sessions_by_user_and_handle() {
     let index_ttl: i64 = server.cli(&["PTTL", &format!("{PREFIX}user:ann")]);
     assert!((55_000..=60_000).contains(&index_ttl), "{index_ttl}");
     let handle_key = format!("{PREFIX}handle:{}", a.handle());
-    assert_eq!(server.cli::<String>(&["GET", &handle_key]), "ann");
+    assert_eq!(server.cli::<String>(&["GET", &handle_key]), a.as_str());
     assert!(server.cli::<i64>(&["PTTL", &handle_key]) > 55_000);
 
     assert!(store.revoke_handle(&b.handle()).await.unwrap());
@@ -733,6 +733,127 @@ async fn the_user_index_lists_and_revokes_sessions_by_user_and_handle() {
         Landed::Missing
     );
     gone(&server, &e);
+}
+
+/// A write indexes its session before it writes it: a listing that runs in between (the
+/// session not there yet, or still another user's) must leave the entry, or the session
+/// would stay out of its user's index, and out of reach of "log out everywhere".
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_a_user_keeps_the_entries_of_sessions_still_being_written() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let index = format!("{PREFIX}user:ann");
+    let later = (unix_now() + MINUTE).as_millis().to_string();
+    // A session about to be created, and one about to pass from bob to ann.
+    let (coming, moving) = (new_id(), new_id());
+    store
+        .create(&moving, session(r#"{"user":"bob"}"#))
+        .await
+        .unwrap();
+    for id in [&coming, &moving] {
+        server.cli::<i64>(&["ZADD", &index, &later, id.as_str()]);
+    }
+    assert!(store.user_sessions("ann").await.unwrap().is_empty());
+    for id in [&coming, &moving] {
+        let score: Option<f64> = server.cli(&["ZSCORE", &index, id.as_str()]);
+        assert!(
+            score.is_some(),
+            "the listing dropped an entry still to be written"
+        );
+    }
+    // The writes land: both are ann's, listed and revoked as such.
+    store
+        .create(&coming, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    server.cli::<i64>(&["HSET", &key(&moving), "user", "ann"]);
+    assert_eq!(store.user_sessions("ann").await.unwrap().len(), 2);
+    assert_eq!(store.revoke_user("ann").await.unwrap(), 2);
+}
+
+/// The handle key holds the session's ID, which never changes, so writes that change the
+/// session's user, racing one another, cannot leave it naming the wrong one; a key an
+/// earlier version wrote (naming the user) is still followed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handle_reaches_its_session_whoever_its_user_became() {
+    let server = RedisServer::start();
+    let store = standalone(&server, MINUTE).await;
+    let id = new_id();
+    store
+        .create(&id, session(r#"{"user":"ann"}"#))
+        .await
+        .unwrap();
+    for user in ["bob", "ann", "bob"] {
+        let data = format!(r#"{{"user":"{user}"}}"#);
+        assert_eq!(
+            store.replace(&id, bytes(&data)).await.unwrap(),
+            Landed::Done
+        );
+    }
+    let handle_key = format!("{PREFIX}handle:{}", id.handle());
+    assert_eq!(server.cli::<String>(&["GET", &handle_key]), id.as_str());
+    // A handle key naming a user the session no longer has, as racing writes left it
+    // before: the handle still ends its session.
+    server.cli::<String>(&["SET", &handle_key, "ann", "KEEPTTL"]);
+    assert_eq!(store.user_sessions("bob").await.unwrap().len(), 1);
+    assert!(store.user_sessions("ann").await.unwrap().is_empty());
+    let legacy = store.revoke_handle(&id.handle()).await.unwrap();
+    assert!(legacy, "a handle key in the earlier form is followed");
+    assert!(store.load(&id, false).await.unwrap().is_none());
+
+    let other = new_id();
+    store
+        .create(&other, session(r#"{"user":"cat"}"#))
+        .await
+        .unwrap();
+    assert!(store.revoke_handle(&other.handle()).await.unwrap());
+    assert!(store.load(&other, false).await.unwrap().is_none());
+    assert!(!store.revoke_handle(&other.handle()).await.unwrap());
+}
+
+/// A session written while `user_key` was not set (or by a proxy without it) is in no
+/// index: the first read (plain or renewing) with `user_key` set indexes it, so "log out
+/// everywhere" reaches it; a session whose data names no user is left as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_written_without_user_key_are_indexed_when_read() {
+    let server = RedisServer::start();
+    let unkeyed = RedisStore::connect(
+        Topology::Standalone { url: server.url() },
+        options(PREFIX),
+        StoreSettings {
+            user_key: None,
+            ..settings(MINUTE)
+        },
+    )
+    .await
+    .unwrap();
+    let store = standalone(&server, MINUTE).await;
+    for renew in [false, true] {
+        let user = format!("mig{renew}");
+        let (id, anonymous) = (new_id(), new_id());
+        let data = format!(r#"{{"cart":[1],"user":"{user}"}}"#);
+        unkeyed.create(&id, session(&data)).await.unwrap();
+        unkeyed
+            .create(&anonymous, session(r#"{"cart":[2],"users":"no"}"#))
+            .await
+            .unwrap();
+        assert!(store.user_sessions(&user).await.unwrap().is_empty());
+
+        assert!(store.load(&id, renew).await.unwrap().is_some());
+        assert!(store.load(&anonymous, renew).await.unwrap().is_some());
+        assert_eq!(
+            handles_of(&store, &user).await,
+            vec![id.handle()],
+            "{renew}"
+        );
+        assert_eq!(server.cli::<String>(&["HGET", &key(&id), "user"]), user);
+        assert_index_ends_with_session(&server, &id, &user, "after the first read");
+        let stray: Option<String> = server.cli(&["HGET", &key(&anonymous), "user"]);
+        assert_eq!(stray, None, "a session naming no user got one");
+
+        assert_eq!(store.revoke_user(&user).await.unwrap(), 1);
+        assert!(store.load(&id, false).await.unwrap().is_none());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,10 +18,12 @@
 //!
 //! With `session.user_key`, a sorted set `key_prefix + "user:" + USER` holds the IDs of the
 //! user's sessions, scored by the unix milliseconds at which each expires at the latest,
-//! and a string `key_prefix + "handle:" + HANDLE` names the user of each indexed session.
+//! and a string `key_prefix + "handle:" + HANDLE` holds the ID of each indexed session.
 //! Both live in other cluster slots than the session, so separate commands write them,
 //! always *before* the session: the index may name sessions that are gone or changed user,
-//! never miss one. Reading the index drops the entries that no longer match.
+//! never miss one. Reading the index skips the entries that no longer match, and drops
+//! only those past their score: an entry whose session is not there, or not the user's,
+//! may belong to a write still on its way (the session is indexed first).
 //!
 //! Index entries expire with their session, not `max_age` after their last write, since a
 //! session's end (`ends`) and rotation's grace period cut it short. Creation and rotation
@@ -239,20 +241,34 @@ macro_rules! with_ttl {
 }
 
 /// Reads a session and resets its TTL, touching only `seen`.
-/// Answers nil, or `{data, created, user, moved, ttl_ms}`.
+/// Answers nil, or `{data, created, user, moved, ttl_ms, ver}`.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(with_ttl!(
         r"
-local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user', 'moved')
+local f = redis.call('HMGET', KEYS[1], 'data', 'created', 'ends', 'user', 'moved', 'ver')
 if not f[1] then return false end
 local t = ttl(f[3])
 if not t then return false end
 redis.call('HSET', KEYS[1], 'seen', ARGV[3])
 -- A moved ID ends when its grace period does, whatever reads or writes it meanwhile.
 if not f[5] then redis.call('PEXPIRE', KEYS[1], t) end
-return {f[1], f[2] or '', f[4] or '', f[5] or '', t}
+return {f[1], f[2] or '', f[4] or '', f[5] or '', t, f[6] or '0'}
 "
     ))
+});
+
+/// Names the user of a session whose data names one though the hash does not (it was
+/// written while `session.user_key` was not set), unless it was written or moved since
+/// it was read at `ver`. ARGV: user, ver.
+static ADOPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local f = redis.call('HMGET', KEYS[1], 'created', 'user', 'moved', 'ver')
+if not f[1] or f[2] or f[3] or (f[4] or '0') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'user', ARGV[1])
+return 1
+",
+    )
 });
 
 /// Stores a new session unless the key is taken.
@@ -437,9 +453,9 @@ return 1
     )
 });
 
-/// Names a session's user under its handle, until `until_ms` or later if it was to last
+/// Names a session's ID under its handle, until `until_ms` or later if it was to last
 /// longer (a rotated-away ID keeps its whole grace period, whatever is written through
-/// it). ARGV: user, until_ms.
+/// it). ARGV: ID, until_ms.
 static HANDLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -1423,7 +1439,7 @@ impl RedisStore {
     ) -> Result<(), Failure> {
         let call = self.index_call(user, id, until, now, "GT");
         let mut handle = HANDLE.key(self.keys.handle(&id.handle()));
-        handle.arg(user).arg(millis(until));
+        handle.arg(id.as_str()).arg(millis(until));
         let (mut by_user, mut by_handle) = (conn.clone(), conn.clone());
         try_join(
             call.invoke_async::<()>(&mut by_user),
@@ -1611,13 +1627,17 @@ impl RedisStore {
                 Option<String>,
                 Option<String>,
                 Option<String>,
+                Option<String>,
+                Option<String>,
             );
-            let (data, created, ends, moved): Fields = redis::cmd("HMGET")
+            let (data, created, ends, moved, user, ver): Fields = redis::cmd("HMGET")
                 .arg(&key)
                 .arg("data")
                 .arg("created")
                 .arg("ends")
                 .arg("moved")
+                .arg("user")
+                .arg("ver")
                 .query_async(&mut conn)
                 .await?;
             // Past its absolute end, a session is gone, even while its key lasts a moment
@@ -1629,6 +1649,15 @@ impl RedisStore {
             if ended {
                 return Ok(None);
             }
+            if let Some(data) = &data
+                && user.is_none()
+                && moved.is_none()
+                && created.is_some()
+                && let Some(owner) = self.unindexed_user(data)
+            {
+                let ver = ver.as_deref().unwrap_or("0");
+                self.adopt(&conn, id, &owner, ver, None).await;
+            }
             return record(data, created, moved.is_some());
         }
         let now = unix_now();
@@ -1636,17 +1665,74 @@ impl RedisStore {
         call.arg(millis(now))
             .arg(millis(self.settings.max_age))
             .arg(now.as_secs());
-        let renewed: Option<(Vec<u8>, String, String, String, u64)> =
+        let renewed: Option<(Vec<u8>, String, String, String, u64, String)> =
             call.invoke_async(&mut conn).await?;
-        let Some((data, created, user, moved, ttl)) = renewed else {
+        let Some((data, created, user, moved, ttl, ver)) = renewed else {
             return Ok(None);
         };
+        // The index entry must not expire before the session it names.
+        let until = now + Duration::from_millis(ttl);
         if !user.is_empty() {
-            // The index entry must not expire before the session it names.
-            let until = now + Duration::from_millis(ttl);
             self.index(&conn, &user, id, until, now).await?;
+        } else if moved.is_empty()
+            && let Some(owner) = self.unindexed_user(&data)
+        {
+            self.adopt(&conn, id, &owner, &ver, Some(until)).await;
         }
         record(Some(data), Some(created), !moved.is_empty())
+    }
+
+    /// The user a session's data names, with `session.user_key` set, for a session whose
+    /// hash names none: it was written while `user_key` was not set (or by a proxy without
+    /// it), so it is in no index yet. Only data that holds the key's name is parsed.
+    fn unindexed_user(&self, data: &[u8]) -> Option<String> {
+        let key = self.settings.user_key.as_deref()?;
+        let quoted = format!("\"{key}\"");
+        data.windows(quoted.len())
+            .any(|w| w == quoted.as_bytes())
+            .then(|| self.settings.user_of(data))?
+    }
+
+    /// Indexes a session read at `ver` under the user its data names, and then names the
+    /// user in its hash too, unless it was written meanwhile (that write indexed it as it
+    /// should be). Without `until`, the index entry lasts as long as the key does now.
+    /// Best effort: a read that fails here is not failed, and the next read tries again.
+    async fn adopt(
+        &self,
+        conn: &Conn,
+        id: &SessionId,
+        user: &str,
+        ver: &str,
+        until: Option<Duration>,
+    ) {
+        let key = self.keys.session(id);
+        let now = unix_now();
+        let adopted = async {
+            let until = match until {
+                Some(until) => until,
+                None => {
+                    let left: i64 = redis::cmd("PTTL")
+                        .arg(&key)
+                        .query_async(&mut conn.clone())
+                        .await?;
+                    match u64::try_from(left) {
+                        Ok(left) if left > 0 => now + Duration::from_millis(left),
+                        _ => return Ok(()),
+                    }
+                }
+            };
+            self.index(conn, user, id, until, now).await?;
+            let mut call = ADOPT.key(&key);
+            call.arg(user).arg(ver);
+            call.invoke_async::<i64>(&mut conn.clone()).await?;
+            Ok::<(), Failure>(())
+        };
+        if let Err(Failure::Redis(e)) = adopted.await {
+            tracing::debug!(
+                "could not index a session written without a user (the next read tries again): {}",
+                describe(&e, &self.keys.prefix)
+            );
+        }
     }
 
     async fn is_current(&self, id: &SessionId) -> Result<bool, Failure> {
@@ -1967,9 +2053,9 @@ impl RedisStore {
         }))
         .await?;
         let mut sessions = Vec::new();
-        let mut stale = Vec::new();
-        for ((member, id), fields) in members.iter().zip(&ids).zip(fields) {
-            // Gone, or no longer this user's: a stale entry.
+        for (id, fields) in ids.iter().zip(fields) {
+            // Gone, or no longer this user's: skipped, not dropped (see the module's
+            // documentation): it may be written a moment from now.
             let info = id
                 .as_ref()
                 .zip(fields)
@@ -1983,18 +2069,7 @@ impl RedisStore {
                         last_seen: seen?.parse().ok()?,
                     })
                 });
-            match info {
-                Some(info) => sessions.push(info),
-                None => stale.push(member),
-            }
-        }
-        if !stale.is_empty() {
-            // Best effort, as in `unindex`: the next reading tries again.
-            let _: RedisResult<()> = redis::cmd("ZREM")
-                .arg(self.keys.user(user))
-                .arg(stale)
-                .query_async(&mut conn)
-                .await;
+            sessions.extend(info);
         }
         Ok(sessions)
     }
@@ -2029,20 +2104,28 @@ impl RedisStore {
 
     async fn revoke_by_handle(&self, handle: &str) -> Result<bool, Failure> {
         let mut conn = self.link.conn().await?;
-        let user: Option<String> = redis::cmd("GET")
+        let named: Option<String> = redis::cmd("GET")
             .arg(self.keys.handle(handle))
             .query_async(&mut conn)
             .await?;
-        let Some(user) = user else {
+        let Some(named) = named else {
             return Ok(false);
         };
-        let members = self.indexed(&mut conn, &user).await?;
-        let Some(id) = members
-            .iter()
-            .filter_map(|m| stored_id(m))
-            .find(|id| id.handle() == handle)
-        else {
-            return Ok(false);
+        let id = match stored_id(&named).filter(|id| id.handle() == handle) {
+            Some(id) => id,
+            // Written by an earlier version, which kept the user there: the ID is in
+            // that user's index.
+            None => {
+                let members = self.indexed(&mut conn, &named).await?;
+                let found = members
+                    .iter()
+                    .filter_map(|m| stored_id(m))
+                    .find(|id| id.handle() == handle);
+                let Some(id) = found else {
+                    return Ok(false);
+                };
+                id
+            }
         };
         let removed = self.remove(&mut conn, &id, None, None).await?;
         Ok(matches!(removed, Written::Done(_) | Written::Moved(_)))
