@@ -309,7 +309,12 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !is_service_link(k))
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let services = service_link_names(&env);
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| !is_service_link(k, &services))
             .collect();
         let env_config = match env.iter().find(|(k, _)| k == "SESSION_PROXY_CONFIG") {
             Some((_, v)) if v.trim().is_empty() => {
@@ -1099,19 +1104,37 @@ fn env_key_path(name: &str) -> String {
         .replace("__", ".")
 }
 
-/// Whether a variable is one of those Kubernetes gives every pod for each Service in its
-/// namespace (`enableServiceLinks`), here for a Service named `session-proxy`:
-/// `SESSION_PROXY_SERVICE_HOST`, `SESSION_PROXY_SERVICE_PORT[_NAME]`, `SESSION_PROXY_PORT`
-/// and `SESSION_PROXY_PORT_8080_TCP[_PROTO|_PORT|_ADDR]`. No key is named like them, so
-/// they are not taken for (unknown) keys.
-fn is_service_link(name: &str) -> bool {
+/// Kubernetes gives every pod variables for each Service in its namespace
+/// (`enableServiceLinks`): for a Service named `session-proxy` or `session-proxy-…`,
+/// `SESSION_PROXY_[…_]SERVICE_HOST`, `…SERVICE_PORT[_NAME]`, `…PORT` and
+/// `…PORT_8080_TCP[_PROTO|_PORT|_ADDR]`. The Services present are the ones whose
+/// `SERVICE_HOST` is set: here, what follows `SESSION_PROXY_` up to it (`ADMIN_`, say,
+/// or nothing).
+fn service_link_names(env: &[(String, String)]) -> Vec<String> {
+    env.iter()
+        .filter_map(|(name, _)| name.get(ENV_PREFIX.len()..))
+        .filter(|key| !key.contains("__"))
+        .filter_map(|key| key.strip_suffix("SERVICE_HOST"))
+        .filter(|service| service.is_empty() || service.ends_with('_'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether a variable is one of a Service's links (see [`service_link_names`]). No key is
+/// named like them, so they are not taken for (unknown) keys; a variable that only looks
+/// like one (`SESSION_PROXY_LISTEN_PORT` without `SESSION_PROXY_LISTEN_SERVICE_HOST`)
+/// still is.
+fn is_service_link(name: &str, services: &[String]) -> bool {
     let key = name.get(ENV_PREFIX.len()..).unwrap_or_default();
-    !key.contains("__")
-        && (key == "PORT"
-            || key.starts_with("PORT_")
-            || key == "SERVICE_HOST"
-            || key == "SERVICE_PORT"
-            || key.starts_with("SERVICE_PORT_"))
+    services.iter().any(|service| {
+        key.strip_prefix(service.as_str()).is_some_and(|link| {
+            link == "SERVICE_HOST"
+                || link == "SERVICE_PORT"
+                || link.starts_with("SERVICE_PORT_")
+                || link == "PORT"
+                || link.starts_with("PORT_")
+        })
+    })
 }
 
 fn set_path(
@@ -1499,9 +1522,21 @@ mod tests {
         ];
         let c = load(None, &links).unwrap();
         assert_eq!(c.listen, Config::default().listen);
-        // Anything else stays an unknown key.
-        let e = load(None, &[("SESSION_PROXY_PORTS", "1")]).unwrap_err();
-        assert!(e.0.contains("SESSION_PROXY_PORTS"), "{e}");
+        // Those of a Service named `session-proxy-admin`.
+        let admin = [
+            ("SESSION_PROXY_ADMIN_SERVICE_HOST", "10.96.0.13"),
+            ("SESSION_PROXY_ADMIN_SERVICE_PORT", "9901"),
+            ("SESSION_PROXY_ADMIN_PORT", "tcp://10.96.0.13:9901"),
+            ("SESSION_PROXY_ADMIN_PORT_9901_TCP_ADDR", "10.96.0.13"),
+        ];
+        load(None, &admin).unwrap();
+        // Anything else stays an unknown key, a look-alike without its Service too.
+        for name in ["SESSION_PROXY_PORTS", "SESSION_PROXY_LISTEN_PORT"] {
+            let e = load(None, &[(name, "1")]).unwrap_err();
+            assert!(e.0.contains(name), "{e}");
+        }
+        let e = load(None, &[links[1], ("SESSION_PROXY_LISTEN_PORT", "1")]).unwrap_err();
+        assert!(e.0.contains("SESSION_PROXY_LISTEN_PORT"), "{e}");
     }
 
     #[test]
