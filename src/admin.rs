@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,10 +26,53 @@ use crate::store::Store;
 /// How long `/readyz` waits for the store before calling it unreachable.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Checks the store as `/readyz` does, and logs when its answer changes: a store that
+/// goes away (or is not there at start-up) shows in the log, not only as a 503 from
+/// `/readyz` that the orchestrator keeps to itself.
+pub struct StoreHealth {
+    store: Arc<dyn Store>,
+    /// What the last check found: `UNKNOWN` before the first.
+    state: AtomicU8,
+}
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+impl StoreHealth {
+    pub fn new(store: Arc<dyn Store>) -> StoreHealth {
+        StoreHealth {
+            store,
+            state: AtomicU8::new(UNKNOWN),
+        }
+    }
+
+    /// Whether the store answers now, and if not, why.
+    pub async fn check(&self) -> Result<(), String> {
+        let result = match tokio::time::timeout(READY_TIMEOUT, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("session store did not answer".to_string()),
+        };
+        let was = self
+            .state
+            .swap(if result.is_ok() { UP } else { DOWN }, Ordering::Relaxed);
+        match (&result, was) {
+            (Err(why), UNKNOWN | UP) => tracing::warn!(
+                "{why}: /readyz answers 503, and requests with a session get 503, until it answers"
+            ),
+            (Ok(()), DOWN) => tracing::info!("the session store answers again: ready"),
+            _ => {}
+        }
+        result
+    }
+}
+
 /// The admin server's shared state.
 #[derive(Clone)]
 pub struct Admin {
     store: Arc<dyn Store>,
+    health: Arc<StoreHealth>,
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
     token: Option<Arc<str>>,
@@ -39,13 +83,14 @@ type AdminResponse = Response<Full<Bytes>>;
 
 impl Admin {
     pub fn new(
-        store: Arc<dyn Store>,
+        health: Arc<StoreHealth>,
         metrics: Arc<Metrics>,
         shutdown: Arc<Shutdown>,
         config: &Config,
     ) -> Admin {
         Admin {
-            store,
+            store: health.store.clone(),
+            health,
             metrics,
             shutdown,
             token: config.admin_token.as_deref().map(Arc::from),
@@ -128,13 +173,9 @@ impl Admin {
         if self.shutdown.is_draining() {
             return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
         }
-        match tokio::time::timeout(READY_TIMEOUT, self.store.ping()).await {
-            Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-            Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-            Err(_) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "session store did not answer\n",
-            ),
+        match self.health.check().await {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         }
     }
 

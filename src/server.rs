@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, StoreHealth};
 use crate::config::{Config, StoreType, secs};
 use crate::http1;
 use crate::http1::server::{Graceful, Limits, Next};
@@ -83,13 +83,17 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("cannot listen on {} (`listen`): {e}", config.listen))?;
+        // A store that is not there at start-up is said so at once, in the log.
+        let health = Arc::new(StoreHealth::new(store.clone()));
+        let first = health.clone();
+        tokio::spawn(async move { first.check().await });
         let admin = match config.admin_listen {
             None => None,
             Some(addr) => {
                 let l = TcpListener::bind(addr)
                     .await
                     .map_err(|e| format!("cannot listen on {addr} (`admin_listen`): {e}"))?;
-                let admin = Admin::new(store, metrics.clone(), shutdown.clone(), &config);
+                let admin = Admin::new(health, metrics.clone(), shutdown.clone(), &config);
                 Some((l, admin))
             }
         };

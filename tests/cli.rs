@@ -705,6 +705,75 @@ fn revoke_asks_for_a_user_or_a_handle() {
     }
 }
 
+/// Waits up to `within` for a line of `seen` that holds every one of `parts`.
+fn line_with(
+    seen: &std::sync::mpsc::Receiver<String>,
+    parts: &[&str],
+    within: Duration,
+) -> Option<String> {
+    let deadline = Instant::now() + within;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match seen.recv_timeout(left) {
+            Ok(line) if parts.iter().all(|p| line.contains(p)) => return Some(line),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// A store that is not there at start-up, or goes away, is named in a warning (where the
+/// proxy looks for it included), and its return in a note: not only `/readyz` knows.
+#[tokio::test]
+async fn the_store_going_away_and_coming_back_is_logged() {
+    let mut server = redis_harness::RedisServer::start();
+    server.stop();
+    let (listen, admin) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .args([
+            "--store",
+            &server.url(),
+            "--listen",
+            &format!("127.0.0.1:{listen}"),
+        ])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = stderr_lines(&mut child);
+    let address = format!("127.0.0.1:{}", server.port());
+    let down = [
+        "WARN",
+        "refused the connection",
+        address.as_str(),
+        "/readyz",
+    ];
+    let warned = line_with(&seen, &down, Duration::from_secs(10));
+    assert!(warned.is_some(), "no warning at start-up");
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    let client = Client::new();
+    assert_eq!(client.get(&readyz, &[]).await.status, 503);
+    // Said once, not at every check.
+    assert_eq!(line_with(&seen, &down, Duration::from_millis(500)), None);
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.get(&readyz, &[]).await.status != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = line_with(&seen, &["answers again"], Duration::from_secs(5));
+    assert!(back.is_some(), "no note of the store's return");
+
+    server.stop();
+    assert_eq!(client.get(&readyz, &[]).await.status, 503);
+    assert!(line_with(&seen, &down, Duration::from_secs(5)).is_some());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A Redis that may evict keys when full is named in a warning at start-up: evicting a
 /// user's index would make "log out everywhere" miss sessions.
 #[test]

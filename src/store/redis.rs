@@ -121,6 +121,9 @@ pub struct RedisStore {
     turns: Box<[Mutex<()>]>,
     /// How long a patch or rotation waits for its turn before it goes anyway.
     turn_within: Duration,
+    /// Which Redis this is (addresses, no password), for the errors that do not come from
+    /// Redis itself: a connection refused, a name that does not resolve, a timeout.
+    server: String,
 }
 
 /// Stripes of `RedisStore::turns`.
@@ -635,6 +638,29 @@ fn manager_config(options: &RedisOptions) -> ConnectionManagerConfig {
         .set_connection_timeout(Some(options.connect_timeout))
         .set_response_timeout(Some(options.response_timeout))
         .set_number_of_retries(0)
+}
+
+/// Which Redis a topology names, by address only (its URLs may carry passwords).
+fn server_of(topology: &Topology) -> String {
+    let addresses = |urls: &[String]| {
+        urls.iter()
+            .filter_map(|url| redis::IntoConnectionInfo::into_connection_info(url.as_str()).ok())
+            .map(|info| info.addr().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match topology {
+        Topology::Standalone { url } => {
+            format!("Redis at {}", addresses(std::slice::from_ref(url)))
+        }
+        Topology::Sentinel { master, nodes } => {
+            format!(
+                "Redis master `{master}` through the Sentinels at {}",
+                addresses(nodes)
+            )
+        }
+        Topology::Cluster { nodes } => format!("Redis Cluster at {}", addresses(nodes)),
+    }
 }
 
 fn standalone(
@@ -1305,6 +1331,7 @@ impl RedisStore {
         options: RedisOptions,
         settings: StoreSettings,
     ) -> Result<RedisStore, StoreError> {
+        let server = server_of(&topology);
         let link = match topology {
             Topology::Standalone { url } => Link::Standalone(standalone(&url, &options)?),
             Topology::Sentinel { master, nodes } => {
@@ -1330,6 +1357,7 @@ impl RedisStore {
             settle: options.response_timeout * 3 + Duration::from_secs(1),
             turns: (0..TURNS).map(|_| Mutex::new(())).collect(),
             turn_within: options.response_timeout,
+            server,
         })
     }
 
@@ -1343,6 +1371,11 @@ impl RedisStore {
                 let why = match self.link {
                     Link::Cluster { .. } if e.is_timeout() => CLUSTER_TIMEOUT.into(),
                     _ => describe(&e, &self.keys.prefix),
+                };
+                // An answer from Redis names its own trouble; anything else says where.
+                let why = match e.code() {
+                    Some(_) => why,
+                    None => format!("{why} ({})", self.server),
                 };
                 Err(StoreError::Unavailable(why))
             }
