@@ -3,6 +3,8 @@
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -12,7 +14,7 @@ pub fn init(config: &LogConfig) {
     let rust_log = std::env::var("RUST_LOG").ok();
     if let Some(hint) = rust_log.as_deref().and_then(misread) {
         // Said outside the log: the filter may well let nothing through.
-        eprintln!("session-proxy: {hint}");
+        say_outside(config.format, "WARN", &hint);
     }
     let filter = filter(rust_log, config.level.as_deref());
     let builder = tracing_subscriber::fmt()
@@ -24,6 +26,25 @@ pub fn init(config: &LogConfig) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Writes one line to stderr past the log's filter, in the log's format: as JSON, with
+/// the fields the log's own JSON lines have, so that a pipeline reading them takes it too.
+pub fn say_outside(format: LogFormat, level: &str, message: &str) {
+    match format {
+        LogFormat::Text => eprintln!("session-proxy: {message}"),
+        LogFormat::Json => {
+            let mut timestamp = String::new();
+            let _ = SystemTime.format_time(&mut Writer::new(&mut timestamp));
+            let line = serde_json::json!({
+                "timestamp": timestamp,
+                "level": level,
+                "message": message,
+                "target": "session_proxy",
+            });
+            eprintln!("{line}");
+        }
+    }
 }
 
 /// Where the proxy and the libraries it uses log: a bare `RUST_LOG` directive naming one

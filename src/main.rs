@@ -150,13 +150,14 @@ async fn run(config: Config) -> Result<(), Failure> {
     logging::init(&config.log);
     // From here on the log is set up: a failure goes there, as JSON when so configured,
     // unless the log's filter would drop it.
+    let format = config.log.format;
     let server = Server::bind(config).await.map_err(|e| {
         if tracing::enabled!(tracing::Level::ERROR) {
             tracing::error!("{e}");
-            Failure::Logged
         } else {
-            Failure::Unsaid(e)
+            logging::say_outside(format, "ERROR", &e);
         }
+        Failure::Logged
     })?;
     let shutdown = server.shutdown_handle();
     tokio::spawn(async move {

@@ -325,7 +325,7 @@ impl Proxy {
         result.map_err(|e| match e {
             // Why names the application's address: the log's business, not the client's.
             UpstreamError::Unreachable(why) => Problem {
-                cause: Some(format!("cannot reach the application: {why}")),
+                cause: Some(format!("no answer from the application: {why}")),
                 ..Problem::bad_gateway(
                     "the application could not be reached, or broke off before answering; the proxy's log says why",
                 )

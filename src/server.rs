@@ -222,7 +222,14 @@ impl Server {
             .await
             .is_err()
         {
-            tracing::warn!("shutdown.timeout reached: closing what is still open");
+            // How much was cut, to size `shutdown.timeout` (and the orchestrator's grace
+            // period) by.
+            tracing::warn!(
+                connections = connections.len(),
+                tunnels = shutdown.tunnels().len(),
+                requests_without_client = leftovers.tasks.len(),
+                "shutdown.timeout reached: closing what is still open"
+            );
             shutdown.cut_tunnels();
         }
         tracing::info!("shutdown complete");

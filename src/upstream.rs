@@ -761,7 +761,10 @@ impl Body for UpstreamBody {
             }
         }
         match &frame {
-            Some(Err(_)) => {
+            Some(Err(e)) => {
+                // The client sees its answer cut short; the log says why, since the
+                // access log has already counted the answer by its head.
+                tracing::warn!("the application's answer broke off: {}", chain(e.as_ref()));
                 if let Inner::Hyper { reuse, .. } = &mut this.inner {
                     *reuse = None;
                 }
@@ -802,7 +805,11 @@ fn headers_ask_upgrade(headers: &HeaderMap) -> bool {
 }
 
 fn describe(e: &hyper::Error) -> String {
-    use std::error::Error;
+    chain(e)
+}
+
+/// An error and its sources, one after the other.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

@@ -422,6 +422,39 @@ async fn connections_are_spread_over_the_configured_worker_threads() {
     );
 }
 
+/// What `shutdown.timeout` cut is counted in its warning, to size the timeout by.
+#[tokio::test]
+async fn the_shutdown_timeout_says_what_it_cut() {
+    let app = App::scripted().await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args(["--upstream", &app.url(), "--listen", &listen])
+        .args(["--admin-listen", "null"])
+        .env("SESSION_PROXY_SHUTDOWN__DRAIN_DELAY", "0")
+        .env("SESSION_PROXY_SHUTDOWN__TIMEOUT", "0.5")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = stderr_lines(&mut child);
+    support::wait_for_listener(&listen).await;
+    for _ in 0..2 {
+        let slow_url = format!("http://{listen}/slow?delay_ms=20000");
+        tokio::spawn(async move { Client::new().get(&slow_url, &[]).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let parts = ["shutdown.timeout reached", "connections=2", "tunnels=0"];
+    let warned = line_with(&seen, &parts, Duration::from_secs(5));
+    assert!(warned.is_some(), "no count of what was cut");
+    let _ = child.wait();
+}
+
 #[tokio::test]
 async fn second_signal_exits_at_once() {
     let app = App::scripted().await;
@@ -774,6 +807,58 @@ async fn the_store_going_away_and_coming_back_is_logged() {
     let _ = child.wait();
 }
 
+/// An answer the application breaks off (fewer bytes than its length) reaches the client
+/// cut short, and the log says so: the access log has counted it by its head, a 200.
+#[tokio::test]
+async fn an_answer_the_application_breaks_off_is_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", app.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial";
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args(["--upstream", &upstream, "--listen", &listen])
+        .args(["--admin-listen", "null"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = stderr_lines(&mut child);
+    support::wait_for_listener(&listen).await;
+    // Through the proxy's own HTTP/1.1, and through hyper's (a request with a body).
+    for request in [
+        &b"GET /half HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+        b"POST /half HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nZ",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&listen).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.ends_with("partial"), "{got}");
+        let warned = line_with(&seen, &["WARN", "answer broke off"], Duration::from_secs(5));
+        assert!(warned.is_some(), "{}", String::from_utf8_lossy(request));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A Redis that may evict keys when full is named in a warning at start-up: evicting a
 /// user's index would make "log out everywhere" miss sessions.
 #[test]
@@ -842,6 +927,44 @@ fn a_rust_log_that_silences_the_proxy_is_pointed_out() {
     let _ = child.wait();
     let line = line.expect("a line on stderr");
     assert!(line.contains("RUST_LOG's `warning`"), "{line}");
+}
+
+/// With `log.format: json`, what is said past the log's filter (the `RUST_LOG` hint, a
+/// failure to start the filter drops) is a JSON line like every other.
+#[test]
+fn lines_said_past_the_filter_are_json_in_json_mode() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["--listen", &listen, "--admin-listen", "null"])
+        .env("RUST_LOG", "warning")
+        .env("SESSION_PROXY_LOG__FORMAT", "json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert_eq!(lines[0]["level"], "WARN", "{err}");
+    assert!(
+        lines[0]["message"].as_str().unwrap().contains("RUST_LOG"),
+        "{err}"
+    );
+    assert_eq!(lines[1]["level"], "ERROR", "{err}");
+    assert!(
+        lines[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot listen"),
+        "{err}"
+    );
+    assert!(
+        lines[1]["timestamp"].as_str().is_some_and(|t| t.len() > 10),
+        "{err}"
+    );
 }
 
 /// The lines `child` writes to its piped stderr, as they come.
