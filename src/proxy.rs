@@ -221,6 +221,31 @@ impl Proxy {
         response
     }
 
+    /// A request hyper's HTTP/1 parser refused and answered itself, before the proxy saw
+    /// it (a malformed head: 400; too many or too long fields: 431): counted and logged
+    /// like the proxy's own refusals, with what is known of it.
+    pub fn refused_by_parser(&self, too_large: bool, why: &str) {
+        let status = if too_large {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        self.metrics.request(status, Outcome::None, Duration::ZERO);
+        tracing::info!(
+            status = status.as_u16(),
+            "malformed request, refused by the HTTP/1 parser: {why}"
+        );
+        tracing::info!(
+            target: "session_proxy::access",
+            method = "-",
+            path = "-",
+            status = status.as_u16(),
+            duration_ms = 0.0,
+            session = Outcome::None.as_str(),
+            session_tag = "-",
+        );
+    }
+
     /// The request path, step by step.
     async fn serve(
         &self,

@@ -407,6 +407,7 @@ async fn serve_connection(
     let client =
         HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
     let writes = Arc::new(Writes::default());
+    let refusals = proxy.clone();
     let service = {
         let requests = requests.clone();
         let writes = writes.clone();
@@ -465,7 +466,11 @@ async fn serve_connection(
         biased;
         result = conn.as_mut() => {
             if let Err(e) = result {
-                tracing::debug!(%peer, "connection ended: {e}");
+                match e.downcast_ref::<hyper::Error>().filter(|e| e.is_parse()) {
+                    // hyper answered it (and closed): a request all the same.
+                    Some(e) => refusals.refused_by_parser(e.is_parse_too_large(), &e.to_string()),
+                    None => tracing::debug!(%peer, "connection ended: {e}"),
+                }
             }
             None
         }

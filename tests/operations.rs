@@ -29,6 +29,43 @@ async fn health_and_readiness_answer_on_the_admin_port() {
 /// answer it is on, with `Connection: close`, on both of the proxy's HTTP/1 paths (a
 /// request without a body, and one with): clients move to new connections before the
 /// old ones are closed under them.
+/// Requests the HTTP/1 parser refuses and answers itself (a malformed head: 400; too
+/// many fields: 431) are counted like any other answer, with no session.
+#[tokio::test]
+async fn requests_the_parser_refuses_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let many: String = (0..120).map(|i| format!("x-f{i}: v\r\n")).collect();
+    let requests = [
+        ("GARBAGE\r\n\r\n".to_string(), "400"),
+        (
+            "GET / HTTP/1.1\r\nhost: x\r\nbad header: y\r\n\r\n".to_string(),
+            "400",
+        ),
+        (format!("GET / HTTP/1.1\r\nhost: x\r\n{many}\r\n"), "431"),
+    ];
+    for (request, status) in &requests {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text}");
+    }
+    let refused = "session_proxy_requests_total{status=\"4xx\",session=\"none\"}";
+    assert_eq!(proxy.metric(refused).await, 3.0);
+    assert_eq!(
+        proxy
+            .metric("session_proxy_request_duration_seconds_count")
+            .await,
+        3.0
+    );
+}
+
 #[tokio::test]
 async fn while_draining_answers_close_their_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
