@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -161,10 +161,25 @@ impl Server {
         };
         tokio::pin!(draining);
         tracing::info!(listen = %config.listen, upstream = %config.upstream, "session-proxy listening");
+        let mut last_full = None;
         loop {
-            let slot = tokio::select! {
-                slot = slots.clone().acquire_owned() => slot,
-                _ = &mut draining => break,
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => Ok(slot),
+                Err(_) => {
+                    // At the cap: said at most once a minute, since it lasts.
+                    if last_full.is_none_or(|at: Instant| at.elapsed() >= FULL_WARNING_EVERY) {
+                        last_full = Some(Instant::now());
+                        tracing::warn!(
+                            "limits.max_connections ({}) reached: new connections wait in the \
+                             accept queue until one closes",
+                            config.limits.max_connections
+                        );
+                    }
+                    tokio::select! {
+                        slot = slots.clone().acquire_owned() => slot,
+                        _ = &mut draining => break,
+                    }
+                }
             };
             let Ok(slot) = slot else { break };
             let (stream, peer) = tokio::select! {
@@ -235,6 +250,9 @@ impl Server {
         tracing::info!("shutdown complete");
     }
 }
+
+/// How often reaching `limits.max_connections` is said, at most.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// A client connection as the metrics, its worker and the connection cap count it.
 struct Counted {

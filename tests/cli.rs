@@ -422,6 +422,35 @@ async fn connections_are_spread_over_the_configured_worker_threads() {
     );
 }
 
+/// Reaching `limits.max_connections` is said in the log (the connections past it wait
+/// in the accept queue, where nothing else would show them).
+#[tokio::test]
+async fn reaching_the_connection_cap_is_logged() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args(["--listen", &listen, "--admin-listen", "null"])
+        .env("SESSION_PROXY_LIMITS__MAX_CONNECTIONS", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = stderr_lines(&mut child);
+    support::wait_for_listener(&listen).await;
+    let first = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    let parts = ["WARN", "limits.max_connections (1) reached"];
+    assert!(line_with(&seen, &parts, Duration::from_secs(5)).is_some());
+    // Once a minute at most, however often the cap is met.
+    drop(first);
+    for _ in 0..3 {
+        drop(tokio::net::TcpStream::connect(&listen).await.unwrap());
+    }
+    assert_eq!(line_with(&seen, &parts, Duration::from_secs(1)), None);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// What `shutdown.timeout` cut is counted in its warning, to size the timeout by.
 #[tokio::test]
 async fn the_shutdown_timeout_says_what_it_cut() {
