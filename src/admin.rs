@@ -33,17 +33,38 @@ pub struct StoreHealth {
     store: Arc<dyn Store>,
     /// What the last check found: `UNKNOWN` before the first.
     state: AtomicU8,
+    /// Whether `/readyz` is there (the admin port is on) to check again.
+    probed: bool,
 }
+
+/// How often a store that did not answer at start-up is checked again when no `/readyz`
+/// does it.
+const UNPROBED_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
 
 impl StoreHealth {
-    pub fn new(store: Arc<dyn Store>) -> StoreHealth {
+    pub fn new(store: Arc<dyn Store>, probed: bool) -> StoreHealth {
         StoreHealth {
             store,
             state: AtomicU8::new(UNKNOWN),
+            probed,
+        }
+    }
+
+    /// Checks the store at start-up; without an admin port, whose `/readyz` would check
+    /// it again, goes on checking until it answers, so that its return is logged too.
+    pub async fn check_at_start(&self) {
+        if self.check().await.is_ok() || self.probed {
+            return;
+        }
+        loop {
+            tokio::time::sleep(UNPROBED_CHECK_EVERY).await;
+            if self.check().await.is_ok() {
+                return;
+            }
         }
     }
 
@@ -58,9 +79,12 @@ impl StoreHealth {
             .state
             .swap(if result.is_ok() { UP } else { DOWN }, Ordering::Relaxed);
         match (&result, was) {
-            (Err(why), UNKNOWN | UP) => tracing::warn!(
+            (Err(why), UNKNOWN | UP) if self.probed => tracing::warn!(
                 "{why}: /readyz answers 503, and requests with a session get 503, until it answers"
             ),
+            (Err(why), UNKNOWN | UP) => {
+                tracing::warn!("{why}: requests with a session get 503 until it answers")
+            }
             (Ok(()), DOWN) => tracing::info!("the session store answers again: ready"),
             _ => {}
         }

@@ -317,6 +317,8 @@ impl Config {
             .filter(|(k, _)| !is_service_link(k, &services))
             .collect();
         let env_config = match env.iter().find(|(k, _)| k == "SESSION_PROXY_CONFIG") {
+            // `--config` wins over the variable, empty or not.
+            Some(_) if flags.config.is_some() => None,
             Some((_, v)) if v.trim().is_empty() => {
                 return Err(ConfigError(
                     "SESSION_PROXY_CONFIG is set but empty: it must name a config file (unset it to read ./proxy.yaml)".into(),
@@ -376,15 +378,24 @@ impl Config {
             if holds_secrets(&key) {
                 why = redact_quoted(&why);
             }
-            // A key set from the environment is named as the variable that set it: an
-            // unknown one has no line in any file to look for.
-            let origin = env
-                .iter()
-                .map(|(name, _)| name)
-                .find(|name| env_key_path(name) == key)
-                .map_or(origin.clone(), |name| {
-                    format!(" (environment variable {name})")
-                });
+            // A key set by a flag or from the environment is named as the flag or the
+            // variable that set it (the flag when both did, since it wins): an unknown
+            // one has no line in any file to look for.
+            let by_flag = [
+                ("listen", "--listen", &flags.listen),
+                ("upstream", "--upstream", &flags.upstream),
+                ("admin_listen", "--admin-listen", &flags.admin_listen),
+            ]
+            .into_iter()
+            .find(|(path, _, value)| *path == key && value.is_some())
+            .map(|(_, flag, _)| format!(" (flag {flag})"));
+            let by_env = || {
+                env.iter()
+                    .map(|(name, _)| name)
+                    .find(|name| env_key_path(name) == key)
+                    .map(|name| format!(" (environment variable {name})"))
+            };
+            let origin = by_flag.or_else(by_env).unwrap_or_else(|| origin.clone());
             ConfigError(format!("invalid configuration: `{key}`{origin}: {why}"))
         })?;
         config.normalize();
@@ -1089,11 +1100,16 @@ fn takes_text(defaults: &Value, path: &[&str]) -> bool {
 }
 
 /// Whether binding both addresses would collide: the same port (not 0, which picks a
-/// free one) on the same address, or on any address and a wildcard.
+/// free one) on the same address, on an address and its family's wildcard, or on
+/// anything and the IPv6 wildcard (which takes IPv4 too, as Linux binds it by default).
 fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    let v6_wildcard = |s: SocketAddr| s.is_ipv6() && s.ip().is_unspecified();
     a.port() == b.port()
         && a.port() != 0
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        && (a.ip() == b.ip()
+            || v6_wildcard(a)
+            || v6_wildcard(b)
+            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
 }
 
 /// The key path (`session.max_age`) an environment variable sets.
@@ -1545,6 +1561,7 @@ mod tests {
             ("127.0.0.1:8080", "127.0.0.1:8080"),
             ("0.0.0.0:8080", "127.0.0.1:8080"),
             ("127.0.0.1:8080", "[::]:8080"),
+            ("0.0.0.0:8080", "[::]:8080"),
         ] {
             let yaml = format!("listen: \"{listen}\"\nadmin_listen: \"{admin}\"\n");
             let e = load(Some(&yaml), &[]).unwrap_err();
@@ -1554,6 +1571,8 @@ mod tests {
             ("127.0.0.1:8080", "127.0.0.2:8080"),
             ("127.0.0.1:0", "127.0.0.1:0"),
             ("0.0.0.0:8080", "0.0.0.0:9901"),
+            // Different families, neither the IPv6 wildcard: both bind.
+            ("0.0.0.0:8080", "[::1]:8080"),
         ] {
             let yaml = format!("listen: \"{listen}\"\nadmin_listen: \"{admin}\"\n");
             load(Some(&yaml), &[]).unwrap();
@@ -1564,6 +1583,31 @@ mod tests {
     fn an_empty_config_variable_is_named() {
         let e = load(None, &[("SESSION_PROXY_CONFIG", "")]).unwrap_err();
         assert!(e.0.contains("SESSION_PROXY_CONFIG"), "{e}");
+        // `--config` wins over it, empty or not.
+        let c = load(
+            Some("session:\n  max_age: 7\n"),
+            &[("SESSION_PROXY_CONFIG", "")],
+        );
+        assert_eq!(c.unwrap().session.max_age, 7);
+    }
+
+    /// A bad value a flag gave is blamed on the flag, not on a valid variable it
+    /// overrode.
+    #[test]
+    fn a_bad_flag_is_named_over_the_variable_it_overrides() {
+        let flags = Overrides {
+            listen: Some("nonsense".into()),
+            ..Default::default()
+        };
+        let env = [(
+            "SESSION_PROXY_LISTEN".to_string(),
+            "127.0.0.1:1".to_string(),
+        )];
+        let e = Config::load_from(&flags, env).unwrap_err();
+        assert!(
+            e.0.contains("--listen") && !e.0.contains("SESSION_PROXY_LISTEN"),
+            "{e}"
+        );
     }
 
     #[test]

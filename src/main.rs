@@ -216,9 +216,10 @@ async fn run_demo(flags: &Flags) -> Result<(), Failure> {
     config.session.exclude.push("/static/**".into());
     config.session.user_key.get_or_insert_with(|| "user".into());
     config.validate().map_err(|e| e.to_string())?;
-    eprintln!(
-        "session-proxy demo: open http://{} in a browser",
-        config.listen
+    logging::say_outside(
+        config.log.format,
+        "INFO",
+        &format!("demo: open http://{} in a browser", config.listen),
     );
     run(config).await
 }

@@ -221,15 +221,11 @@ impl Proxy {
         response
     }
 
-    /// A request hyper's HTTP/1 parser refused and answered itself, before the proxy saw
-    /// it (a malformed head: 400; too many or too long fields: 431): counted and logged
-    /// like the proxy's own refusals, with what is known of it.
-    pub fn refused_by_parser(&self, too_large: bool, why: &str) {
-        let status = if too_large {
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-        } else {
-            StatusCode::BAD_REQUEST
-        };
+    /// A request hyper's HTTP/1 parser refused and answered itself with `status`, before
+    /// the proxy saw it (a malformed head: 400; too many or too long fields: 431; a target
+    /// too long: 414): counted and logged like the proxy's own refusals, with what is
+    /// known of it.
+    pub fn refused_by_parser(&self, status: StatusCode, why: &str) {
         self.metrics.request(status, Outcome::None, Duration::ZERO);
         tracing::info!(
             status = status.as_u16(),

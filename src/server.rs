@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::HeaderValue;
+use http::{HeaderValue, StatusCode};
 use http_body_util::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -84,9 +84,12 @@ impl Server {
             .await
             .map_err(|e| format!("cannot listen on {} (`listen`): {e}", config.listen))?;
         // A store that is not there at start-up is said so at once, in the log.
-        let health = Arc::new(StoreHealth::new(store.clone()));
+        let health = Arc::new(StoreHealth::new(
+            store.clone(),
+            config.admin_listen.is_some(),
+        ));
         let first = health.clone();
-        tokio::spawn(async move { first.check().await });
+        tokio::spawn(async move { first.check_at_start().await });
         let admin = match config.admin_listen {
             None => None,
             Some(addr) => {
@@ -249,6 +252,24 @@ impl Server {
         }
         tracing::info!("shutdown complete");
     }
+}
+
+/// The answer hyper's HTTP/1 server wrote for a request it could not parse, if it wrote
+/// one: 400, 431 or 414 (hyper's `on_error`). An HTTP/2 preface after HTTP/1 requests,
+/// say, gets none.
+fn parser_answer(e: &hyper::Error) -> Option<StatusCode> {
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    let why = e.to_string();
+    if why.starts_with("internal error") {
+        return None;
+    }
+    Some(match e.is_parse_too_large() {
+        true if why.starts_with("URI too long") => StatusCode::URI_TOO_LONG,
+        true => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        false => StatusCode::BAD_REQUEST,
+    })
 }
 
 /// How often reaching `limits.max_connections` is said, at most.
@@ -484,9 +505,9 @@ async fn serve_connection(
         biased;
         result = conn.as_mut() => {
             if let Err(e) = result {
-                match e.downcast_ref::<hyper::Error>().filter(|e| e.is_parse()) {
+                match e.downcast_ref::<hyper::Error>().and_then(|e| Some((parser_answer(e)?, e))) {
                     // hyper answered it (and closed): a request all the same.
-                    Some(e) => refusals.refused_by_parser(e.is_parse_too_large(), &e.to_string()),
+                    Some((status, e)) => refusals.refused_by_parser(status, &e.to_string()),
                     None => tracing::debug!(%peer, "connection ended: {e}"),
                 }
             }

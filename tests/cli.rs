@@ -836,6 +836,36 @@ async fn the_store_going_away_and_coming_back_is_logged() {
     let _ = child.wait();
 }
 
+/// Without an admin port (no `/readyz` to check again), a store missing at start-up is
+/// checked until it answers, so that its return is logged too.
+#[tokio::test]
+async fn without_an_admin_port_the_stores_return_is_logged_too() {
+    let mut server = redis_harness::RedisServer::start();
+    server.stop();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args(["--store", &server.url(), "--listen", &listen])
+        .args(["--admin-listen", "null"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = stderr_lines(&mut child);
+    let warned = line_with(
+        &seen,
+        &["WARN", "refused the connection"],
+        Duration::from_secs(10),
+    );
+    let warned = warned.expect("no warning at start-up");
+    assert!(!warned.contains("/readyz"), "{warned}");
+    server.restart();
+    let back = line_with(&seen, &["answers again"], Duration::from_secs(15));
+    assert!(back.is_some(), "no note of the store's return");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// An answer the application breaks off (fewer bytes than its length) reaches the client
 /// cut short, and the log says so: the access log has counted it by its head, a 200.
 #[tokio::test]

@@ -58,12 +58,32 @@ async fn requests_the_parser_refuses_are_counted() {
     }
     let refused = "session_proxy_requests_total{status=\"4xx\",session=\"none\"}";
     assert_eq!(proxy.metric(refused).await, 3.0);
-    assert_eq!(
-        proxy
-            .metric("session_proxy_request_duration_seconds_count")
-            .await,
-        3.0
-    );
+    let requests = "session_proxy_request_duration_seconds_count";
+    assert_eq!(proxy.metric(requests).await, 3.0);
+
+    // An HTTP/2 preface after an HTTP/1 request gets no answer from hyper: nothing more
+    // is counted than that request.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /p HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        head.extend_from_slice(&buf[..n]);
+    }
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert_eq!(proxy.metric(requests).await, 4.0);
+    assert_eq!(proxy.metric(refused).await, 3.0);
 }
 
 #[tokio::test]

@@ -18,7 +18,8 @@
 //!
 //! With `session.user_key`, a sorted set `key_prefix + "user:" + USER` holds the IDs of the
 //! user's sessions, scored by the unix milliseconds at which each expires at the latest,
-//! and a string `key_prefix + "handle:" + HANDLE` holds the ID of each indexed session.
+//! and a string `key_prefix + "handle:" + HANDLE` names the user of each indexed session
+//! (the one its last indexing named: an entry in that user's index leads to the ID).
 //! Both live in other cluster slots than the session, so separate commands write them,
 //! always *before* the session: the index may name sessions that are gone or changed user,
 //! never miss one. Reading the index skips the entries that no longer match, and drops
@@ -456,9 +457,9 @@ return 1
     )
 });
 
-/// Names a session's ID under its handle, until `until_ms` or later if it was to last
+/// Names a session's user under its handle, until `until_ms` or later if it was to last
 /// longer (a rotated-away ID keeps its whole grace period, whatever is written through
-/// it). ARGV: ID, until_ms.
+/// it). ARGV: user, until_ms.
 static HANDLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -1472,7 +1473,7 @@ impl RedisStore {
     ) -> Result<(), Failure> {
         let call = self.index_call(user, id, until, now, "GT");
         let mut handle = HANDLE.key(self.keys.handle(&id.handle()));
-        handle.arg(id.as_str()).arg(millis(until));
+        handle.arg(user).arg(millis(until));
         let (mut by_user, mut by_handle) = (conn.clone(), conn.clone());
         try_join(
             call.invoke_async::<()>(&mut by_user),
@@ -2137,28 +2138,24 @@ impl RedisStore {
 
     async fn revoke_by_handle(&self, handle: &str) -> Result<bool, Failure> {
         let mut conn = self.link.conn().await?;
-        let named: Option<String> = redis::cmd("GET")
+        // The user the session's last indexing named. Writes racing one another may leave
+        // it naming a user the session no longer has; that user's index keeps the entry
+        // all the same (a listing skips it without dropping it) for as long as the
+        // session lives unwritten, and a later write names the right one.
+        let user: Option<String> = redis::cmd("GET")
             .arg(self.keys.handle(handle))
             .query_async(&mut conn)
             .await?;
-        let Some(named) = named else {
+        let Some(user) = user else {
             return Ok(false);
         };
-        let id = match stored_id(&named).filter(|id| id.handle() == handle) {
-            Some(id) => id,
-            // Written by an earlier version, which kept the user there: the ID is in
-            // that user's index.
-            None => {
-                let members = self.indexed(&mut conn, &named).await?;
-                let found = members
-                    .iter()
-                    .filter_map(|m| stored_id(m))
-                    .find(|id| id.handle() == handle);
-                let Some(id) = found else {
-                    return Ok(false);
-                };
-                id
-            }
+        let members = self.indexed(&mut conn, &user).await?;
+        let Some(id) = members
+            .iter()
+            .filter_map(|m| stored_id(m))
+            .find(|id| id.handle() == handle)
+        else {
+            return Ok(false);
         };
         let removed = self.remove(&mut conn, &id, None, None).await?;
         Ok(matches!(removed, Written::Done(_) | Written::Moved(_)))
