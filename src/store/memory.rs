@@ -174,13 +174,34 @@ impl MemoryStore {
         entry.extend(deadline);
         entry.last_seen = secs32(now.as_secs());
         if user != entry.user {
-            self.unindex(id, entry.user.as_deref());
-            if let Some(user) = &user {
-                self.index(id, user);
-            }
+            self.reindex(id, entry.user.as_deref(), user.as_ref());
             entry.user = user;
         }
         true
+    }
+
+    /// Moves a session from one user's index to another's (either may be none) in one
+    /// step: a revocation by handle never finds the session in neither.
+    fn reindex(&self, id: &SessionId, from: Option<&str>, to: Option<&Arc<str>>) {
+        let handle = id.handle();
+        let mut index = lock(&self.users);
+        if let Some(from) = from
+            && let Some(ids) = index.ids.get_mut(from)
+        {
+            ids.remove(id);
+            if ids.is_empty() {
+                index.ids.remove(from);
+            }
+        }
+        match to {
+            Some(to) => {
+                index.ids.entry(to.clone()).or_default().insert(id.clone());
+                index.by_handle.insert(handle, id.clone());
+            }
+            None => {
+                index.by_handle.remove(&handle);
+            }
+        }
     }
 
     /// Removes `id`; returns whether a live session was there.
@@ -211,27 +232,13 @@ impl MemoryStore {
     }
 
     fn index(&self, id: &SessionId, user: &Arc<str>) {
-        let handle = id.handle();
-        let mut index = lock(&self.users);
-        index
-            .ids
-            .entry(user.clone())
-            .or_default()
-            .insert(id.clone());
-        index.by_handle.insert(handle, id.clone());
+        self.reindex(id, None, Some(user));
     }
 
     fn unindex(&self, id: &SessionId, user: Option<&str>) {
-        let Some(user) = user else { return };
-        let handle = id.handle();
-        let mut index = lock(&self.users);
-        if let Some(ids) = index.ids.get_mut(user) {
-            ids.remove(id);
-            if ids.is_empty() {
-                index.ids.remove(user);
-            }
+        if user.is_some() {
+            self.reindex(id, user, None);
         }
-        index.by_handle.remove(&handle);
     }
 
     fn ids_of(&self, user: &str) -> Vec<SessionId> {
@@ -531,6 +538,37 @@ mod tests {
 
     fn id() -> SessionId {
         SessionId::generate(IdShape::default())
+    }
+
+    /// A session whose user changes is under one user or the other at every moment,
+    /// never under neither: a revocation by its handle, whenever it comes, finds it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_changing_user_keeps_its_handle_throughout() {
+        let s = Arc::new(store(Duration::from_secs(60), 10));
+        let a = id();
+        s.create(&a, new_session(r#"{"user":"ann"}"#))
+            .await
+            .unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checker = {
+            let (s, handle, done) = (s.clone(), a.handle(), done.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut missing = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let found = lock(&s.users).by_handle.contains_key(&handle);
+                    missing += usize::from(!found);
+                }
+                missing
+            })
+        };
+        for user in ["bob", "carl", "ann"].iter().cycle().take(30_000) {
+            let data = Bytes::from(format!(r#"{{"user":"{user}"}}"#));
+            assert_eq!(s.replace(&a, data).await.unwrap(), Landed::Done);
+        }
+        done.store(true, Ordering::Relaxed);
+        assert_eq!(checker.await.unwrap(), 0, "times the handle led nowhere");
+        assert!(s.revoke_handle(&a.handle()).await.unwrap());
+        assert!(s.load(&a, false).await.unwrap().is_none());
     }
 
     #[tokio::test]
