@@ -434,6 +434,7 @@ async fn reaching_the_connection_cap_is_logged() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Reaped)
         .unwrap();
     let seen = stderr_lines(&mut child);
     support::wait_for_listener(&listen).await;
@@ -465,6 +466,7 @@ async fn the_shutdown_timeout_says_what_it_cut() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Reaped)
         .unwrap();
     let seen = stderr_lines(&mut child);
     support::wait_for_listener(&listen).await;
@@ -803,6 +805,7 @@ async fn the_store_going_away_and_coming_back_is_logged() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Reaped)
         .unwrap();
     let seen = stderr_lines(&mut child);
     let address = format!("127.0.0.1:{}", server.port());
@@ -850,6 +853,7 @@ async fn without_an_admin_port_the_stores_return_is_logged_too() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Reaped)
         .unwrap();
     let seen = stderr_lines(&mut child);
     let warned = line_with(
@@ -897,6 +901,7 @@ async fn an_answer_the_application_breaks_off_is_logged() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Reaped)
         .unwrap();
     let seen = stderr_lines(&mut child);
     support::wait_for_listener(&listen).await;
@@ -1024,6 +1029,29 @@ fn lines_said_past_the_filter_are_json_in_json_mode() {
         lines[1]["timestamp"].as_str().is_some_and(|t| t.len() > 10),
         "{err}"
     );
+}
+
+/// A proxy process killed when the test ends, however it ends.
+struct Reaped(Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The lines `child` writes to its piped stderr, as they come.
