@@ -474,7 +474,15 @@ async fn the_shutdown_timeout_says_what_it_cut() {
         let slow_url = format!("http://{listen}/slow?delay_ms=20000");
         tokio::spawn(async move { Client::new().get(&slow_url, &[]).await });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both are with the application.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.connections.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the requests never reached the application"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
