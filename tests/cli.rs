@@ -427,16 +427,11 @@ async fn connections_are_spread_over_the_configured_worker_threads() {
 #[tokio::test]
 async fn reaching_the_connection_cap_is_logged() {
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(BIN)
-        .args(["--listen", &listen, "--admin-listen", "null"])
-        .env("SESSION_PROXY_LIMITS__MAX_CONNECTIONS", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map(Reaped)
-        .unwrap();
-    let seen = stderr_lines(&mut child);
+    let (mut child, seen) = watched(
+        &["--listen", &listen, "--admin-listen", "null"],
+        &[("SESSION_PROXY_LIMITS__MAX_CONNECTIONS", "1")],
+        "warn",
+    );
     support::wait_for_listener(&listen).await;
     let first = tokio::net::TcpStream::connect(&listen).await.unwrap();
     let _second = tokio::net::TcpStream::connect(&listen).await.unwrap();
@@ -457,18 +452,21 @@ async fn reaching_the_connection_cap_is_logged() {
 async fn the_shutdown_timeout_says_what_it_cut() {
     let app = App::scripted().await;
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(BIN)
-        .args(["--upstream", &app.url(), "--listen", &listen])
-        .args(["--admin-listen", "null"])
-        .env("SESSION_PROXY_SHUTDOWN__DRAIN_DELAY", "0")
-        .env("SESSION_PROXY_SHUTDOWN__TIMEOUT", "0.5")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map(Reaped)
-        .unwrap();
-    let seen = stderr_lines(&mut child);
+    let (mut child, seen) = watched(
+        &[
+            "--upstream",
+            &app.url(),
+            "--listen",
+            &listen,
+            "--admin-listen",
+            "null",
+        ],
+        &[
+            ("SESSION_PROXY_SHUTDOWN__DRAIN_DELAY", "0"),
+            ("SESSION_PROXY_SHUTDOWN__TIMEOUT", "0.5"),
+        ],
+        "warn",
+    );
     support::wait_for_listener(&listen).await;
     for _ in 0..2 {
         let slow_url = format!("http://{listen}/slow?delay_ms=20000");
@@ -801,21 +799,18 @@ async fn the_store_going_away_and_coming_back_is_logged() {
     let mut server = redis_harness::RedisServer::start();
     server.stop();
     let (listen, admin) = (free_port(), free_port());
-    let mut child = Command::new(BIN)
-        .args([
+    let (mut child, seen) = watched(
+        &[
             "--store",
             &server.url(),
             "--listen",
             &format!("127.0.0.1:{listen}"),
-        ])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map(Reaped)
-        .unwrap();
-    let seen = stderr_lines(&mut child);
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ],
+        &[],
+        "info",
+    );
     let address = format!("127.0.0.1:{}", server.port());
     let down = [
         "WARN",
@@ -854,16 +849,18 @@ async fn without_an_admin_port_the_stores_return_is_logged_too() {
     let mut server = redis_harness::RedisServer::start();
     server.stop();
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(BIN)
-        .args(["--store", &server.url(), "--listen", &listen])
-        .args(["--admin-listen", "null"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map(Reaped)
-        .unwrap();
-    let seen = stderr_lines(&mut child);
+    let (mut child, seen) = watched(
+        &[
+            "--store",
+            &server.url(),
+            "--listen",
+            &listen,
+            "--admin-listen",
+            "null",
+        ],
+        &[],
+        "info",
+    );
     let warned = line_with(
         &seen,
         &["WARN", "refused the connection"],
@@ -902,16 +899,18 @@ async fn an_answer_the_application_breaks_off_is_logged() {
         }
     });
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(BIN)
-        .args(["--upstream", &upstream, "--listen", &listen])
-        .args(["--admin-listen", "null"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map(Reaped)
-        .unwrap();
-    let seen = stderr_lines(&mut child);
+    let (mut child, seen) = watched(
+        &[
+            "--upstream",
+            &upstream,
+            "--listen",
+            &listen,
+            "--admin-listen",
+            "null",
+        ],
+        &[],
+        "warn",
+    );
     support::wait_for_listener(&listen).await;
     // Through the proxy's own HTTP/1.1, and through hyper's (a request with a body).
     for request in [
@@ -1037,6 +1036,26 @@ fn lines_said_past_the_filter_are_json_in_json_mode() {
         lines[1]["timestamp"].as_str().is_some_and(|t| t.len() > 10),
         "{err}"
     );
+}
+
+/// Starts the proxy with `args` and `env` at log level `level`: the process, killed
+/// when the test ends, and the lines of its stderr as they come.
+fn watched(
+    args: &[&str],
+    env: &[(&str, &str)],
+    level: &str,
+) -> (Reaped, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", level)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Reaped)
+        .unwrap();
+    let seen = stderr_lines(&mut child);
+    (child, seen)
 }
 
 /// A proxy process killed when the test ends, however it ends.

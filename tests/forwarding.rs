@@ -138,17 +138,12 @@ async fn a_get_or_head_body_reaches_the_application_whatever_its_framing() {
             } else {
                 "hello"
             };
-            let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
             let request = format!(
                 "{method} /q HTTP/1.1\r\nhost: x\r\n{framing}\r\nconnection: close\r\n\r\n{body}"
             );
-            s.write_all(request.as_bytes()).await.unwrap();
-            let mut out = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            let text = support::raw_exchange(proxy.addr, request.as_bytes())
                 .await
-                .unwrap()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+                .to_ascii_lowercase();
             assert!(
                 text.starts_with("http/1.1 200"),
                 "{method}, {framing}: {text}"
@@ -311,14 +306,7 @@ async fn http2_to(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<Full
 /// Sends `request` as written (it asks to close the connection) and reads the answer
 /// whole: its text, and what the scripted application says it received.
 async fn raw_request(proxy: &Proxy, request: &[u8]) -> (String, serde_json::Value) {
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
+    let text = support::raw_exchange(proxy.addr, request).await;
     let seen = text
         .split_once("\r\n\r\n")
         .and_then(|(_, body)| serde_json::from_str(body).ok())

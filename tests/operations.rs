@@ -46,14 +46,7 @@ async fn requests_the_parser_refuses_are_counted() {
         (format!("GET / HTTP/1.1\r\nhost: x\r\n{many}\r\n"), "431"),
     ];
     for (request, status) in &requests {
-        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(request.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out);
+        let text = support::raw_exchange(proxy.addr, request.as_bytes()).await;
         assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text}");
     }
     let refused = "session_proxy_requests_total{status=\"4xx\",session=\"none\"}";

@@ -343,6 +343,20 @@ impl Proxy {
     }
 }
 
+/// Sends `request` as written on a new connection to `addr` and reads what comes back
+/// until the connection closes (within 5 s), as text.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the connection closes")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 pub async fn get_text(url: &str) -> String {
     let r = Client::new().request("GET", url, &[], Bytes::new()).await;
     String::from_utf8_lossy(&r.body).into_owned()
