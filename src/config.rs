@@ -1102,14 +1102,16 @@ fn takes_text(defaults: &Value, path: &[&str]) -> bool {
 /// Whether binding both addresses would collide: the same port (not 0, which picks a
 /// free one) on the same address, on an address and its family's wildcard, or on
 /// anything and the IPv6 wildcard (which takes IPv4 too, as Linux binds it by default).
+/// An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) binds its IPv4 address.
 fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
-    let v6_wildcard = |s: SocketAddr| s.is_ipv6() && s.ip().is_unspecified();
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let v6_wildcard = |ip: std::net::IpAddr| ip.is_ipv6() && ip.is_unspecified();
     a.port() == b.port()
         && a.port() != 0
-        && (a.ip() == b.ip()
-            || v6_wildcard(a)
-            || v6_wildcard(b)
-            || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())))
+        && (x == y
+            || v6_wildcard(x)
+            || v6_wildcard(y)
+            || (x.is_ipv4() == y.is_ipv4() && (x.is_unspecified() || y.is_unspecified())))
 }
 
 /// The key path (`session.max_age`) an environment variable sets.
@@ -1562,6 +1564,8 @@ mod tests {
             ("0.0.0.0:8080", "127.0.0.1:8080"),
             ("127.0.0.1:8080", "[::]:8080"),
             ("0.0.0.0:8080", "[::]:8080"),
+            ("0.0.0.0:8080", "[::ffff:127.0.0.1]:8080"),
+            ("127.0.0.1:8080", "[::ffff:127.0.0.1]:8080"),
         ] {
             let yaml = format!("listen: \"{listen}\"\nadmin_listen: \"{admin}\"\n");
             let e = load(Some(&yaml), &[]).unwrap_err();
