@@ -125,6 +125,9 @@ pub struct RedisStore {
     /// Which Redis this is (addresses, no password), for the errors that do not come from
     /// Redis itself: a connection refused, a name that does not resolve, a timeout.
     server: String,
+    /// `session.user_key` in quotes, as it stands in a session's JSON that names a user:
+    /// looked for before such a session is parsed (see `unindexed_user`).
+    quoted_user_key: Option<Vec<u8>>,
 }
 
 /// Stripes of `RedisStore::turns`.
@@ -1333,6 +1336,10 @@ impl RedisStore {
         settings: StoreSettings,
     ) -> Result<RedisStore, StoreError> {
         let server = server_of(&topology);
+        let quoted_user_key = settings
+            .user_key
+            .as_deref()
+            .map(|key| format!("\"{key}\"").into_bytes());
         let link = match topology {
             Topology::Standalone { url } => Link::Standalone(standalone(&url, &options)?),
             Topology::Sentinel { master, nodes } => {
@@ -1359,6 +1366,7 @@ impl RedisStore {
             turns: (0..TURNS).map(|_| Mutex::new(())).collect(),
             turn_within: options.response_timeout,
             server,
+            quoted_user_key,
         })
     }
 
@@ -1720,10 +1728,9 @@ impl RedisStore {
     /// hash names none: it was written while `user_key` was not set (or by a proxy without
     /// it), so it is in no index yet. Only data that holds the key's name is parsed.
     fn unindexed_user(&self, data: &[u8]) -> Option<String> {
-        let key = self.settings.user_key.as_deref()?;
-        let quoted = format!("\"{key}\"");
+        let quoted = self.quoted_user_key.as_deref()?;
         data.windows(quoted.len())
-            .any(|w| w == quoted.as_bytes())
+            .any(|w| w == quoted)
             .then(|| self.settings.user_of(data))?
     }
 
