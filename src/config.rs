@@ -364,7 +364,7 @@ impl Config {
 
         let origin = path
             .as_ref()
-            .map(|p| format!(" (file {}, environment or flags)", p.display()))
+            .map(|p| format!(" (file {})", p.display()))
             .unwrap_or_default();
         check_sections(&mut tree, &defaults, "").map_err(|key| {
             ConfigError(format!(
@@ -809,7 +809,8 @@ const CHOICES: [(&str, &str); 3] = [
 fn expected(defaults: &Value, tree: &Value, key: &str, why: &str) -> Option<String> {
     if !(why.starts_with("invalid type")
         || why.starts_with("invalid value")
-        || why == "invalid number")
+        || why == "invalid number"
+        || why == "invalid socket address syntax")
         || key.contains('[')
     {
         return None;
@@ -824,8 +825,11 @@ fn expected(defaults: &Value, tree: &Value, key: &str, why: &str) -> Option<Stri
     let default = path.iter().try_fold(defaults, |v, k| v.get(k))?;
     let wants = if let Some((_, choices)) = CHOICES.iter().find(|(k, _)| *k == key) {
         (*choices).to_string()
-    } else if ["listen", "admin_listen"].contains(&key) {
-        "an address such as 127.0.0.1:8080".into()
+    } else if key == "listen" {
+        "an IP address and port such as 127.0.0.1:8080 or [::]:8080 (names are not looked up)"
+            .into()
+    } else if key == "admin_listen" {
+        "an IP address and port such as 127.0.0.1:9901, or null to turn the admin port off".into()
     } else {
         match default {
             Value::Bool(_) => "true or false".into(),
@@ -945,9 +949,15 @@ fn check_log_level(filter: &str) -> Result<(), String> {
             ));
         }
     }
-    tracing_subscriber::EnvFilter::try_new(filter)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    if crate::logging::silences_own_lines(filter) {
+        return Err(format!(
+            "`{filter}` lets none of the proxy's own log lines through, errors included \
+             (they are under the target `session_proxy`); add a level for the rest, e.g. \
+             `warn,{filter}`"
+        ));
+    }
+    Ok(())
 }
 
 /// A Redis URL with its password replaced by `********`.
@@ -1447,7 +1457,18 @@ mod tests {
                 "one of `lax`, `strict` or `none`",
             ),
             ("log:\n  format: 1\n", "must be `text` or `json`"),
-            ("listen: 1\n", "an address such as 127.0.0.1:8080"),
+            (
+                "listen: 1\n",
+                "an IP address and port such as 127.0.0.1:8080",
+            ),
+            (
+                "listen: localhost:8080\n",
+                "(names are not looked up), not \"localhost:8080\"",
+            ),
+            (
+                "admin_listen: 'off'\n",
+                "or null to turn the admin port off, not \"off\"",
+            ),
             ("session:\n  exclude: 5\n", "must be a list of text"),
             (
                 "session:\n  absolute_timeout: x\n",
@@ -1459,7 +1480,11 @@ mod tests {
             let e = load(Some(yaml), &[]).unwrap_err();
             assert!(e.0.contains(says), "{yaml}: {e}");
             assert!(!e.0.contains("u64") && !e.0.contains("f64"), "{yaml}: {e}");
+            // Set in the file only: never said to come from anywhere else.
+            assert!(!e.0.contains("environment"), "{yaml}: {e}");
         }
+        let e = load(Some("listen: localhost:8080\n"), &[]).unwrap_err();
+        assert!(e.0.contains("`listen` (file "), "{e}");
         let e = load(Some("session:\n  secret: 1234567890123456789\n"), &[]).unwrap_err();
         assert!(!e.0.contains("1234567890123456789"), "{e}");
     }
@@ -1682,6 +1707,9 @@ mod tests {
             // A level name with a typo would be read as a target and silence every line.
             ("log:\n  level: infoo\n", "log.level"),
             ("log:\n  level: session_proxy=infoo\n", "log.level"),
+            // A target that is not the proxy's, with no level for the rest.
+            ("log:\n  level: sessionproxy=info\n", "log.level"),
+            ("log:\n  level: hyper=debug\n", "log.level"),
             ("upstream: http://127.0.0.1:65536\n", "upstream"),
             ("upstream: http://127.0.0.1:abc\n", "upstream"),
         ]);
@@ -1713,6 +1741,8 @@ mod tests {
             "log:\n  level: 'warn,session_proxy=4'\n",
             "session:\n  exclude: ['/static/**', '**/*.css']\n",
             "log:\n  level: 'warn,session_proxy::access=info'\n",
+            "log:\n  level: 'warn,hyper=debug'\n",
+            "log:\n  level: 'hyper=off'\n",
             "session:\n  max_age: 315360000\n  absolute_timeout: 315360000\n",
             "store:\n  type: redis\n  url: 'redis://:pw@127.0.0.1:6379/2'\n",
         ] {

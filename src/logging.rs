@@ -12,7 +12,7 @@ use crate::config::{LogConfig, LogFormat};
 /// one access-log line per request (`info`).
 pub fn init(config: &LogConfig) {
     let rust_log = std::env::var("RUST_LOG").ok();
-    if let Some(hint) = rust_log.as_deref().and_then(misread) {
+    if let Some(hint) = rust_log.as_deref().and_then(rust_log_hint) {
         // Said outside the log: the filter may well let nothing through.
         say_outside(config.format, "WARN", &hint);
     }
@@ -84,6 +84,68 @@ fn misread(rust_log: &str) -> Option<String> {
     ))
 }
 
+/// What is likely wrong with a `RUST_LOG`, if anything: a filter that does not parse
+/// (`session_proxy=warning`), which is ignored for `log.level`; a bare word that is
+/// neither a level nor a target the proxy logs under; a filter that asks for lines but
+/// lets none of the proxy's own through (`hyper=debug` alone).
+fn rust_log_hint(rust_log: &str) -> Option<String> {
+    if rust_log.trim().is_empty() {
+        return None;
+    }
+    if let Err(e) = EnvFilter::try_new(rust_log) {
+        return Some(format!(
+            "RUST_LOG `{rust_log}` is not a valid filter ({e}), so it is ignored and \
+             `log.level` applies; use a level (trace, debug, info, warn, error, off) or \
+             target=level"
+        ));
+    }
+    misread(rust_log).or_else(|| {
+        silences_own_lines(rust_log).then(|| {
+            format!(
+                "RUST_LOG `{rust_log}` lets none of the proxy's own log lines through, \
+                 errors included (they are under the target `{OWN_TARGET}`); add a level \
+                 for the rest, e.g. `warn,{rust_log}`"
+            )
+        })
+    })
+}
+
+/// The target every log line of the proxy's own is under (or under a module of it).
+const OWN_TARGET: &str = "session_proxy";
+
+/// Whether a filter asks for some log lines but lets none of the proxy's own through:
+/// `hyper=debug` alone, or a misspelt `sessionproxy=info`. A filter that turns lines
+/// off (`off`, `hyper=off`) is taken as meant.
+pub fn silences_own_lines(filter: &str) -> bool {
+    const LEVELS: [&str; 12] = [
+        "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
+    ];
+    let mut asks = false;
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((target, level)) => (target.trim(), Some(level.trim())),
+            None if LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) => {
+                ("", Some(directive))
+            }
+            None => (directive, None),
+        };
+        if level.is_some_and(|l| l.eq_ignore_ascii_case("off") || l == "0") {
+            continue;
+        }
+        asks = true;
+        // A directive limited to spans or fields does not reach the lines outside them.
+        if target.contains(['[', '{']) {
+            continue;
+        }
+        // Targets match as prefixes: `session` covers `session_proxy`, and
+        // `session_proxy::access` the access log.
+        if OWN_TARGET.starts_with(target) || target.starts_with(OWN_TARGET) {
+            return false;
+        }
+    }
+    asks
+}
+
 /// `RUST_LOG`, else `log.level`, else `info`. An empty `RUST_LOG` (a template that left
 /// it blank) counts as unset.
 fn filter(rust_log: Option<String>, level: Option<&str>) -> EnvFilter {
@@ -108,6 +170,60 @@ mod tests {
         assert_eq!(hint(Some(""), Some("warn")), Some(LevelFilter::WARN));
         assert_eq!(hint(Some(" "), None), Some(LevelFilter::INFO));
         assert_eq!(hint(None, None), Some(LevelFilter::INFO));
+    }
+
+    #[test]
+    fn a_filter_that_hides_every_line_of_the_proxy_is_told_from_one_that_is_meant() {
+        for silencing in [
+            "hyper=debug",
+            "sessionproxy=info",
+            "bogus=debug",
+            "redis[span]=debug",
+            "session_proxy[request]=info",
+            "off,hyper=info",
+        ] {
+            assert!(silences_own_lines(silencing), "{silencing}");
+        }
+        for meant in [
+            "",
+            "off",
+            "0",
+            "hyper=off",
+            "info",
+            "4",
+            "warn,hyper=debug",
+            "session_proxy=info",
+            "session_proxy::access=info",
+            "session=debug",
+            "=info",
+            "hyper=debug,session_proxy=error",
+        ] {
+            assert!(!silences_own_lines(meant), "{meant}");
+        }
+    }
+
+    #[test]
+    fn a_rust_log_that_does_not_parse_or_hides_the_proxy_gets_a_hint() {
+        let hint = rust_log_hint("session_proxy=warning").unwrap();
+        assert!(hint.contains("not a valid filter"), "{hint}");
+        assert!(hint.contains("`log.level` applies"), "{hint}");
+        // The fallback the hint announces is the one `filter` takes.
+        assert_eq!(
+            filter(Some("session_proxy=warning".into()), Some("error")).max_level_hint(),
+            Some(LevelFilter::ERROR)
+        );
+        let hint = rust_log_hint("hyper=debug").unwrap();
+        assert!(hint.contains("none of the proxy's own"), "{hint}");
+        assert!(hint.contains("`warn,hyper=debug`"), "{hint}");
+        for meant in [
+            "",
+            "debug",
+            "warn,hyper=debug",
+            "session_proxy=debug",
+            "off",
+        ] {
+            assert_eq!(rust_log_hint(meant), None, "{meant}");
+        }
     }
 
     #[test]

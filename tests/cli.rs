@@ -980,24 +980,31 @@ fn an_evicting_redis_is_warned_about_at_start_up() {
     }
 }
 
-/// A `RUST_LOG` that lets none of the proxy's lines through (`warning` reads as a target)
-/// is used as given, and said once on stderr at start-up.
+/// A `RUST_LOG` that lets none of the proxy's lines through (`warning` reads as a target;
+/// `hyper=debug` has no level for the rest) is used as given, and one that does not parse
+/// is ignored; either is said once on stderr at start-up.
 #[test]
 fn a_rust_log_that_silences_the_proxy_is_pointed_out() {
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(BIN)
-        .args(["--listen", &listen, "--admin-listen", "null"])
-        .env("RUST_LOG", "warning")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let seen = stderr_lines(&mut child);
-    let line = seen.recv_timeout(Duration::from_secs(10));
-    let _ = child.kill();
-    let _ = child.wait();
-    let line = line.expect("a line on stderr");
-    assert!(line.contains("RUST_LOG's `warning`"), "{line}");
+    for (rust_log, says) in [
+        ("warning", "RUST_LOG's `warning`"),
+        ("hyper=debug", "lets none of the proxy's own log lines through"),
+        ("session_proxy=warning", "is not a valid filter"),
+    ] {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(BIN)
+            .args(["--listen", &listen, "--admin-listen", "null"])
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let seen = stderr_lines(&mut child);
+        let line = seen.recv_timeout(Duration::from_secs(10));
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = line.expect("a line on stderr");
+        assert!(line.contains(says), "{rust_log}: {line}");
+    }
 }
 
 /// With `log.format: json`, what is said past the log's filter (the `RUST_LOG` hint, a

@@ -376,5 +376,9 @@ async fn access_log_has_one_json_line_per_request_without_ids_or_data() {
     for line in &access {
         assert_eq!(line["method"], "GET");
         assert!(line["duration_ms"].as_f64().unwrap() >= 0.0);
+        // In milliseconds to the microsecond: no floating-point noise in the log.
+        let written = line["duration_ms"].to_string();
+        let decimals = written.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(decimals <= 3, "duration_ms {written}");
     }
 }
