@@ -43,6 +43,8 @@ pub struct Proxy {
     renew_on_access: bool,
     max_bytes: usize,
     rotate_grace: Duration,
+    /// `session.user_key`: the key naming a session's user.
+    user_key: Option<String>,
     absolute_timeout: Option<u64>,
     max_header_bytes: usize,
     /// How long a tunnel's other side may stay open once one side has closed
@@ -131,6 +133,7 @@ impl Proxy {
             renew_on_access: s.renew_on_access,
             max_bytes: s.max_bytes,
             rotate_grace: Duration::from_secs(s.rotate_grace),
+            user_key: s.user_key.clone(),
             absolute_timeout: s.absolute_timeout,
             max_header_bytes: config.limits.max_header_bytes,
             tunnel_linger: crate::config::secs(config.timeouts.client_send),
@@ -413,14 +416,14 @@ impl Proxy {
         change: Change,
         rotate: bool,
     ) -> Result<(Outcome, CookieAction), (Problem, CookieAction)> {
-        let (mut id, resign, mut moved) = match current {
+        let (mut id, resign, mut moved, before) = match current {
             Current::Live { id, resign, record } => {
                 // A patch the rotation would not survive is refused before anything moves.
                 if let (true, Change::Patch(patch)) = (rotate, &change) {
                     merge_into(Some(&record.data), patch, self.max_bytes)
                         .map_err(|p| (p, CookieAction::Keep))?;
                 }
-                (id, resign, record.moved)
+                (id, resign, record.moved, record.data)
             }
             Current::Stale => {
                 return self
@@ -459,6 +462,8 @@ impl Proxy {
         let fresh = previous.is_some().then(|| id.clone());
         let on_failure = || fresh.clone().map_or(CookieAction::Keep, CookieAction::Set);
         let failed = |e: StoreError| (unavailable(e), on_failure());
+        // The session as this request's change left it, when it wrote one.
+        let mut after = None;
         let outcome = match change {
             Change::Nothing if previous.is_some() => Outcome::Updated,
             Change::Nothing => Outcome::Read,
@@ -470,7 +475,10 @@ impl Proxy {
                 _ => return Ok(VANISHED),
             },
             Change::Replace(data) => match self.store.replace(&id, data.clone()).await {
-                Ok(Landed::Done) => Outcome::Updated,
+                Ok(Landed::Done) => {
+                    after = Some(data);
+                    Outcome::Updated
+                }
                 Ok(Landed::Moved) => {
                     moved = true;
                     Outcome::Updated
@@ -480,7 +488,10 @@ impl Proxy {
                 Err(e) => return Err(failed(e)),
             },
             Change::Patch(patch) => match self.store.patch(&id, &patch).await {
-                Ok(PatchOutcome::Updated(_)) => Outcome::Updated,
+                Ok(PatchOutcome::Updated(data)) => {
+                    after = Some(data);
+                    Outcome::Updated
+                }
                 Ok(PatchOutcome::Moved(_)) => {
                     moved = true;
                     Outcome::Updated
@@ -499,6 +510,20 @@ impl Proxy {
                 Err(e) => return Err(failed(e)),
             },
         };
+        // A rotation whose change takes the session away from its user (a logout that
+        // keeps the cart) leaves the old ID the session as it is now, not as it was:
+        // whoever holds the old ID (planted, logged, sniffed) is not still logged in for
+        // the grace period. (At a login the old ID keeps the session as it was, which
+        // names no user or the same one.)
+        if let (Some(previous), Some(after), Some(key)) = (&previous, &after, &self.user_key)
+            && let Some(user) = codec::user_of(&before, key)
+            && codec::user_of(after, key).as_deref() != Some(user.as_str())
+        {
+            self.store
+                .replace(previous, after.clone())
+                .await
+                .map_err(failed)?;
+        }
         if outcome == Outcome::Read && !self.renew_on_access && !resign {
             return Ok((outcome, CookieAction::Keep));
         }

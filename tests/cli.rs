@@ -987,7 +987,10 @@ fn an_evicting_redis_is_warned_about_at_start_up() {
 fn a_rust_log_that_silences_the_proxy_is_pointed_out() {
     for (rust_log, says) in [
         ("warning", "RUST_LOG's `warning`"),
-        ("hyper=debug", "lets none of the proxy's own log lines through"),
+        (
+            "hyper=debug",
+            "lets none of the proxy's own log lines through",
+        ),
         ("session_proxy=warning", "is not a valid filter"),
     ] {
         let listen = format!("127.0.0.1:{}", free_port());

@@ -72,6 +72,8 @@ on_both_stores!(
     writes_through_the_old_id_that_outlive_its_grace_period_leave_the_cookie_alone,
     rotation_on_its_own_moves_the_session,
     destroying_while_rotating_ends_the_session_under_both_ids,
+    ending_a_session_ends_the_ids_its_rotations_left_behind,
+    a_rotation_that_logs_the_user_out_leaves_the_old_id_logged_out,
     a_change_the_application_answered_holds_when_the_client_left_first,
     requests_left_by_their_clients_are_capped,
     a_shutdown_waits_for_requests_left_by_their_clients,
@@ -469,6 +471,111 @@ async fn destroying_while_rotating_ends_the_session_under_both_ids(backend: Back
         let listed = proxy.admin_request("GET", "/sessions?user=ann", None).await;
         assert_eq!(listed.json()["sessions"], json!([]), "{logout}");
     }
+}
+
+/// What the application sees of the session under `cookie`, sent by a client other than
+/// the browser (an old ID: planted, logged, sniffed).
+async fn seen_under(proxy: &Proxy, cookie: &str) -> serde_json::Value {
+    let cookie = format!("session={cookie}");
+    Client::new()
+        .get(&proxy.url("/"), &[("cookie", &cookie)])
+        .await
+        .session_seen()
+}
+
+/// The IDs rotations left readable for their grace period end with the session they moved
+/// to: a logout (`{}`), or a revocation by handle, on the session under its latest ID
+/// leaves nothing readable under the earlier ones.
+async fn ending_a_session_ends_the_ids_its_rotations_left_behind(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| {
+            c.session.rotate_grace = 60;
+            c.session.user_key = Some("user".into());
+        })
+        .await;
+    for ending in ["logout", "revocation"] {
+        let mut browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
+        let first = browser.cookie.clone().unwrap();
+        let second = log_in(&proxy, &mut browser).await;
+        let r = browser.get(&proxy.url("/privilege?rotate=1")).await;
+        let third = r.session_cookie().expect("new cookie");
+        // Each earlier ID reads the session as it was when it was rotated away.
+        assert_eq!(seen_under(&proxy, &first).await, json!({"cart": 1}));
+        assert_eq!(
+            seen_under(&proxy, &second).await,
+            json!({"cart": 1, "user": "ann"})
+        );
+        match ending {
+            "logout" => {
+                let r = browser
+                    .get(&proxy.url(&format!("/logout?update={}", q("{}"))))
+                    .await;
+                assert!(r.clears_session_cookie());
+            }
+            _ => {
+                let handle = browser
+                    .get(&proxy.url("/"))
+                    .await
+                    .header_seen("x-session-handle")
+                    .remove(0);
+                let r = proxy
+                    .admin_request("DELETE", &format!("/sessions/{handle}"), None)
+                    .await;
+                assert_eq!(r.status, 200);
+            }
+        }
+        for (name, id) in [("first", &first), ("second", &second), ("third", &third)] {
+            assert_eq!(
+                seen_under(&proxy, id).await,
+                json!({}),
+                "after the {ending}, the {name} ID still reads"
+            );
+        }
+    }
+}
+
+/// A logout that keeps the rest of the session (a patch that removes the user, with a
+/// rotation) leaves the old ID the session without its user, not the logged-in one.
+async fn a_rotation_that_logs_the_user_out_leaves_the_old_id_logged_out(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| {
+            c.session.rotate_grace = 60;
+            c.session.user_key = Some("user".into());
+        })
+        .await;
+    let mut browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
+    let anonymous = browser.cookie.clone().unwrap();
+    let logged_in = log_in(&proxy, &mut browser).await;
+    let logout = format!(
+        "/logout?rotate=1&patch={}",
+        q(r#"{"user":null,"role":null}"#)
+    );
+    let r = browser.get(&proxy.url(&logout)).await;
+    let after = r.session_cookie().expect("the logout moves the session");
+    assert_ne!(after, logged_in);
+    assert_eq!(
+        seen_under(&proxy, &logged_in).await,
+        json!({"cart": 1}),
+        "the logged-in ID still reads the user"
+    );
+    assert_eq!(
+        browser.get(&proxy.url("/")).await.session_seen(),
+        json!({"cart": 1})
+    );
+    // The login's old ID kept the session as it was before the login: no user either.
+    assert_eq!(seen_under(&proxy, &anonymous).await, json!({"cart": 1}));
+    // A privilege change that keeps the user keeps the usual grace copy.
+    let login_again = log_in(&proxy, &mut browser).await;
+    let r = browser
+        .get(&proxy.url(&format!("/mfa?rotate=1&patch={}", q(r#"{"mfa":true}"#))))
+        .await;
+    assert!(r.session_cookie().is_some());
+    assert_eq!(
+        seen_under(&proxy, &login_again).await,
+        json!({"cart": 1, "user": "ann"})
+    );
 }
 
 /// Sends a logout for session `id` that the application answers after `delay_ms`, on a

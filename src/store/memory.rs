@@ -20,14 +20,17 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{
-    Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SessionInfo, Store,
-    StoreError, StoreFuture, StoreSettings, grace_until, secs_up, unix_now,
+    Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SUCCESSOR_HOPS, SessionInfo,
+    Store, StoreError, StoreFuture, StoreSettings, grace_until, secs_up, unix_now,
 };
 use crate::session::codec::Merged;
 use crate::session::id::SessionId;
 
 const SHARDS: usize = 64;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Most attempts a rotation makes at copying a session that is being written meanwhile.
+const ROTATE_ATTEMPTS: usize = 8;
 
 /// One stored session, kept small: a million of these is a normal load.
 struct Entry {
@@ -42,8 +45,9 @@ struct Entry {
     /// Unix seconds of the last write or renewal.
     last_seen: u32,
     user: Option<Arc<str>>,
-    /// Rotated away: living out its grace period.
-    moved: bool,
+    /// Rotated away to this ID: living out its grace period, while the session there
+    /// lives.
+    moved: Option<SessionId>,
 }
 
 /// Unix seconds in the entry's compact form (valid until 2106; later saturates).
@@ -63,7 +67,7 @@ impl Entry {
     /// Moves the deadline on to `deadline`, unless the entry was rotated away: it ends
     /// when its grace period does, whatever reads or writes it meanwhile.
     fn extend(&mut self, deadline: u64) {
-        if !self.moved {
+        if self.moved.is_none() {
             self.deadline = deadline;
         }
     }
@@ -285,11 +289,36 @@ impl MemoryStore {
             entry.extend(self.deadline(entry.ends(), now)?);
             entry.last_seen = secs32(now.as_secs());
         }
-        Some(Record {
+        let record = Record {
             data: Bytes::copy_from_slice(&entry.data),
             created: u64::from(entry.created),
-            moved: entry.moved,
-        })
+            moved: entry.moved.is_some(),
+        };
+        let next = entry.moved.clone();
+        drop(shard);
+        match next {
+            Some(next) if !self.successor_lives(&next, millis(now)) => None,
+            _ => Some(record),
+        }
+    }
+
+    /// Whether the session a rotated-away ID moved to (`next`) still lives, under that ID
+    /// or, rotated again since, a later one. A rotated-away ID is readable for its grace
+    /// period only while it does: ending the session (a logout, a revocation by handle)
+    /// ends the IDs it left behind as well.
+    fn successor_lives(&self, next: &SessionId, now_ms: u64) -> bool {
+        let mut next = next.clone();
+        for _ in 0..SUCCESSOR_HOPS {
+            let shard = lock(self.shard(&next));
+            match shard.get(&next).filter(|e| e.live(now_ms)) {
+                None => return false,
+                Some(entry) => match &entry.moved {
+                    None => return true,
+                    Some(later) => next = later.clone(),
+                },
+            }
+        }
+        false
     }
 
     fn patch_now(&self, id: &SessionId, patch: &Value) -> Result<PatchOutcome, StoreError> {
@@ -303,7 +332,7 @@ impl MemoryStore {
             Merged::Data(data) => {
                 if !self.write_entry(id, entry, data.clone(), now) {
                     Ok(PatchOutcome::Missing)
-                } else if entry.moved {
+                } else if entry.moved.is_some() {
                     Ok(PatchOutcome::Moved(data))
                 } else {
                     Ok(PatchOutcome::Updated(data))
@@ -313,7 +342,7 @@ impl MemoryStore {
                 // Removed under the same lock, so that no write lands in between.
                 let removed = shard.remove(id);
                 drop(shard);
-                let moved = removed.as_ref().is_some_and(|e| e.moved);
+                let moved = removed.as_ref().is_some_and(|e| e.moved.is_some());
                 self.forget(id, removed);
                 if moved {
                     Ok(PatchOutcome::Moved(Bytes::new()))
@@ -330,44 +359,59 @@ impl MemoryStore {
         new: &SessionId,
         grace: Duration,
     ) -> Result<Rotated, StoreError> {
-        let now = unix_now();
-        let grace_end = now + grace;
-        let moved = {
+        for _ in 0..ROTATE_ATTEMPTS {
+            let now = unix_now();
+            // The copy is stored under the new ID before the old one is marked: a read of
+            // the old ID from then on finds the session it moved to.
+            let copy = {
+                let shard = lock(self.shard(old));
+                let Some(entry) = shard.get(old).filter(|e| e.live(millis(now))) else {
+                    return Ok(Rotated::Missing);
+                };
+                if entry.moved.is_some() {
+                    return Ok(Rotated::Moved);
+                }
+                Entry {
+                    data: entry.data.clone(),
+                    created: entry.created,
+                    ends: entry.ends,
+                    deadline: entry.deadline,
+                    last_seen: secs32(now.as_secs()),
+                    user: entry.user.clone(),
+                    moved: None,
+                }
+            };
+            let copied = copy.data.clone();
+            self.insert(new, copy, false)?;
             let mut shard = lock(self.shard(old));
-            let Some(entry) = shard.get_mut(old).filter(|e| e.live(millis(now))) else {
-                return Ok(Rotated::Missing);
+            let undone = match shard.get_mut(old).filter(|e| e.live(millis(now))) {
+                // Ended meanwhile (a logout, "log out everywhere"): so does its copy.
+                None => Some(Rotated::Missing),
+                // A rotation that got there first.
+                Some(entry) if entry.moved.is_some() => Some(Rotated::Moved),
+                // Written meanwhile: copied again.
+                Some(entry) if entry.data != copied => None,
+                Some(entry) => {
+                    entry.moved = Some(new.clone());
+                    // Readable for the whole grace period from now, unless the session
+                    // ends first.
+                    entry.deadline = millis(grace_until(now, grace, entry.ends()));
+                    let grace_end = secs32(secs_up(now + grace));
+                    entry.ends = if entry.ends == 0 {
+                        grace_end
+                    } else {
+                        entry.ends.min(grace_end)
+                    };
+                    return Ok(Rotated::Done);
+                }
             };
-            if entry.moved {
-                return Ok(Rotated::Moved);
-            }
-            let moved = Entry {
-                data: entry.data.clone(),
-                created: entry.created,
-                ends: entry.ends,
-                deadline: entry.deadline,
-                last_seen: secs32(now.as_secs()),
-                user: entry.user.clone(),
-                moved: false,
-            };
-            entry.moved = true;
-            // Readable for the whole grace period from now, unless the session ends first.
-            entry.deadline = millis(grace_until(now, grace, entry.ends()));
-            let grace_end = secs32(secs_up(grace_end));
-            entry.ends = if entry.ends == 0 {
-                grace_end
-            } else {
-                entry.ends.min(grace_end)
-            };
-            moved
-        };
-        self.insert(new, moved, false)?;
-        // Ended meanwhile (a logout, "log out everywhere"): so does its copy. A revocation
-        // after this finds the new ID in the index.
-        if !lock(self.shard(old)).contains_key(old) {
+            drop(shard);
             self.remove(new);
-            return Ok(Rotated::Missing);
+            if let Some(undone) = undone {
+                return Ok(undone);
+            }
         }
-        Ok(Rotated::Done)
+        Err(StoreError::Contended)
     }
 
     /// A user's live sessions, the soonest to end first (as the Redis store lists them).
@@ -418,7 +462,7 @@ impl Store for MemoryStore {
                     ends: session.ends.map_or(0, secs32),
                     deadline,
                     last_seen: secs32(now.as_secs()),
-                    moved: false,
+                    moved: None,
                 };
                 self.insert(id, entry, true)
             }
@@ -430,7 +474,10 @@ impl Store for MemoryStore {
         let now = unix_now();
         let mut shard = lock(self.shard(id));
         let written = match shard.get_mut(id).filter(|e| e.live(millis(now))) {
-            Some(entry) => match (self.write_entry(id, entry, data, now), entry.moved) {
+            Some(entry) => match (
+                self.write_entry(id, entry, data, now),
+                entry.moved.is_some(),
+            ) {
                 (false, _) => Landed::Missing,
                 (true, false) => Landed::Done,
                 (true, true) => Landed::Moved,
@@ -445,7 +492,7 @@ impl Store for MemoryStore {
         let now = millis(unix_now());
         let current = lock(self.shard(id))
             .get(id)
-            .is_some_and(|e| e.live(now) && !e.moved);
+            .is_some_and(|e| e.live(now) && e.moved.is_none());
         Box::pin(async move { Ok(current) })
     }
 
@@ -456,7 +503,7 @@ impl Store for MemoryStore {
 
     fn delete<'a>(&'a self, id: &'a SessionId) -> StoreFuture<'a, Landed> {
         let removed = lock(self.shard(id)).remove(id);
-        let moved = removed.as_ref().is_some_and(|e| e.moved);
+        let moved = removed.as_ref().is_some_and(|e| e.moved.is_some());
         let landed = match (self.forget(id, removed), moved) {
             (false, _) => Landed::Missing,
             (true, false) => Landed::Done,
@@ -704,12 +751,16 @@ mod tests {
         let grace = Duration::from_millis(1_200);
         let rotated = std::time::Instant::now();
         assert_eq!(s.rotate(&old, &new, grace).await.unwrap(), Rotated::Done);
-        // Renewals and writes through it meanwhile neither shorten nor lengthen it.
+        // Renewals and writes through it meanwhile neither shorten nor lengthen it. (The
+        // session under the new ID is kept alive: the old ID ends with it.)
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(s.load(&old, true).await.unwrap().is_some());
         let write = s.replace(&old, Bytes::from_static(br#"{"cart":2}"#));
         assert_eq!(write.await.unwrap(), Landed::Moved);
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        for _ in 0..2 {
+            assert!(s.load(&new, true).await.unwrap().is_some());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         assert!(
             s.load(&old, false).await.unwrap().is_some(),
             "within the grace"

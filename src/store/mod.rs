@@ -67,6 +67,10 @@ pub struct Record {
     pub moved: bool,
 }
 
+/// Most rotations followed from a rotated-away ID to the session it moved to: a chain
+/// longer than this (eight rotations within one grace period) counts as ended.
+pub(crate) const SUCCESSOR_HOPS: usize = 8;
+
 /// Most passes over a user's index one revocation makes (see `Store::revoke_user`).
 pub(crate) const REVOKE_PASSES: usize = 8;
 

@@ -65,8 +65,8 @@ use serde_json::Value as Json;
 use tokio::sync::Mutex;
 
 use super::{
-    Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SessionInfo, Store,
-    StoreError, StoreFuture, StoreSettings, grace_until, secs_up, unix_now,
+    Landed, NewSession, PatchOutcome, REVOKE_PASSES, Record, Rotated, SUCCESSOR_HOPS, SessionInfo,
+    Store, StoreError, StoreFuture, StoreSettings, grace_until, secs_up, unix_now,
 };
 use crate::server::current_worker;
 use crate::session::codec::Merged;
@@ -1691,6 +1691,11 @@ impl RedisStore {
             if ended {
                 return Ok(None);
             }
+            if let (Some(_), Some(next)) = (&data, &moved)
+                && !self.successor_lives(&mut conn, next).await?
+            {
+                return Ok(None);
+            }
             if let Some(data) = &data
                 && user.is_none()
                 && moved.is_none()
@@ -1712,6 +1717,9 @@ impl RedisStore {
         let Some((data, created, user, moved, ttl, ver)) = renewed else {
             return Ok(None);
         };
+        if !moved.is_empty() && !self.successor_lives(&mut conn, &moved).await? {
+            return Ok(None);
+        }
         // The index entry must not expire before the session it names.
         let until = now + Duration::from_millis(ttl);
         if !user.is_empty() {
@@ -1722,6 +1730,29 @@ impl RedisStore {
             self.adopt(&conn, id, &owner, &ver, Some(until)).await;
         }
         record(Some(data), Some(created), !moved.is_empty())
+    }
+
+    /// Whether the session a rotated-away ID moved to (`next`) still lives, under that ID
+    /// or, rotated again since, a later one. A rotated-away ID is readable for its grace
+    /// period only while it does: ending the session (a logout, a revocation by handle)
+    /// ends the IDs it left behind as well. (The copy is written before the old ID is
+    /// marked, so a rotation under way never looks ended.)
+    async fn successor_lives(&self, conn: &mut Conn, next: &str) -> Result<bool, Failure> {
+        let mut next = next.to_string();
+        for _ in 0..SUCCESSOR_HOPS {
+            let (created, moved): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                .arg(format!("{}{next}", self.keys.prefix))
+                .arg("created")
+                .arg("moved")
+                .query_async(conn)
+                .await?;
+            match (created, moved) {
+                (None, _) => return Ok(false),
+                (Some(_), None) => return Ok(true),
+                (Some(_), Some(later)) => next = later,
+            }
+        }
+        Ok(false)
     }
 
     /// The user a session's data names, with `session.user_key` set, for a session whose
