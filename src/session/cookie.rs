@@ -6,7 +6,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
 use http::header::{CACHE_CONTROL, COOKIE};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
 use super::id::{IdShape, SessionId};
@@ -84,10 +84,22 @@ impl SessionCookie {
                 presented = value.and_then(|v| self.check_bytes(v));
             }
         }
-        if ours || headers.get_all(COOKIE).iter().nth(1).is_some() {
+        if ours || headers.get_all(COOKIE).iter().nth(1).is_some() || self.mentioned(headers) {
             self.strip_joined(headers);
         }
+        drop_cookie2(headers);
         presented
+    }
+
+    /// Whether the (single) `Cookie` header holds the cookie's name anywhere: after a
+    /// comma (`a=1, session=…`, which some parsers split on), say.
+    fn mentioned(&self, headers: &HeaderMap) -> bool {
+        headers.get(COOKIE).is_some_and(|field| {
+            field
+                .as_bytes()
+                .windows(self.name.len())
+                .any(|w| w == self.name.as_bytes())
+        })
     }
 
     /// The value of every pair named like the session cookie (`None` for a bare name).
@@ -127,16 +139,13 @@ impl SessionCookie {
     /// cookie byte for byte, joined with `; ` into one header for an HTTP/1.1 upstream
     /// (empty pieces, `;;`, are dropped).
     pub fn strip(&self, headers: &mut HeaderMap) {
+        drop_cookie2(headers);
         let mut fields = headers.get_all(COOKIE).iter();
-        let (Some(first), None) = (fields.next(), fields.next()) else {
+        let (Some(_), None) = (fields.next(), fields.next()) else {
             return self.strip_joined(headers);
         };
         // The common case: one header, maybe without our cookie at all.
-        let mentions = first
-            .as_bytes()
-            .windows(self.name.len())
-            .any(|w| w == self.name.as_bytes());
-        if mentions {
+        if self.mentioned(headers) {
             self.strip_joined(headers);
         }
     }
@@ -147,21 +156,26 @@ impl SessionCookie {
         for field in headers.get_all(COOKIE) {
             for pair in field.as_bytes().split(|b| *b == b';') {
                 let pair = pair.trim_ascii();
-                if pair.is_empty() {
-                    continue;
-                }
-                let name = pair
-                    .split(|b| *b == b'=')
-                    .next()
-                    .unwrap_or(pair)
-                    .trim_ascii();
-                if name == self.name.as_bytes() {
+                if pair.is_empty() || self.names_it(pair) {
                     continue;
                 }
                 if !kept.is_empty() {
                     kept.extend_from_slice(b"; ");
                 }
-                kept.extend_from_slice(pair);
+                // Commas are not cookie separators, but some parsers split on them: the
+                // session cookie goes after a comma too (`a=1, session=…`).
+                if pair.contains(&b',') && pair.split(|b| *b == b',').any(|p| self.names_it(p)) {
+                    let mut first = true;
+                    for piece in pair.split(|b| *b == b',').filter(|p| !self.names_it(p)) {
+                        if !first {
+                            kept.push(b',');
+                        }
+                        kept.extend_from_slice(piece);
+                        first = false;
+                    }
+                } else {
+                    kept.extend_from_slice(pair);
+                }
             }
         }
         if kept.is_empty() {
@@ -177,6 +191,12 @@ impl SessionCookie {
                 headers.remove(COOKIE);
             }
         }
+    }
+
+    /// Whether `pair` (`name=value`, or a bare name) is named like the session cookie.
+    fn names_it(&self, pair: &[u8]) -> bool {
+        let name = pair.split(|b| *b == b'=').next().unwrap_or(pair);
+        name.trim_ascii() == self.name.as_bytes()
     }
 
     /// `Set-Cookie` that sets the session cookie to `id`.
@@ -201,6 +221,14 @@ impl SessionCookie {
             .unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 }
+
+/// Drops `Cookie2` (RFC 2965, obsolete: no browser sends it), which could carry the
+/// session ID past the stripping of `Cookie` to a parser that still reads it.
+fn drop_cookie2(headers: &mut HeaderMap) {
+    headers.remove(COOKIE2);
+}
+
+const COOKIE2: HeaderName = HeaderName::from_static("cookie2");
 
 /// Keeps a response that sets or clears the session cookie out of shared caches: its
 /// `Cache-Control` gets `private` unless it says `no-store`, and loses `public`,
@@ -385,6 +413,42 @@ mod tests {
         let mut h = headers(&["a=1", "b=2"]);
         assert_eq!(c.take(&mut h), None);
         assert_eq!(h.get_all(COOKIE).iter().count(), 1, "joined for HTTP/1.1");
+        assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=2");
+    }
+
+    #[test]
+    fn the_session_id_never_goes_on_after_a_comma_or_in_cookie2() {
+        let c = cookie(SessionConfig::default());
+        let id = SessionId::generate(c.shape());
+        for comma in [
+            format!("a=1, session={}", id.as_str()),
+            format!("a=1,session={},b=2", id.as_str()),
+        ] {
+            let mut h = headers(&[&comma]);
+            h.insert(COOKIE2, HeaderValue::from_static("session=x"));
+            // Not taken for the session (commas do not separate cookies)...
+            assert_eq!(c.take(&mut h), None, "{comma}");
+            // ...but not passed on either.
+            let left = h.get(COOKIE).unwrap().to_str().unwrap().to_string();
+            assert!(!left.contains(id.as_str()), "{comma} -> {left}");
+            assert!(left.starts_with("a=1"), "{comma} -> {left}");
+            assert!(h.get(COOKIE2).is_none());
+            let mut h = headers(&[&comma, "c=3"]);
+            h.insert(COOKIE2, HeaderValue::from_static("session=x"));
+            c.strip(&mut h);
+            let left = h.get(COOKIE).unwrap().to_str().unwrap().to_string();
+            assert!(
+                !left.contains(id.as_str()) && left.ends_with("c=3"),
+                "{left}"
+            );
+            assert!(h.get(COOKIE2).is_none());
+        }
+        // Other cookies that hold commas are left as they are.
+        let mut h = headers(&["a=1,2; b=x, y"]);
+        assert_eq!(c.take(&mut h), None);
+        assert_eq!(h.get(COOKIE).unwrap(), "a=1,2; b=x, y");
+        let mut h = headers(&["a=1, session=x; b=2"]);
+        c.take(&mut h);
         assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=2");
     }
 
