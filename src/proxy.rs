@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST, SET_COOKIE};
+use http::header::{CONNECTION, HOST, SEC_WEBSOCKET_KEY, SET_COOKIE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
@@ -265,6 +265,7 @@ impl Proxy {
         let client_upgrade = upstream::upgrade_protocol(req.headers())
             .is_some()
             .then(|| Upgrade {
+                key: req.headers().get(SEC_WEBSOCKET_KEY).cloned(),
                 client: hyper::upgrade::on(&mut req),
                 held: req.extensions_mut().remove::<Held>(),
             });
@@ -277,7 +278,7 @@ impl Proxy {
             };
             let mut response = self.forward(req, client).await.map_err(excluded)?;
             self.headers.strip(response.headers_mut());
-            check_switch(&response, client_upgrade.is_some()).map_err(excluded)?;
+            check_switch(&response, client_upgrade.as_ref()).map_err(excluded)?;
             self.tunnel(client_upgrade, &mut response);
             return Ok(Served {
                 response: response.map(Either::Left),
@@ -308,7 +309,7 @@ impl Proxy {
 
         let mut response = self.forward(req, client).await.map_err(fail)?;
         // Before the answer is applied: an unasked 101 changes nothing.
-        check_switch(&response, client_upgrade.is_some()).map_err(fail)?;
+        check_switch(&response, client_upgrade.as_ref()).map_err(fail)?;
         let answer = self
             .headers
             .take_answer(response.headers_mut(), self.max_bytes)
@@ -586,7 +587,7 @@ impl Proxy {
     /// After a 101 answer to a WebSocket upgrade, joins the client's and the
     /// application's connections.
     fn tunnel(&self, upgrade: Option<Upgrade>, response: &mut Response<UpstreamBody>) {
-        let Some(Upgrade { client, held }) = upgrade else {
+        let Some(Upgrade { client, held, .. }) = upgrade else {
             return;
         };
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -646,16 +647,29 @@ pub struct Held(pub Arc<dyn std::any::Any + Send + Sync>);
 
 /// A client's WebSocket upgrade, until the application's answer says whether it happens.
 struct Upgrade {
+    /// The handshake's `Sec-WebSocket-Key`, which the application's 101 must answer.
+    key: Option<HeaderValue>,
     client: hyper::upgrade::OnUpgrade,
     held: Option<Held>,
 }
 
-/// A 101 the client did not ask for is a 502: through the tunnel, bytes the proxy never
-/// reads would reach the application.
-fn check_switch(response: &Response<UpstreamBody>, asked: bool) -> Result<(), Problem> {
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS && !asked {
+/// A 101 that does not complete the WebSocket handshake the client asked for is a 502:
+/// through the tunnel, bytes the proxy never reads would reach the application. An
+/// application route that can be made to answer 101 (a status taken from the request)
+/// would otherwise let a client send it raw requests, a made-up `X-Session` in them.
+fn check_switch(response: &Response<UpstreamBody>, asked: Option<&Upgrade>) -> Result<(), Problem> {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(());
+    }
+    let Some(asked) = asked else {
         return Err(Problem::bad_gateway(
             "the application switched protocols, but the request did not ask to",
+        ));
+    };
+    if !upstream::completes_websocket_handshake(response.headers(), asked.key.as_ref()) {
+        return Err(Problem::bad_gateway(
+            "the application switched protocols without completing the WebSocket handshake: \
+             a 101 needs `Upgrade: websocket` and the `Sec-WebSocket-Accept` the request's key asks for",
         ));
     }
     Ok(())

@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -14,6 +16,7 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
 
 use crate::http1::client::{self, Failure};
@@ -852,6 +855,26 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
     let upgrade = headers.get(header::UPGRADE)?;
     (asks && upgrade.as_bytes().eq_ignore_ascii_case(b"websocket")).then(|| upgrade.clone())
+}
+
+/// Whether a 101's head completes a client's WebSocket handshake (RFC 6455 §4.2.2):
+/// `Connection: upgrade` and `Upgrade: websocket`, and, when the client sent
+/// `Sec-WebSocket-Key`, one `Sec-WebSocket-Accept` that is base64(SHA-1(key + the
+/// protocol's GUID)). Only an application that read the handshake can answer so.
+pub fn completes_websocket_handshake(headers: &HeaderMap, key: Option<&HeaderValue>) -> bool {
+    if upgrade_protocol(headers).is_none() {
+        return false;
+    }
+    let Some(key) = key else {
+        return true;
+    };
+    let mut digest = Sha1::new();
+    digest.update(key.as_bytes());
+    digest.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let expected = STANDARD.encode(digest.finalize());
+    let mut accepts = headers.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
+    let first = accepts.next();
+    accepts.next().is_none() && first.is_some_and(|v| v.as_bytes() == expected.as_bytes())
 }
 
 // A static, not a const: a const array would be built and dropped at every use.

@@ -759,6 +759,42 @@ async fn a_switch_of_protocols_the_client_did_not_ask_for_is_a_502() {
     }
 }
 
+/// A 101 to a WebSocket handshake must complete it: `Upgrade: websocket` and the
+/// `Sec-WebSocket-Accept` the client's key asks for. Any other 101 (from a route whose
+/// status the client chooses, say) would open a tunnel to the application past the proxy.
+#[tokio::test]
+async fn a_switch_that_does_not_complete_the_websocket_handshake_is_a_502() {
+    // The accept that answers the key below is `s3pPLMBiTxaQ9kYGzzhZRbK+xOo=`.
+    for answer in [
+        "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
+         sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+    ] {
+        let addr = raw_upstream(answer).await;
+        let mut config = support::config(&format!("http://{addr}"));
+        config.session.exclude = vec!["/static/**".into()];
+        let proxy = Proxy::start(config).await;
+        for path in ["/?status=101", "/static/a?status=101"] {
+            let r = Client::new()
+                .get(
+                    &proxy.url(path),
+                    &[
+                        ("connection", "upgrade"),
+                        ("upgrade", "websocket"),
+                        ("sec-websocket-version", "13"),
+                        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                    ],
+                )
+                .await;
+            problem(&r, 502).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn websockets_work_on_excluded_paths_without_a_session() {
     let app = App::websocket().await;

@@ -641,7 +641,8 @@ async fn a_tunnel_half_closed_by_the_client_ends_after_client_send() {
                 let _ = s
                     .write_all(
                         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
-                          connection: upgrade\r\n\r\n",
+                          connection: upgrade\r\n\
+                          sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
                     )
                     .await;
                 // Reads to the end, then keeps its side open.
