@@ -3,9 +3,11 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
 
 use support::{App, Browser, Client, Proxy, b64, q};
 
@@ -633,6 +635,48 @@ async fn cookie_responses_are_kept_out_of_shared_caches() {
         )
         .await;
     assert_eq!(r.headers["cache-control"], "public, max-age=600");
+}
+
+/// The fields CDNs obey in place of `Cache-Control` (RFC 9213's targeted fields and
+/// `Surrogate-Control`) would let them keep an answer that sets or clears the cookie.
+#[tokio::test]
+async fn cookie_responses_lose_the_cache_fields_cdns_obey() {
+    const CDN_FIELDS: [&str; 4] = [
+        "cdn-cache-control",
+        "cloudflare-cdn-cache-control",
+        "fastly-cache-control",
+        "surrogate-control",
+    ];
+    let app = App::start(Arc::new(|req| {
+        Box::pin(async move {
+            let mut r = support::scripted(req).await;
+            for name in CDN_FIELDS {
+                r.headers_mut()
+                    .insert(name, HeaderValue::from_static("max-age=600"));
+            }
+            r
+        })
+    }))
+    .await;
+    let proxy = Proxy::with(&app, |_| {}).await;
+    let mut browser = Browser::new();
+    let set = browser
+        .get(&proxy.url(&format!("/?update={}", q(r#"{"a":1}"#))))
+        .await;
+    assert!(set.session_cookie().is_some());
+    let cleared = browser.get(&proxy.url("/?update=%7B%7D")).await;
+    assert!(cleared.clears_session_cookie());
+    for r in [&set, &cleared] {
+        assert_eq!(r.headers["cache-control"], "private");
+        for name in CDN_FIELDS {
+            assert!(r.headers.get(name).is_none(), "{name}: {:?}", r.headers);
+        }
+    }
+    // Without a cookie change they pass.
+    let r = Client::new().get(&proxy.url("/"), &[]).await;
+    for name in CDN_FIELDS {
+        assert_eq!(r.headers[name], "max-age=600");
+    }
 }
 
 #[tokio::test]

@@ -234,7 +234,18 @@ const COOKIE2: HeaderName = HeaderName::from_static("cookie2");
 /// `Cache-Control` gets `private` unless it says `no-store`, and loses `public`,
 /// `s-maxage` and any `private="…"` (which lets a shared cache keep the response minus the
 /// fields it lists: a bare `private` takes its place). Other directives stay.
+/// `Surrogate-Control` and the targeted fields (`CDN-Cache-Control`,
+/// `Cloudflare-CDN-Cache-Control`, any `*-Cache-Control`: RFC 9213) go: the CDNs they
+/// are meant for obey them in place of `Cache-Control`.
 pub fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
+    let targeted: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_targeted_cache_field(name))
+        .cloned()
+        .collect();
+    for name in targeted {
+        headers.remove(name);
+    }
     let mut directives: Vec<String> = headers
         .get_all(CACHE_CONTROL)
         .iter()
@@ -259,6 +270,14 @@ pub fn keep_out_of_shared_caches(headers: &mut HeaderMap) {
     if let Ok(value) = HeaderValue::try_from(directives.join(", ")) {
         headers.insert(CACHE_CONTROL, value);
     }
+}
+
+/// Whether a field tells caches other than the client's how to keep the response in
+/// place of `Cache-Control` (names are lowercase in a `HeaderMap`; `Cache-Control` itself
+/// has no `-` before `cache`).
+fn is_targeted_cache_field(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "surrogate-control" || name.ends_with("-cache-control")
 }
 
 /// The directives of one `Cache-Control` value, trimmed, split on the commas that are
