@@ -260,6 +260,7 @@ impl Proxy {
             .map_err(|e| Problem::bad_request(e.to_string()))?;
         self.headers.strip(req.headers_mut());
         crate::session::protocol::strip_foreign_forwarding(req.headers_mut());
+        crate::session::protocol::strip_framing_look_alikes(req.headers_mut());
         // Only a WebSocket upgrade is still asked for here: any other left with the
         // hop-by-hop headers.
         let client_upgrade = upstream::upgrade_protocol(req.headers())

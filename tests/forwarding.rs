@@ -291,6 +291,40 @@ async fn forwarding_headers_the_proxy_does_not_set_are_dropped() {
     }
 }
 
+/// Servers that read names the CGI way (Unicorn, Thin) take `Content_Length` for
+/// `Content-Length` and size the body by it: look-alikes of the fields that frame a body
+/// never reach the application, whose request the proxy frames itself.
+#[tokio::test]
+async fn look_alikes_of_the_body_framing_headers_are_dropped() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.session.exclude = vec!["/static/**".into()]).await;
+    let look_alikes = [
+        ("Content_Length", "40"),
+        ("content.length", "40"),
+        ("Transfer_Encoding", "chunked"),
+        ("Transfer~Encoding", "chunked"),
+    ];
+    for path in ["/", "/static/app.js"] {
+        // Without a body (the proxy's own HTTP/1.1) and with one (hyper's).
+        for (method, body, length) in [("GET", "", None), ("POST", "a body", Some("6"))] {
+            let r = Client::new()
+                .request(method, &proxy.url(path), &look_alikes, Bytes::from(body))
+                .await;
+            assert_eq!(r.status, 200, "{method} {path}");
+            for (name, _) in look_alikes {
+                let seen = r.header_seen(&name.to_ascii_lowercase());
+                assert!(seen.is_empty(), "{method} {path}: {name} reached the app");
+            }
+            assert_eq!(
+                r.header_seen("content-length").first().map(String::as_str),
+                length,
+                "{method} {path}"
+            );
+            assert!(r.header_seen("transfer-encoding").is_empty());
+        }
+    }
+}
+
 /// An HTTP/2 connection to the proxy (with prior knowledge), driven in the background.
 async fn http2_to(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let io =

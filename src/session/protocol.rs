@@ -169,17 +169,41 @@ const FORWARDED: [&str; 3] = ["x-forwarded-for", "x-forwarded-host", "x-forwarde
 /// oauth2-proxy, Envoy's `X-Forwarded-Client-Cert`) are that proxy's to vouch for, and
 /// pass.
 pub fn strip_foreign_forwarding(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_foreign_forwarding) {
+    remove_where(headers, is_foreign_forwarding);
+}
+
+/// Removes from a client's request the look-alikes of the fields that frame its body
+/// (`Content_Length`, `Transfer.Encoding`, read as described at [`ProtocolHeaders::strip`]):
+/// servers that read names the CGI way (Unicorn, Thin) take `Content_Length` for
+/// `CONTENT_LENGTH` and would size the body by a length the proxy never framed it with.
+/// The real fields are the proxy's to check, and are framed anew on the way.
+pub fn strip_framing_look_alikes(headers: &mut HeaderMap) {
+    remove_where(headers, is_framing_look_alike);
+}
+
+/// Removes every field whose name `unwanted` picks.
+fn remove_where(headers: &mut HeaderMap, unwanted: fn(&HeaderName) -> bool) {
+    // Usually none is there: one scan of the names, and nothing collected.
+    if !headers.keys().any(unwanted) {
         return;
     }
-    let foreign: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_foreign_forwarding(name))
-        .cloned()
-        .collect();
-    for name in foreign {
+    let picked: Vec<HeaderName> = headers.keys().filter(|n| unwanted(n)).cloned().collect();
+    for name in picked {
         headers.remove(name);
     }
+}
+
+/// The fields that frame a request's body.
+const FRAMING: [&str; 2] = ["content-length", "transfer-encoding"];
+
+/// Whether a name reads as a framing field without being one: only punctuation sets the
+/// two apart.
+fn is_framing_look_alike(name: &HeaderName) -> bool {
+    has_punctuation(name)
+        && FRAMING.iter().any(|framing| {
+            name.as_str().len() == framing.len()
+                && name.as_str().bytes().map(dashed).eq(framing.bytes())
+        })
 }
 
 /// Connection facts other proxies and CDNs forward, besides the `X-Forwarded-*` the
