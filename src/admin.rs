@@ -172,11 +172,8 @@ impl Admin {
                 r
             }
             _ if path == "/sessions" || path.starts_with("/sessions/") => {
-                if !self.authorized(&req) {
-                    let mut r = problem(
-                        StatusCode::UNAUTHORIZED,
-                        "admin_token required: send Authorization: Bearer <token>",
-                    );
+                if let Err(why) = self.authorized(&req) {
+                    let mut r = problem(StatusCode::UNAUTHORIZED, why);
                     r.headers_mut()
                         .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                     return r;
@@ -203,9 +200,10 @@ impl Admin {
         }
     }
 
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
+    /// `Ok` when no `admin_token` is set or the request carries it; else why not.
+    fn authorized(&self, req: &Request<Incoming>) -> Result<(), &'static str> {
         let Some(token) = &self.token else {
-            return true;
+            return Ok(());
         };
         // The scheme's name is case-insensitive (RFC 9110 §11.1).
         let presented = req
@@ -214,8 +212,13 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map_or("", |(_, token)| token.trim_start());
-        constant_time_eq(presented.as_bytes(), token.as_bytes())
+            .map(|(_, token)| token.trim_start());
+        match presented {
+            Some(presented) if constant_time_eq(presented.as_bytes(), token.as_bytes()) => Ok(()),
+            // The token sent is never repeated: the answer may end up in a log.
+            Some(_) => Err("wrong admin token: the Bearer token sent is not admin_token"),
+            None => Err("admin_token required: send Authorization: Bearer <token>"),
+        }
     }
 
     async fn sessions(&self, req: &Request<Incoming>) -> AdminResponse {

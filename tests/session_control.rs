@@ -929,20 +929,21 @@ async fn admin_token_guards_sessions_but_not_probes(backend: Backend) {
         })
         .await;
     login(&proxy, "ann").await;
+    // The answer says whether a token was missing or wrong, and never repeats it.
+    let missing = proxy.admin_request("GET", "/sessions?user=ann", None).await;
+    assert_eq!(missing.status, 401);
     assert_eq!(
-        proxy
-            .admin_request("GET", "/sessions?user=ann", None)
-            .await
-            .status,
-        401
+        missing.json()["detail"],
+        "admin_token required: send Authorization: Bearer <token>"
     );
-    assert_eq!(
-        proxy
-            .admin_request("GET", "/sessions?user=ann", Some("wrong"))
-            .await
-            .status,
-        401
-    );
+    let wrong = proxy
+        .admin_request("GET", "/sessions?user=ann", Some("wr0ng-guess"))
+        .await;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.headers["www-authenticate"], "Bearer");
+    let detail = wrong.json()["detail"].as_str().unwrap().to_string();
+    assert!(detail.starts_with("wrong admin token"), "{detail}");
+    assert!(!String::from_utf8_lossy(&wrong.body).contains("wr0ng-guess"));
     let ok = proxy
         .admin_request("GET", "/sessions?user=ann", Some("s3cret-token"))
         .await;
