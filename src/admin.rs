@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE, ORIGIN, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -172,6 +172,13 @@ impl Admin {
                 r
             }
             _ if path == "/sessions" || path.starts_with("/sessions/") => {
+                if from_a_browser(&req) {
+                    return problem(
+                        StatusCode::FORBIDDEN,
+                        "the admin API is not for browsers: requests with Origin or \
+                         Sec-Fetch-* headers are refused (use the sessions command or curl)",
+                    );
+                }
                 if let Err(why) = self.authorized(&req) {
                     let mut r = problem(StatusCode::UNAUTHORIZED, why);
                     r.headers_mut()
@@ -255,6 +262,18 @@ impl Admin {
             _ => not_allowed("GET, DELETE"),
         }
     }
+}
+
+/// Whether a request comes from a web page: browsers send `Origin` on cross-site and
+/// non-GET requests and `Sec-Fetch-*` on all of them, and a page cannot remove either;
+/// the sessions command and curl send none. Without `admin_token`, a page that rebinds
+/// its own host name to an operator's loopback address (DNS rebinding) could otherwise
+/// list and revoke sessions, whatever `Host` it sends.
+fn from_a_browser(req: &Request<Incoming>) -> bool {
+    let headers = req.headers();
+    headers.contains_key(ORIGIN)
+        || headers.contains_key("sec-fetch-site")
+        || headers.contains_key("sec-fetch-mode")
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

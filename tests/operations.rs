@@ -31,6 +31,42 @@ async fn health_and_readiness_answer_on_the_admin_port() {
 /// old ones are closed under them.
 /// Requests the HTTP/1 parser refuses and answers itself (a malformed head: 400; too
 /// many fields: 431) are counted like any other answer, with no session.
+/// Without `admin_token`, a web page that rebinds its host name to the operator's machine
+/// (DNS rebinding) could reach `/sessions`: requests a browser makes (with `Origin` or
+/// `Sec-Fetch-*`) are refused there; the probes and the CLI's requests are not.
+#[tokio::test]
+async fn the_sessions_api_refuses_requests_from_browsers() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| c.session.user_key = Some("user".into())).await;
+    let admin = proxy.admin.unwrap();
+    let client = Client::new();
+    for header in [
+        ("origin", "http://rebound.example"),
+        ("sec-fetch-site", "same-origin"),
+        ("sec-fetch-mode", "cors"),
+    ] {
+        for (method, path) in [
+            ("GET", "/sessions?user=ann"),
+            ("DELETE", "/sessions?user=ann"),
+            ("DELETE", "/sessions/some-handle"),
+        ] {
+            let url = format!("http://{admin}{path}");
+            let r = client.request(method, &url, &[header], Bytes::new()).await;
+            assert_eq!(r.status, 403, "{method} {path} with {header:?}");
+            assert_eq!(r.headers["content-type"], "application/problem+json");
+            let detail = r.json()["detail"].as_str().unwrap().to_string();
+            assert!(detail.contains("not for browsers"), "{detail}");
+        }
+        for probe in ["/healthz", "/readyz", "/metrics"] {
+            let url = format!("http://{admin}{probe}");
+            let r = client.request("GET", &url, &[header], Bytes::new()).await;
+            assert_eq!(r.status, 200, "{probe} with {header:?}");
+        }
+    }
+    let r = proxy.admin_request("GET", "/sessions?user=ann", None).await;
+    assert_eq!(r.status, 200);
+}
+
 #[tokio::test]
 async fn requests_the_parser_refuses_are_counted() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
