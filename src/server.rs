@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, StoreHealth};
-use crate::config::{Config, StoreType, secs};
+use crate::config::{Config, StoreConfig, StoreType, mask_url, secs};
 use crate::http1;
 use crate::http1::server::{Graceful, Limits, Next};
 use crate::metrics::Metrics;
@@ -140,6 +140,7 @@ impl Server {
             metrics,
             leftovers,
         } = self;
+        let admin_addr = admin.as_ref().and_then(|(l, _)| l.local_addr().ok());
         if let Some((listener, admin)) = admin {
             tokio::spawn(admin.serve(listener));
         }
@@ -163,7 +164,17 @@ impl Server {
             }
         };
         tokio::pin!(draining);
-        tracing::info!(listen = %config.listen, upstream = %config.upstream, "session-proxy listening");
+        let admin_at = admin_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+        let store = StoreAt::of(&config.store);
+        tracing::info!(
+            listen = %config.listen,
+            upstream = %config.upstream,
+            store = %store.kind,
+            store_master = store.master.map(tracing::field::display),
+            store_at = store.at.as_deref().map(tracing::field::display),
+            admin = %admin_at,
+            "session-proxy listening"
+        );
         let mut last_full = None;
         loop {
             let slot = match slots.clone().try_acquire_owned() {
@@ -863,6 +874,34 @@ async fn watch_connection(
 const CHECKS_PER_PERIOD: u32 = 4;
 
 /// The configured backend, ready to serve requests on `workers` worker threads.
+/// The store as the start-up line names it, in fields without spaces: its kind
+/// (`memory`, `redis`, `redis-sentinel`, `redis-cluster`), a Sentinel setup's master, and
+/// where Redis is (its URL, or the nodes' URLs joined by `,`), passwords masked.
+struct StoreAt<'a> {
+    kind: &'static str,
+    master: Option<&'a str>,
+    at: Option<String>,
+}
+
+impl StoreAt<'_> {
+    fn of(store: &StoreConfig) -> StoreAt<'_> {
+        let nodes = |nodes: &[String]| {
+            let masked: Vec<String> = nodes.iter().map(|n| mask_url(n)).collect();
+            Some(masked.join(","))
+        };
+        let (kind, master, at) = match (store.kind, &store.url, &store.sentinel, &store.cluster) {
+            (StoreType::Memory, ..) => ("memory", None, None),
+            (StoreType::Redis, Some(url), _, _) => ("redis", None, Some(mask_url(url))),
+            (StoreType::Redis, None, Some(s), _) => {
+                ("redis-sentinel", Some(s.master.as_str()), nodes(&s.nodes))
+            }
+            (StoreType::Redis, None, None, Some(c)) => ("redis-cluster", None, nodes(&c.nodes)),
+            (StoreType::Redis, None, None, None) => ("redis", None, None),
+        };
+        StoreAt { kind, master, at }
+    }
+}
+
 pub async fn build_store(config: &Config, workers: usize) -> Result<Arc<dyn Store>, String> {
     let settings = StoreSettings {
         max_age: Duration::from_secs(config.session.max_age),
@@ -964,5 +1003,39 @@ impl<F: Future + Send + 'static> Drop for RunToEnd<F> {
             };
             leftovers.tasks.spawn_on(finish, &runtime);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClusterConfig, SentinelConfig};
+
+    #[test]
+    fn the_start_up_line_masks_every_redis_password() {
+        let mut store = StoreConfig {
+            kind: StoreType::Redis,
+            sentinel: Some(SentinelConfig {
+                master: "mymaster".into(),
+                nodes: vec!["redis://:pw@10.0.0.5:26379".into(), "10.0.0.6:26379".into()],
+            }),
+            ..StoreConfig::default()
+        };
+        let at = StoreAt::of(&store);
+        assert_eq!(at.kind, "redis-sentinel");
+        assert_eq!(at.master, Some("mymaster"));
+        assert_eq!(
+            at.at.as_deref(),
+            Some("redis://:********@10.0.0.5:26379,10.0.0.6:26379")
+        );
+        store.sentinel = None;
+        store.cluster = Some(ClusterConfig {
+            nodes: vec!["redis://u:pw@10.0.0.5:7000".into()],
+        });
+        let at = StoreAt::of(&store);
+        assert_eq!(
+            (at.kind, at.at.as_deref()),
+            ("redis-cluster", Some("redis://u:********@10.0.0.5:7000"))
+        );
     }
 }

@@ -792,6 +792,42 @@ fn line_with(
     None
 }
 
+/// The start-up line names the store, a Redis password masked, and where the admin port
+/// listens, or that it is off.
+#[test]
+fn the_start_up_line_names_the_store_and_the_admin_port() {
+    // Nothing listens there: the proxy starts all the same, and warns.
+    let redis = format!("redis://app:hunter2@127.0.0.1:{}/0", free_port());
+    let masked = redis.replace("hunter2", "********");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let cases = [
+        (
+            vec!["--admin-listen", "null"],
+            vec!["store=memory".to_string(), "admin=off".to_string()],
+        ),
+        (
+            vec!["--store", &redis, "--admin-listen", &admin],
+            vec![
+                "store=redis ".to_string(),
+                format!("store_at={masked}"),
+                format!("admin={admin}"),
+            ],
+        ),
+    ];
+    for (args, parts) in cases {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args = args;
+        args.extend(["--listen", &listen]);
+        let (_child, seen) = watched(&args, &[], "info");
+        let line = line_with(&seen, &["session-proxy listening"], Duration::from_secs(10))
+            .expect("the start-up line");
+        for part in &parts {
+            assert!(line.contains(part.as_str()), "{part}: {line}");
+        }
+        assert!(!line.contains("hunter2"), "{line}");
+    }
+}
+
 /// A store that is not there at start-up, or goes away, is named in a warning (where the
 /// proxy looks for it included), and its return in a note: not only `/readyz` knows.
 #[tokio::test]
