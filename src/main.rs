@@ -1,6 +1,7 @@
 //! The command line: run the proxy, check a configuration, run the demo, or manage a
 //! user's sessions through the admin port.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -106,7 +107,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            None => run(load(&cli.flags)?).await,
+            None => run(load(&cli.flags)?, Greeting::None).await,
             Some(Command::Check) => {
                 let config = load(&cli.flags)?;
                 print!("{}", config.to_masked_yaml());
@@ -146,7 +147,14 @@ fn load(flags: &Flags) -> Result<Config, String> {
     Config::load(&flags.overrides()).map_err(|e| e.to_string())
 }
 
-async fn run(config: Config) -> Result<(), Failure> {
+/// What is said on stderr once the proxy listens, past the log's filter.
+enum Greeting {
+    None,
+    /// The demo's invitation to open the proxy in a browser.
+    Demo,
+}
+
+async fn run(config: Config, greeting: Greeting) -> Result<(), Failure> {
     logging::init(&config.log);
     // From here on the log is set up: a failure goes there, as JSON when so configured,
     // unless the log's filter would drop it.
@@ -159,6 +167,14 @@ async fn run(config: Config) -> Result<(), Failure> {
         }
         Failure::Logged
     })?;
+    // Only now that the listener is bound: a failed bind says so and nothing else.
+    if let (Greeting::Demo, Ok(bound)) = (greeting, server.local_addr()) {
+        logging::say_outside(
+            format,
+            "INFO",
+            &format!("demo: open http://{} in a browser", browsable(bound)),
+        );
+    }
     let shutdown = server.shutdown_handle();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -216,12 +232,18 @@ async fn run_demo(flags: &Flags) -> Result<(), Failure> {
     config.session.exclude.push("/static/**".into());
     config.session.user_key.get_or_insert_with(|| "user".into());
     config.validate().map_err(|e| e.to_string())?;
-    logging::say_outside(
-        config.log.format,
-        "INFO",
-        &format!("demo: open http://{} in a browser", config.listen),
-    );
-    run(config).await
+    run(config, Greeting::Demo).await
+}
+
+/// The address a browser on this machine reaches a listener bound to `bound` at: a
+/// wildcard address (`0.0.0.0`, `[::]`) is no place to go, loopback is.
+fn browsable(bound: SocketAddr) -> SocketAddr {
+    let ip = match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, bound.port())
 }
 
 async fn sessions(config: Config, action: SessionsAction) -> Result<(), String> {

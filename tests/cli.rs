@@ -638,6 +638,38 @@ async fn demo_serves_a_working_session_app() {
     let _ = child.wait();
 }
 
+/// The demo's invitation comes once the proxy listens, with the address it is bound to
+/// and loopback for a wildcard one; a failed bind is said without it.
+#[tokio::test]
+async fn demo_names_the_address_it_listens_on_once_bound() {
+    let (_child, seen) = watched(
+        &["demo", "--listen", "0.0.0.0:0", "--admin-listen", "null"],
+        &[],
+        "info",
+    );
+    let line = line_with(&seen, &["demo: open"], Duration::from_secs(10)).expect("the greeting");
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a URL")
+        .to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    assert!(!url.ends_with(":0"), "the bound port, not 0: {line}");
+    let page = Client::new().get(&format!("{url}/"), &[]).await;
+    assert_eq!(page.status, 200);
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let out = run(
+        &["demo", "--listen", &listen, "--admin-listen", "null"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen"), "{err}");
+    assert!(!err.contains("demo: open"), "{err}");
+}
+
 /// The demo is configured like the proxy (file, environment, flags); only the
 /// application and the store are its own.
 #[tokio::test]
