@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE, ORIGIN, WWW_AUTHENTICATE};
+use http::header::{ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE, HOST, ORIGIN, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -179,6 +179,17 @@ impl Admin {
                          Sec-Fetch-* headers are refused (use the sessions command or curl)",
                     );
                 }
+                // Without a token, a page that rebinds its own host name to this address
+                // could still read a listing over plain http (no `Sec-Fetch-*` there, no
+                // `Origin` on a GET): such a request names the port by that host name.
+                if self.token.is_none() && named_by_host_name(&req) {
+                    return problem(
+                        StatusCode::FORBIDDEN,
+                        "without admin_token, /sessions answers only requests addressed to \
+                         an IP address or localhost (Host); set admin_token to reach it by \
+                         a host name",
+                    );
+                }
                 if let Err(why) = self.authorized(&req) {
                     let mut r = problem(StatusCode::UNAUTHORIZED, why);
                     r.headers_mut()
@@ -274,6 +285,27 @@ fn from_a_browser(req: &Request<Incoming>) -> bool {
     headers.contains_key(ORIGIN)
         || headers.contains_key("sec-fetch-site")
         || headers.contains_key("sec-fetch-mode")
+}
+
+/// Whether the request names the admin port by a host name (its `Host`, or the
+/// authority of its target), not by an IP address or `localhost`.
+fn named_by_host_name(req: &Request<Incoming>) -> bool {
+    let host = match req.headers().get(HOST) {
+        Some(host) => host.to_str().unwrap_or("?"),
+        None => match req.uri().authority() {
+            Some(authority) => authority.as_str(),
+            // HTTP/1.0 without a Host: no browser sends that.
+            None => return false,
+        },
+    };
+    if host.starts_with('[') {
+        return false;
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    !(name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

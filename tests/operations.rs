@@ -65,6 +65,27 @@ async fn the_sessions_api_refuses_requests_from_browsers() {
     }
     let r = proxy.admin_request("GET", "/sessions?user=ann", None).await;
     assert_eq!(r.status, 200);
+    // Without admin_token, only requests addressed to an IP address or localhost: a
+    // rebound host name is refused, even on a GET a page could send bare.
+    let port = admin.port();
+    let url = format!("http://{admin}/sessions?user=ann");
+    for (host, status) in [
+        (format!("rebound.example:{port}"), 403),
+        ("rebound.example".to_string(), 403),
+        (format!("localhost:{port}"), 200),
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("[::1]:{port}"), 200),
+    ] {
+        let r = client
+            .request("GET", &url, &[("host", &host)], Bytes::new())
+            .await;
+        assert_eq!(r.status, status, "Host: {host}");
+    }
+    let probe = format!("http://{admin}/metrics");
+    let r = client
+        .request("GET", &probe, &[("host", "rebound.example")], Bytes::new())
+        .await;
+    assert_eq!(r.status, 200, "the probes answer any Host");
 }
 
 #[tokio::test]
