@@ -33,6 +33,11 @@ pub struct Config {
     pub log: LogConfig,
     /// Bearer token that `/sessions` on the admin port requires, when set.
     pub admin_token: Option<String>,
+    /// Every request comes through a proxy of the operator's (an ingress, a load
+    /// balancer) that sets the forwarding fields: `X-Forwarded-Proto`, `-Host` and the
+    /// other forwarding fields are passed on as it set them, rather than replaced or
+    /// removed.
+    pub trust_forwarded: bool,
 }
 
 impl Default for Config {
@@ -48,6 +53,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             admin_token: None,
+            trust_forwarded: false,
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct Proxy {
     rotate_grace: Duration,
     /// `session.user_key`: the key naming a session's user.
     user_key: Option<String>,
+    /// `trust_forwarded`: the forwarding fields come from a proxy of the operator's.
+    trust_forwarded: bool,
     absolute_timeout: Option<u64>,
     max_header_bytes: usize,
     /// How long a tunnel's other side may stay open once one side has closed
@@ -134,6 +136,7 @@ impl Proxy {
             max_bytes: s.max_bytes,
             rotate_grace: Duration::from_secs(s.rotate_grace),
             user_key: s.user_key.clone(),
+            trust_forwarded: config.trust_forwarded,
             absolute_timeout: s.absolute_timeout,
             max_header_bytes: config.limits.max_header_bytes,
             tunnel_linger: crate::config::secs(config.timeouts.client_send),
@@ -259,7 +262,9 @@ impl Proxy {
         upstream::remove_hop_by_hop(req.headers_mut(), true, &[HOST])
             .map_err(|e| Problem::bad_request(e.to_string()))?;
         self.headers.strip(req.headers_mut());
-        crate::session::protocol::strip_foreign_forwarding(req.headers_mut());
+        if !self.trust_forwarded {
+            crate::session::protocol::strip_foreign_forwarding(req.headers_mut());
+        }
         crate::session::protocol::strip_framing_look_alikes(req.headers_mut());
         // Only a WebSocket upgrade is still asked for here: any other left with the
         // hop-by-hop headers.

@@ -72,7 +72,8 @@ impl Server {
                 .cloned()
                 .collect(),
             crate::http1::client::head_limit(config.session.max_bytes),
-        );
+        )
+        .trusting_forwarded(config.trust_forwarded);
         let proxy = Proxy::new(
             &config,
             store.clone(),

@@ -279,6 +279,9 @@ pub struct Upstream {
     /// The protocol headers: the proxy reads them from the response even when its
     /// `Connection` names them (they are meant for the proxy, the next hop, after all).
     spared: Arc<[HeaderName]>,
+    /// `trust_forwarded`: a request's `X-Forwarded-Proto` and `-Host` come from a proxy
+    /// of the operator's, and are kept.
+    trust_forwarded: bool,
 }
 
 impl Upstream {
@@ -325,6 +328,16 @@ impl Upstream {
             response_timeout,
             max_head,
             spared,
+            trust_forwarded: false,
+        }
+    }
+
+    /// Keeps the `X-Forwarded-Proto` and `X-Forwarded-Host` a request arrives with
+    /// (`trust_forwarded`), setting them only when it has none.
+    pub fn trusting_forwarded(self, trust_forwarded: bool) -> Upstream {
+        Upstream {
+            trust_forwarded,
+            ..self
         }
     }
 
@@ -362,7 +375,9 @@ impl Upstream {
                 if from_target {
                     headers.insert(header::HOST, host.clone());
                 }
-                headers.insert(X_FORWARDED_HOST, host);
+                if !(self.trust_forwarded && headers.contains_key(X_FORWARDED_HOST)) {
+                    headers.insert(X_FORWARDED_HOST, host);
+                }
             }
             // HTTP/1.1 requires a Host: an HTTP/1.0 client may not have sent one.
             None => {
@@ -372,7 +387,9 @@ impl Upstream {
             }
         }
         add_forwarded_for(headers, client);
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        if !(self.trust_forwarded && headers.contains_key(X_FORWARDED_PROTO)) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
 
         // The common case, a request without a body that asks for no upgrade, goes out
         // through the proxy's own HTTP/1.1; the rest through hyper's.

@@ -291,6 +291,52 @@ async fn forwarding_headers_the_proxy_does_not_set_are_dropped() {
     }
 }
 
+/// With `trust_forwarded` (an ingress in front that sets them), the forwarding fields
+/// reach the application as the ingress set them: `X-Forwarded-Proto: https` survives,
+/// the client's address is still appended to `X-Forwarded-For`, and the proxy sets
+/// `X-Forwarded-Proto` and `-Host` only when they are missing.
+#[tokio::test]
+async fn trusted_forwarding_fields_are_passed_on_as_the_proxy_in_front_set_them() {
+    let app = App::scripted().await;
+    let proxy = Proxy::with(&app, |c| {
+        c.trust_forwarded = true;
+        c.session.exclude = vec!["/static/**".into()];
+    })
+    .await;
+    let from_ingress = [
+        ("host", "shop.example"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "www.shop.example"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-forwarded-port", "443"),
+        ("forwarded", "for=203.0.113.9;proto=https"),
+        ("x-real-ip", "203.0.113.9"),
+    ];
+    for path in ["/", "/static/app.js"] {
+        let r = Client::new().get(&proxy.url(path), &from_ingress).await;
+        assert_eq!(r.header_seen("x-forwarded-proto"), vec!["https"], "{path}");
+        assert_eq!(
+            r.header_seen("x-forwarded-host"),
+            vec!["www.shop.example"],
+            "{path}"
+        );
+        assert_eq!(
+            r.header_seen("x-forwarded-for"),
+            vec!["203.0.113.9, 127.0.0.1"],
+            "{path}"
+        );
+        for (name, value) in &from_ingress[4..] {
+            assert_eq!(r.header_seen(name), vec![*value], "{path}: {name}");
+        }
+    }
+    // Missing, they are set as without trust.
+    let r = Client::new()
+        .get(&proxy.url("/"), &[("host", "shop.example")])
+        .await;
+    assert_eq!(r.header_seen("x-forwarded-proto"), vec!["http"]);
+    assert_eq!(r.header_seen("x-forwarded-host"), vec!["shop.example"]);
+}
+
 /// Servers that read names the CGI way (Unicorn, Thin) take `Content_Length` for
 /// `Content-Length` and size the body by it: look-alikes of the fields that frame a body
 /// never reach the application, whose request the proxy frames itself.
