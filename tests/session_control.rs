@@ -83,6 +83,7 @@ on_both_stores!(
     revoke_all_ends_every_session_of_the_user_and_no_other,
     a_write_in_flight_does_not_bring_back_a_revoked_session,
     revoke_by_handle_ends_one_session,
+    a_session_that_left_the_index_is_not_revoked_by_its_handle,
     admin_token_guards_sessions_but_not_probes,
 );
 
@@ -918,6 +919,28 @@ async fn revoke_by_handle_ends_one_session(backend: Backend) {
         .admin_request("DELETE", &format!("/sessions/{handle}"), None)
         .await;
     assert_eq!(r.status, 404);
+}
+
+/// Handles name indexed sessions only: once a session's data names no user (its user key
+/// removed), its old handle revokes nothing, on either store.
+async fn a_session_that_left_the_index_is_not_revoked_by_its_handle(backend: Backend) {
+    let app = App::scripted().await;
+    let proxy = backend
+        .proxy(&app, |c| c.session.user_key = Some("user_id".into()))
+        .await;
+    let mut a = login(&proxy, "ann").await;
+    let handle = a
+        .get(&proxy.url(&format!("/?patch={}", q(r#"{"x":1}"#))))
+        .await
+        .header_seen("x-session-handle")
+        .remove(0);
+    a.get(&proxy.url(&format!("/logout?patch={}", q(r#"{"user_id":null}"#))))
+        .await;
+    let r = proxy
+        .admin_request("DELETE", &format!("/sessions/{handle}"), None)
+        .await;
+    assert_eq!(r.status, 404, "{:?}", r.json());
+    assert_eq!(a.get(&proxy.url("/")).await.session_seen(), json!({"x": 1}));
 }
 
 async fn admin_token_guards_sessions_but_not_probes(backend: Backend) {

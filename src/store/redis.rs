@@ -331,7 +331,8 @@ return status
 });
 
 /// Deletes a session, if its `ver` and user are the expected ones.
-/// ARGV: ver ('' for any), user ('' for any).
+/// ARGV: ver ('' for any), user ('' for any), 'indexed' to spare a session that names no
+/// user.
 static DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -340,12 +341,24 @@ if not f[3] then return {0, '', ''} end
 local ver = f[1] or '0'
 if ARGV[1] ~= '' and ver ~= ARGV[1] then return {2, f[3], ver} end
 if ARGV[2] ~= '' and f[2] ~= ARGV[2] then return {0, '', ''} end
+if ARGV[3] == 'indexed' and not f[2] then return {0, '', ''} end
 redis.call('DEL', KEYS[1])
 if f[4] then return {3, f[2] or '', ''} end
 return {1, f[2] or '', ''}
 ",
     )
 });
+
+/// Whose session a deletion may end.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    /// Whoever's, or nobody's.
+    Any,
+    /// Some user's: a session that names none is spared.
+    Anyone,
+    /// This user's only.
+    User(&'a str),
+}
 
 /// Reads what rotation copies. Answers nil, or `{data, created, ends, user, pttl, moved,
 /// ver}`.
@@ -1648,11 +1661,16 @@ impl RedisStore {
         conn: &mut Conn,
         id: &SessionId,
         ver: Option<&str>,
-        user: Option<&str>,
+        owner: Owner<'_>,
     ) -> Result<Written, Failure> {
         let key = self.keys.session(id);
         let mut call = DELETE.key(&key);
-        call.arg(ver.unwrap_or("")).arg(user.unwrap_or(""));
+        call.arg(ver.unwrap_or(""));
+        match owner {
+            Owner::Any => call.arg("").arg(""),
+            Owner::Anyone => call.arg("").arg("indexed"),
+            Owner::User(user) => call.arg(user).arg(""),
+        };
         let removed: Written = self.commit(conn, &key, &call).await?;
         if let Written::Done(Some(owner)) | Written::Moved(Some(owner)) = &removed {
             self.unindex(conn, owner, id).await;
@@ -1883,7 +1901,7 @@ impl RedisStore {
                     PatchOutcome::Updated(merged),
                 ),
                 Merged::Empty => (
-                    self.remove(&mut conn, id, Some(&ver), None).await?,
+                    self.remove(&mut conn, id, Some(&ver), Owner::Any).await?,
                     PatchOutcome::Destroyed,
                 ),
             };
@@ -1906,7 +1924,7 @@ impl RedisStore {
 
     async fn delete_session(&self, id: &SessionId) -> Result<Landed, Failure> {
         let mut conn = self.link.conn().await?;
-        Ok(match self.remove(&mut conn, id, None, None).await? {
+        Ok(match self.remove(&mut conn, id, None, Owner::Any).await? {
             Written::Done(_) => Landed::Done,
             Written::Moved(_) => Landed::Moved,
             Written::Missing | Written::Changed { .. } => Landed::Missing,
@@ -2020,7 +2038,7 @@ impl RedisStore {
                 return Ok(Rotated::Done);
             }
             // The copy is not the session: gone, moved by another rotation, or out of date.
-            self.remove(&mut conn, new, None, None).await?;
+            self.remove(&mut conn, new, None, Owner::Any).await?;
             match status {
                 // Ended meanwhile (a logout, "log out everywhere"): so does its copy.
                 0 => return Ok(Rotated::Missing),
@@ -2159,7 +2177,7 @@ impl RedisStore {
             let removed = try_join_all(ids.iter().map(|id| {
                 let mut conn = conn.clone();
                 // Only sessions that still belong to the user: one may have changed hands.
-                async move { self.remove(&mut conn, id, None, Some(user)).await }
+                async move { self.remove(&mut conn, id, None, Owner::User(user)).await }
             }))
             .await?;
             let now = removed
@@ -2195,7 +2213,9 @@ impl RedisStore {
         else {
             return Ok(false);
         };
-        let removed = self.remove(&mut conn, &id, None, None).await?;
+        // Only while the session names a user, as the memory store's handles do: one that
+        // left every index (its user key removed) is no longer anyone's to revoke.
+        let removed = self.remove(&mut conn, &id, None, Owner::Anyone).await?;
         Ok(matches!(removed, Written::Done(_) | Written::Moved(_)))
     }
 
