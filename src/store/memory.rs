@@ -29,6 +29,10 @@ use crate::session::id::SessionId;
 const SHARDS: usize = 64;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// How soon a store refusing sessions at its bound sweeps out the ended ones, rather than
+/// at the next regular sweep: the delay also spaces such sweeps apart.
+const SWEEP_SOON_EVERY: Duration = Duration::from_millis(50);
+
 /// Most attempts a rotation makes at copying a session that is being written meanwhile.
 const ROTATE_ATTEMPTS: usize = 8;
 
@@ -83,6 +87,9 @@ pub struct MemoryStore {
     hasher: RandomState,
     count: AtomicUsize,
     max_sessions: usize,
+    /// Asks the sweeper for a sweep now: a store refused a session at its bound, which
+    /// sessions that ended since the last sweep may still be holding.
+    sweep_soon: Arc<tokio::sync::Notify>,
     settings: StoreSettings,
     /// The per-user index. Entries leave it when their session is deleted, revoked or
     /// swept.
@@ -117,6 +124,7 @@ impl MemoryStore {
             max_sessions,
             settings,
             users: Mutex::new(UserIndex::default()),
+            sweep_soon: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -124,11 +132,19 @@ impl MemoryStore {
     /// on a blocking thread: a large one must not hold up the runtime's other work.
     pub fn start_sweeper(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
+        let soon = self.sweep_soon.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = soon.notified() => {
+                        // At most one extra sweep per `SWEEP_SOON_EVERY`, however many
+                        // sessions a full store refuses meanwhile.
+                        tokio::time::sleep(SWEEP_SOON_EVERY).await;
+                    }
+                }
                 let Some(store) = weak.upgrade() else { return };
                 if tokio::task::spawn_blocking(move || store.sweep())
                     .await
@@ -262,7 +278,10 @@ impl MemoryStore {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     (n < self.max_sessions).then_some(n + 1)
                 })
-                .map_err(|_| StoreError::Full)?;
+                .map_err(|_| {
+                    self.sweep_soon.notify_one();
+                    StoreError::Full
+                })?;
         } else {
             self.count.fetch_add(1, Ordering::Relaxed);
         }
@@ -691,6 +710,32 @@ mod tests {
                 .unwrap(),
             Landed::Done
         );
+    }
+
+    /// Sessions that ended since the last sweep do not keep a full store refusing new
+    /// ones until the next regular sweep (a second away): a refusal sweeps them out.
+    #[tokio::test]
+    async fn a_store_full_of_ended_sessions_makes_room_at_once() {
+        let s = Arc::new(store(Duration::from_millis(200), 2));
+        // The regular sweeps now, and a second from now.
+        let started = std::time::Instant::now();
+        s.start_sweeper();
+        for _ in 0..2 {
+            s.create(&id(), new_session(r#"{"a":1}"#)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let fresh = id();
+        let mut refused = 0;
+        while s.create(&fresh, new_session(r#"{"b":1}"#)).await.is_err() {
+            refused += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(700),
+            "room only after {:?} ({refused} refusals): at the regular sweep",
+            started.elapsed()
+        );
+        assert_eq!(s.session_count(), Some(1));
     }
 
     #[tokio::test]
