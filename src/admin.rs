@@ -172,7 +172,8 @@ impl Admin {
                 r
             }
             _ if path == "/sessions" || path.starts_with("/sessions/") => {
-                if from_a_browser(&req) {
+                // With a token, a page has no way in: it does not have the token.
+                if self.token.is_none() && from_a_browser(&req) {
                     return problem(
                         StatusCode::FORBIDDEN,
                         "the admin API is not for browsers: requests with Origin or \
@@ -280,11 +281,12 @@ impl Admin {
 /// the sessions command and curl send none. Without `admin_token`, a page that rebinds
 /// its own host name to an operator's loopback address (DNS rebinding) could otherwise
 /// list and revoke sessions, whatever `Host` it sends.
+///
+/// `Sec-Fetch-Mode` alone does not count: Node's `fetch` sends it on every request, and
+/// browsers send it only together with `Sec-Fetch-Site`.
 fn from_a_browser(req: &Request<Incoming>) -> bool {
     let headers = req.headers();
-    headers.contains_key(ORIGIN)
-        || headers.contains_key("sec-fetch-site")
-        || headers.contains_key("sec-fetch-mode")
+    headers.contains_key(ORIGIN) || headers.contains_key("sec-fetch-site")
 }
 
 /// Whether the request names the admin port by a host name (its `Host`, or the

@@ -12,7 +12,11 @@ use crate::config::{LogConfig, LogFormat};
 /// one access-log line per request (`info`).
 pub fn init(config: &LogConfig) {
     let rust_log = std::env::var("RUST_LOG").ok();
-    if let Some(hint) = rust_log.as_deref().and_then(rust_log_hint) {
+    let hint = match rust_log.as_deref().filter(|f| !f.trim().is_empty()) {
+        Some(rust_log) => rust_log_hint(rust_log),
+        None => config.level.as_deref().and_then(level_hint),
+    };
+    if let Some(hint) = hint {
         // Said outside the log: the filter may well let nothing through.
         say_outside(config.format, "WARN", &hint);
     }
@@ -110,12 +114,25 @@ fn rust_log_hint(rust_log: &str) -> Option<String> {
     })
 }
 
+/// What is likely wrong with a `log.level` (checked for syntax with the configuration):
+/// a filter that asks for lines but lets none of the proxy's own through.
+fn level_hint(level: &str) -> Option<String> {
+    silences_own_lines(level).then(|| {
+        format!(
+            "log.level `{level}` lets none of the proxy's own log lines through, errors \
+             included (they are under the target `{OWN_TARGET}`); add a level for the \
+             rest, e.g. `warn,{level}`"
+        )
+    })
+}
+
 /// The target every log line of the proxy's own is under (or under a module of it).
 const OWN_TARGET: &str = "session_proxy";
 
 /// Whether a filter asks for some log lines but lets none of the proxy's own through:
-/// `hyper=debug` alone, or a misspelt `sessionproxy=info`. A filter that turns lines
-/// off (`off`, `hyper=off`) is taken as meant.
+/// `hyper=debug` alone, or a misspelt `sessionproxy=info`. A filter that turns the
+/// proxy's lines off itself (`off`, `off,hyper=info`, `hyper=debug,session_proxy=off`)
+/// is taken as meant.
 pub fn silences_own_lines(filter: &str) -> bool {
     const LEVELS: [&str; 12] = [
         "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
@@ -130,6 +147,10 @@ pub fn silences_own_lines(filter: &str) -> bool {
             None => (directive, None),
         };
         if level.is_some_and(|l| l.eq_ignore_ascii_case("off") || l == "0") {
+            if target.is_empty() || OWN_TARGET.starts_with(target) || target.starts_with(OWN_TARGET)
+            {
+                return false;
+            }
             continue;
         }
         asks = true;
@@ -180,7 +201,6 @@ mod tests {
             "bogus=debug",
             "redis[span]=debug",
             "session_proxy[request]=info",
-            "off,hyper=info",
         ] {
             assert!(silences_own_lines(silencing), "{silencing}");
         }
@@ -197,6 +217,10 @@ mod tests {
             "session=debug",
             "=info",
             "hyper=debug,session_proxy=error",
+            // The proxy's lines turned off on purpose.
+            "off,hyper=info",
+            "hyper=debug,session_proxy=off",
+            "session_proxy=off",
         ] {
             assert!(!silences_own_lines(meant), "{meant}");
         }
@@ -224,6 +248,9 @@ mod tests {
         ] {
             assert_eq!(rust_log_hint(meant), None, "{meant}");
         }
+        let hint = level_hint("hyper=debug").unwrap();
+        assert!(hint.starts_with("log.level `hyper=debug`"), "{hint}");
+        assert_eq!(level_hint("hyper=debug,session_proxy=off"), None);
     }
 
     #[test]

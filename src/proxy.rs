@@ -262,7 +262,9 @@ impl Proxy {
         upstream::remove_hop_by_hop(req.headers_mut(), true, &[HOST])
             .map_err(|e| Problem::bad_request(e.to_string()))?;
         self.headers.strip(req.headers_mut());
-        if !self.trust_forwarded {
+        if self.trust_forwarded {
+            crate::session::protocol::strip_untrusted_forwarding(req.headers_mut());
+        } else {
             crate::session::protocol::strip_foreign_forwarding(req.headers_mut());
         }
         crate::session::protocol::strip_framing_look_alikes(req.headers_mut());
@@ -517,14 +519,15 @@ impl Proxy {
                 Err(e) => return Err(failed(e)),
             },
         };
-        // A rotation whose change takes the session away from its user (a logout that
-        // keeps the cart) leaves the old ID the session as it is now, not as it was:
-        // whoever holds the old ID (planted, logged, sniffed) is not still logged in for
-        // the grace period. (At a login the old ID keeps the session as it was, which
-        // names no user or the same one.)
+        // A rotation whose change logs the user out (a logout that keeps the cart) leaves
+        // the old ID the session as it is now, not as it was: whoever holds the old ID
+        // (planted, logged, sniffed) is not still logged in for the grace period. Only
+        // when the change leaves no user: a login as another user keeps the old ID the
+        // session as it was, as every login does (the new user's session is not the old
+        // ID holder's to read).
         if let (Some(previous), Some(after), Some(key)) = (&previous, &after, &self.user_key)
-            && let Some(user) = codec::user_of(&before, key)
-            && codec::user_of(after, key).as_deref() != Some(user.as_str())
+            && codec::user_of(&before, key).is_some()
+            && codec::user_of(after, key).is_none()
         {
             self.store
                 .replace(previous, after.clone())

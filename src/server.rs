@@ -874,7 +874,6 @@ async fn watch_connection(
 /// `timeouts.client_send`, when shorter).
 const CHECKS_PER_PERIOD: u32 = 4;
 
-/// The configured backend, ready to serve requests on `workers` worker threads.
 /// The store as the start-up line names it, in fields without spaces: its kind
 /// (`memory`, `redis`, `redis-sentinel`, `redis-cluster`), a Sentinel setup's master, and
 /// where Redis is (its URL, or the nodes' URLs joined by `,`), passwords masked.
@@ -903,6 +902,7 @@ impl StoreAt<'_> {
     }
 }
 
+/// The configured backend, ready to serve requests on `workers` worker threads.
 pub async fn build_store(config: &Config, workers: usize) -> Result<Arc<dyn Store>, String> {
     let settings = StoreSettings {
         max_age: Duration::from_secs(config.session.max_age),

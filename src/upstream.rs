@@ -875,15 +875,17 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Whether a 101's head completes a client's WebSocket handshake (RFC 6455 §4.2.2):
-/// `Connection: upgrade` and `Upgrade: websocket`, and, when the client sent
-/// `Sec-WebSocket-Key`, one `Sec-WebSocket-Accept` that is base64(SHA-1(key + the
-/// protocol's GUID)). Only an application that read the handshake can answer so.
+/// `Connection: upgrade` and `Upgrade: websocket`, and one `Sec-WebSocket-Accept` that is
+/// base64(SHA-1(the client's `Sec-WebSocket-Key` + the protocol's GUID)). Only an
+/// application that read the handshake can answer so. A client that sent no key asked
+/// for no handshake the 101 could complete (every WebSocket client sends one), so no
+/// 101 completes it: the client must not decide that the check is skipped.
 pub fn completes_websocket_handshake(headers: &HeaderMap, key: Option<&HeaderValue>) -> bool {
     if upgrade_protocol(headers).is_none() {
         return false;
     }
     let Some(key) = key else {
-        return true;
+        return false;
     };
     let mut digest = Sha1::new();
     digest.update(key.as_bytes());

@@ -309,8 +309,11 @@ async fn trusted_forwarding_fields_are_passed_on_as_the_proxy_in_front_set_them(
         ("x-forwarded-host", "www.shop.example"),
         ("x-forwarded-for", "203.0.113.9"),
         ("x-forwarded-port", "443"),
-        ("forwarded", "for=203.0.113.9;proto=https"),
-        ("x-real-ip", "203.0.113.9"),
+        ("x-forwarded-prefix", "/shop"),
+        // What many ingresses pass on as a client wrote it: still removed.
+        ("forwarded", "for=6.6.6.6;proto=https;host=evil"),
+        ("x-real-ip", "6.6.6.6"),
+        ("x-original-url", "/admin"),
     ];
     for path in ["/", "/static/app.js"] {
         let r = Client::new().get(&proxy.url(path), &from_ingress).await;
@@ -325,8 +328,14 @@ async fn trusted_forwarding_fields_are_passed_on_as_the_proxy_in_front_set_them(
             vec!["203.0.113.9, 127.0.0.1"],
             "{path}"
         );
-        for (name, value) in &from_ingress[4..] {
+        for (name, value) in &from_ingress[4..6] {
             assert_eq!(r.header_seen(name), vec![*value], "{path}: {name}");
+        }
+        for (name, _) in &from_ingress[6..] {
+            assert!(
+                r.header_seen(name).is_empty(),
+                "{path}: {name} reached the app"
+            );
         }
     }
     // Missing, they are set as without trust.
@@ -873,6 +882,20 @@ async fn a_switch_that_does_not_complete_the_websocket_handshake_is_a_502() {
             problem(&r, 502).await;
         }
     }
+    // A client that sends no key cannot make the check go away: the answer's accept
+    // cannot answer a key, so even a 101 that would do for a keyless check is refused.
+    let addr = raw_upstream(
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
+    let r = Client::new()
+        .get(
+            &proxy.url("/?status=101"),
+            &[("connection", "upgrade"), ("upgrade", "websocket")],
+        )
+        .await;
+    problem(&r, 502).await;
 }
 
 #[tokio::test]

@@ -25,15 +25,11 @@ async fn health_and_readiness_answer_on_the_admin_port() {
     assert_eq!(status("/healthz").await, 200);
 }
 
-/// While the proxy drains, an HTTP/1 client's keep-alive connection is closed after the
-/// answer it is on, with `Connection: close`, on both of the proxy's HTTP/1 paths (a
-/// request without a body, and one with): clients move to new connections before the
-/// old ones are closed under them.
-/// Requests the HTTP/1 parser refuses and answers itself (a malformed head: 400; too
-/// many fields: 431) are counted like any other answer, with no session.
 /// Without `admin_token`, a web page that rebinds its host name to the operator's machine
 /// (DNS rebinding) could reach `/sessions`: requests a browser makes (with `Origin` or
-/// `Sec-Fetch-*`) are refused there; the probes and the CLI's requests are not.
+/// `Sec-Fetch-Site`) or that name the port by a host name are refused there; the probes,
+/// the CLI's requests and programs that send `Sec-Fetch-Mode` alone (Node's `fetch`) are
+/// not. With a token set, a request that carries it is served from anywhere.
 #[tokio::test]
 async fn the_sessions_api_refuses_requests_from_browsers() {
     let app = App::scripted().await;
@@ -43,7 +39,6 @@ async fn the_sessions_api_refuses_requests_from_browsers() {
     for header in [
         ("origin", "http://rebound.example"),
         ("sec-fetch-site", "same-origin"),
-        ("sec-fetch-mode", "cors"),
     ] {
         for (method, path) in [
             ("GET", "/sessions?user=ann"),
@@ -86,8 +81,40 @@ async fn the_sessions_api_refuses_requests_from_browsers() {
         .request("GET", &probe, &[("host", "rebound.example")], Bytes::new())
         .await;
     assert_eq!(r.status, 200, "the probes answer any Host");
+    // Node's fetch sends Sec-Fetch-Mode on every request: not taken for a browser.
+    let r = client
+        .request("GET", &url, &[("sec-fetch-mode", "cors")], Bytes::new())
+        .await;
+    assert_eq!(r.status, 200, "Sec-Fetch-Mode alone");
+
+    // With admin_token set, a request that carries it is served whatever else it sends:
+    // a page has no token to send.
+    let proxy = Proxy::with(&app, |c| {
+        c.session.user_key = Some("user".into());
+        c.admin_token = Some("s3cret-admin-token".into());
+    })
+    .await;
+    let admin = proxy.admin.unwrap();
+    let url = format!("http://{admin}/sessions?user=ann");
+    let browser_like = [
+        ("authorization", "Bearer s3cret-admin-token"),
+        ("origin", "http://app.example"),
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-mode", "cors"),
+        ("host", "admin.example"),
+    ];
+    let r = client
+        .request("GET", &url, &browser_like, Bytes::new())
+        .await;
+    assert_eq!(r.status, 200, "with the token");
+    let r = client
+        .request("GET", &url, &browser_like[1..], Bytes::new())
+        .await;
+    assert_eq!(r.status, 401, "without it");
 }
 
+/// Requests the HTTP/1 parser refuses and answers itself (a malformed head: 400; too
+/// many fields: 431) are counted like any other answer, with no session.
 #[tokio::test]
 async fn requests_the_parser_refuses_are_counted() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -136,6 +163,10 @@ async fn requests_the_parser_refuses_are_counted() {
     assert_eq!(proxy.metric(refused).await, 3.0);
 }
 
+/// While the proxy drains, an HTTP/1 client's keep-alive connection is closed after the
+/// answer it is on, with `Connection: close`, on both of the proxy's HTTP/1 paths (a
+/// request without a body, and one with): clients move to new connections before the
+/// old ones are closed under them.
 #[tokio::test]
 async fn while_draining_answers_close_their_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -567,6 +567,21 @@ async fn a_rotation_that_logs_the_user_out_leaves_the_old_id_logged_out(backend:
     );
     // The login's old ID kept the session as it was before the login: no user either.
     assert_eq!(seen_under(&proxy, &anonymous).await, json!({"cart": 1}));
+    // A login as another user over a logged-in session (one planted by its owner, say)
+    // leaves the old ID as it was: never the new user's session.
+    let mut planted = Browser::with_session(&proxy, r#"{"user":"mallory"}"#).await;
+    let mallorys = planted.cookie.clone().unwrap();
+    let login = format!(
+        "/login?rotate=1&update={}",
+        q(r#"{"user":"bob","secret":"bob's"}"#)
+    );
+    let r = planted.get(&proxy.url(&login)).await;
+    assert!(r.session_cookie().is_some());
+    assert_eq!(
+        seen_under(&proxy, &mallorys).await,
+        json!({"user": "mallory"}),
+        "the old ID reads the new user's session"
+    );
     // A privilege change that keeps the user keeps the usual grace copy.
     let login_again = log_in(&proxy, &mut browser).await;
     let r = browser

@@ -84,15 +84,44 @@ impl SessionCookie {
                 presented = value.and_then(|v| self.check_bytes(v));
             }
         }
-        if ours || headers.get_all(COOKIE).iter().nth(1).is_some() || self.mentioned(headers) {
+        if ours || headers.get_all(COOKIE).iter().nth(1).is_some() || self.behind_a_comma(headers) {
             self.strip_joined(headers);
         }
         drop_cookie2(headers);
         presented
     }
 
-    /// Whether the (single) `Cookie` header holds the cookie's name anywhere: after a
-    /// comma (`a=1, session=…`, which some parsers split on), say.
+    /// Whether a `Cookie` header holds a session ID behind a comma (`a=1, session=…`),
+    /// which commas do not separate but some parsers split on.
+    fn behind_a_comma(&self, headers: &HeaderMap) -> bool {
+        headers.get_all(COOKIE).iter().any(|field| {
+            field.as_bytes().contains(&b',')
+                && field
+                    .as_bytes()
+                    .split(|b| *b == b';')
+                    .any(|pair| self.hides_an_id(pair))
+        })
+    }
+
+    /// Whether a `Cookie` pair holds, behind a comma, a piece that is the session cookie
+    /// with an ID as its value (`a=1, session=<id>`). Not inside quotes, and not a bare
+    /// name or any other value (`tags=news,session,sports` is one cookie).
+    fn hides_an_id(&self, pair: &[u8]) -> bool {
+        !pair.contains(&b'"')
+            && pair
+                .split(|b| *b == b',')
+                .skip(1)
+                .any(|p| self.is_id_piece(p))
+    }
+
+    fn is_id_piece(&self, piece: &[u8]) -> bool {
+        piece.iter().position(|b| *b == b'=').is_some_and(|at| {
+            piece[..at].trim_ascii() == self.name.as_bytes()
+                && self.check_bytes(piece[at + 1..].trim_ascii()).is_some()
+        })
+    }
+
+    /// Whether the (single) `Cookie` header holds the cookie's name anywhere.
     fn mentioned(&self, headers: &HeaderMap) -> bool {
         headers.get(COOKIE).is_some_and(|field| {
             field
@@ -162,11 +191,15 @@ impl SessionCookie {
                 if !kept.is_empty() {
                     kept.extend_from_slice(b"; ");
                 }
-                // Commas are not cookie separators, but some parsers split on them: the
-                // session cookie goes after a comma too (`a=1, session=…`).
-                if pair.contains(&b',') && pair.split(|b| *b == b',').any(|p| self.names_it(p)) {
+                // Commas are not cookie separators, but some parsers split on them: a
+                // session ID goes after a comma too (`a=1, session=<id>`).
+                if self.hides_an_id(pair) {
                     let mut first = true;
-                    for piece in pair.split(|b| *b == b',').filter(|p| !self.names_it(p)) {
+                    let pieces = pair.split(|b| *b == b',');
+                    for (i, piece) in pieces.enumerate() {
+                        if i > 0 && self.is_id_piece(piece) {
+                            continue;
+                        }
                         if !first {
                             kept.push(b',');
                         }
@@ -462,13 +495,22 @@ mod tests {
             );
             assert!(h.get(COOKIE2).is_none());
         }
-        // Other cookies that hold commas are left as they are.
-        let mut h = headers(&["a=1,2; b=x, y"]);
-        assert_eq!(c.take(&mut h), None);
-        assert_eq!(h.get(COOKIE).unwrap(), "a=1,2; b=x, y");
-        let mut h = headers(&["a=1, session=x; b=2"]);
+        // Other cookies that hold commas, or the name without an ID, are left exactly as
+        // they are.
+        for other in [
+            "a=1,2; b=x, y",
+            "tags=news,session,sports",
+            "consent=ads,session=1,stats",
+            "a=1, session=x;  b=2",
+        ] {
+            let mut h = headers(&[other]);
+            assert_eq!(c.take(&mut h), None);
+            assert_eq!(h.get(COOKIE).unwrap(), other);
+        }
+        let quoted = format!("prefs=\"theme=dark,session={}\"; a=1", id.as_str());
+        let mut h = headers(&[&quoted]);
         c.take(&mut h);
-        assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=2");
+        assert_eq!(h.get(COOKIE).unwrap(), quoted.as_str(), "quotes kept whole");
     }
 
     #[test]

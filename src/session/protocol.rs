@@ -172,6 +172,18 @@ pub fn strip_foreign_forwarding(headers: &mut HeaderMap) {
     remove_where(headers, is_foreign_forwarding);
 }
 
+/// The same behind a proxy of the operator's that sets them (`trust_forwarded`):
+/// `X-Forwarded-Port` and `X-Forwarded-Prefix`, which ingresses set along with
+/// `X-Forwarded-Proto` and `-Host`, pass as it sent them. The others (`Forwarded`, the
+/// client-address fields, the URL overrides) are still removed: many ingresses pass on
+/// what a client wrote in them.
+pub fn strip_untrusted_forwarding(headers: &mut HeaderMap) {
+    remove_where(headers, |name| {
+        is_foreign_forwarding(name)
+            && !matches!(name.as_str(), "x-forwarded-port" | "x-forwarded-prefix")
+    });
+}
+
 /// Removes from a client's request the look-alikes of the fields that frame its body
 /// (`Content_Length`, `Transfer.Encoding`, read as described at [`ProtocolHeaders::strip`]):
 /// servers that read names the CGI way (Unicorn, Thin) take `Content_Length` for

@@ -136,29 +136,32 @@ impl MemoryStore {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Whether a refusal may sweep before the next tick: not after an early sweep
+            // that freed nothing (a store full of live sessions), until the tick.
+            let mut eager = true;
             loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = soon.notified() => {
+                let early = tokio::select! {
+                    _ = tick.tick() => false,
+                    () = soon.notified(), if eager => {
                         // At most one extra sweep per `SWEEP_SOON_EVERY`, however many
                         // sessions a full store refuses meanwhile.
                         tokio::time::sleep(SWEEP_SOON_EVERY).await;
+                        true
                     }
-                }
+                };
                 let Some(store) = weak.upgrade() else { return };
-                if tokio::task::spawn_blocking(move || store.sweep())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("the memory store's sweep failed");
+                match tokio::task::spawn_blocking(move || store.sweep()).await {
+                    Ok(freed) => eager = !early || freed > 0,
+                    Err(_) => tracing::warn!("the memory store's sweep failed"),
                 }
             }
         });
     }
 
-    /// Removes every expired session and its index entry.
-    pub fn sweep(&self) {
+    /// Removes every expired session and its index entry; returns how many it removed.
+    pub fn sweep(&self) -> usize {
         let now = millis(unix_now());
+        let mut freed = 0;
         for shard in self.shards.iter() {
             let mut gone = Vec::new();
             lock(shard).retain(|id, entry| {
@@ -169,10 +172,12 @@ impl MemoryStore {
                 live
             });
             self.count.fetch_sub(gone.len(), Ordering::Relaxed);
+            freed += gone.len();
             for (id, user) in gone {
                 self.unindex(&id, user.as_deref());
             }
         }
+        freed
     }
 
     fn shard(&self, id: &SessionId) -> &Mutex<Shard> {

@@ -29,7 +29,8 @@ pub enum StoreError {
     Unavailable(String),
     /// The memory store holds `store.max_sessions` sessions: a new one is refused.
     Full,
-    /// Concurrent writers kept changing the session while a patch was being applied.
+    /// Concurrent writers kept changing the session while a patch or a rotation was
+    /// being applied.
     Contended,
     /// A patch would make the session larger than `session.max_bytes`.
     TooLarge(usize),
@@ -40,9 +41,9 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::Unavailable(why) => write!(f, "session store unavailable: {why}"),
             StoreError::Full => f.write_str("session store full (store.max_sessions reached)"),
-            StoreError::Contended => {
-                f.write_str("session changed concurrently too many times while patching")
-            }
+            StoreError::Contended => f.write_str(
+                "session changed concurrently too many times while patching or rotating it",
+            ),
             StoreError::TooLarge(n) => {
                 write!(
                     f,

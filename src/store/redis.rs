@@ -1756,6 +1756,11 @@ impl RedisStore {
     /// ends the IDs it left behind as well. (The copy is written before the old ID is
     /// marked, so a rotation under way never looks ended.)
     async fn successor_lives(&self, conn: &mut Conn, next: &str) -> Result<bool, Failure> {
+        // Early versions marked a rotated-away ID with `moved = 1`, naming no ID: such a
+        // copy lives out its grace period as they meant it to.
+        if next == "1" {
+            return Ok(true);
+        }
         let mut next = next.to_string();
         for _ in 0..SUCCESSOR_HOPS {
             let (created, moved): (Option<String>, Option<String>) = redis::cmd("HMGET")
