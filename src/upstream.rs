@@ -301,7 +301,9 @@ impl Upstream {
     ) -> Upstream {
         let spared: Arc<[HeaderName]> = hidden.clone().into();
         // Fields that are about a connection, not a message, have no place in trailers
-        // either: HTTP/2 clients refuse a response whose trailers carry one.
+        // either: HTTP/2 clients refuse a response whose trailers carry one. Nor do the
+        // fields that frame or route a message (RFC 9110 §6.5.1): an HTTP/2 client takes
+        // a `Content-Length` trailer for a protocol error and loses the whole answer.
         let mut hidden = hidden;
         hidden.extend(
             [
@@ -312,6 +314,8 @@ impl Upstream {
                 "upgrade",
                 "te",
                 "trailer",
+                "content-length",
+                "host",
             ]
             .map(HeaderName::from_static),
         );

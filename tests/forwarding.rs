@@ -741,7 +741,7 @@ async fn protocol_headers_in_the_application_trailers_never_reach_the_client() {
          trailer: x-checksum, x-session-update, x-session\r\n\r\n\
          2\r\nok\r\n0\r\nx-checksum: abc\r\nx-session-update: e30=\r\n\
          X-Session: eyJhIjoxfQ==\r\nconnection: keep-alive\r\n\
-         transfer-encoding: chunked\r\n\r\n",
+         transfer-encoding: chunked\r\ncontent-length: 99\r\nhost: evil.example\r\n\r\n",
     )
     .await;
     let proxy = Proxy::start(support::config(&format!("http://{addr}"))).await;
@@ -761,6 +761,8 @@ async fn protocol_headers_in_the_application_trailers_never_reach_the_client() {
         assert!(trailers.get("x-session-update").is_none(), "{trailers:?}");
         assert!(trailers.get("x-session").is_none(), "{trailers:?}");
         assert!(trailers.get("connection").is_none(), "{trailers:?}");
+        assert!(trailers.get("content-length").is_none(), "{trailers:?}");
+        assert!(trailers.get("host").is_none(), "{trailers:?}");
     }
 }
 
