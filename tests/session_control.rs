@@ -484,17 +484,22 @@ async fn seen_under(proxy: &Proxy, cookie: &str) -> serde_json::Value {
         .session_seen()
 }
 
+/// A proxy whose old IDs outlast the test (a minute's grace), indexing `user`.
+async fn with_long_grace(backend: &Backend, app: &App) -> Proxy {
+    backend
+        .proxy(app, |c| {
+            c.session.rotate_grace = 60;
+            c.session.user_key = Some("user".into());
+        })
+        .await
+}
+
 /// The IDs rotations left readable for their grace period end with the session they moved
 /// to: a logout (`{}`), or a revocation by handle, on the session under its latest ID
 /// leaves nothing readable under the earlier ones.
 async fn ending_a_session_ends_the_ids_its_rotations_left_behind(backend: Backend) {
     let app = App::scripted().await;
-    let proxy = backend
-        .proxy(&app, |c| {
-            c.session.rotate_grace = 60;
-            c.session.user_key = Some("user".into());
-        })
-        .await;
+    let proxy = with_long_grace(&backend, &app).await;
     for ending in ["logout", "revocation"] {
         let mut browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
         let first = browser.cookie.clone().unwrap();
@@ -540,12 +545,7 @@ async fn ending_a_session_ends_the_ids_its_rotations_left_behind(backend: Backen
 /// rotation) leaves the old ID the session without its user, not the logged-in one.
 async fn a_rotation_that_logs_the_user_out_leaves_the_old_id_logged_out(backend: Backend) {
     let app = App::scripted().await;
-    let proxy = backend
-        .proxy(&app, |c| {
-            c.session.rotate_grace = 60;
-            c.session.user_key = Some("user".into());
-        })
-        .await;
+    let proxy = with_long_grace(&backend, &app).await;
     let mut browser = Browser::with_session(&proxy, r#"{"cart":1}"#).await;
     let anonymous = browser.cookie.clone().unwrap();
     let logged_in = log_in(&proxy, &mut browser).await;
