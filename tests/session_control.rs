@@ -520,15 +520,8 @@ async fn ending_a_session_ends_the_ids_its_rotations_left_behind(backend: Backen
                 assert!(r.clears_session_cookie());
             }
             _ => {
-                let handle = browser
-                    .get(&proxy.url("/"))
-                    .await
-                    .header_seen("x-session-handle")
-                    .remove(0);
-                let r = proxy
-                    .admin_request("DELETE", &format!("/sessions/{handle}"), None)
-                    .await;
-                assert_eq!(r.status, 200);
+                let handle = handle_of(&proxy, &mut browser, "/").await;
+                assert_eq!(revoke_handle(&proxy, &handle).await.status, 200);
             }
         }
         for (name, id) in [("first", &first), ("second", &second), ("third", &third)] {
@@ -799,6 +792,22 @@ fn sign_with(secret: &str, id: &str) -> String {
     format!("{id}.{tag}")
 }
 
+/// The `X-Session-Handle` the application sees on a request of `browser`'s to `path`.
+async fn handle_of(proxy: &Proxy, browser: &mut Browser, path: &str) -> String {
+    browser
+        .get(&proxy.url(path))
+        .await
+        .header_seen("x-session-handle")
+        .remove(0)
+}
+
+/// `DELETE /sessions/HANDLE` on the admin port.
+async fn revoke_handle(proxy: &Proxy, handle: &str) -> support::Reply {
+    proxy
+        .admin_request("DELETE", &format!("/sessions/{handle}"), None)
+        .await
+}
+
 async fn login(proxy: &Proxy, user: &str) -> Browser {
     let mut b = Browser::new();
     b.get(&proxy.url(&format!(
@@ -916,24 +925,14 @@ async fn revoke_by_handle_ends_one_session(backend: Backend) {
         .await;
     let mut a = login(&proxy, "ann").await;
     let mut b = login(&proxy, "ann").await;
-    let handle = a
-        .get(&proxy.url("/"))
-        .await
-        .header_seen("x-session-handle")
-        .remove(0);
-    let r = proxy
-        .admin_request("DELETE", &format!("/sessions/{handle}"), None)
-        .await;
-    assert_eq!(r.status, 200);
+    let handle = handle_of(&proxy, &mut a, "/").await;
+    assert_eq!(revoke_handle(&proxy, &handle).await.status, 200);
     assert_eq!(a.get(&proxy.url("/")).await.session_seen(), json!({}));
     assert_eq!(
         b.get(&proxy.url("/")).await.session_seen(),
         json!({"user_id": "ann"})
     );
-    let r = proxy
-        .admin_request("DELETE", &format!("/sessions/{handle}"), None)
-        .await;
-    assert_eq!(r.status, 404);
+    assert_eq!(revoke_handle(&proxy, &handle).await.status, 404);
 }
 
 /// Handles name indexed sessions only: once a session's data names no user (its user key
@@ -944,16 +943,10 @@ async fn a_session_that_left_the_index_is_not_revoked_by_its_handle(backend: Bac
         .proxy(&app, |c| c.session.user_key = Some("user_id".into()))
         .await;
     let mut a = login(&proxy, "ann").await;
-    let handle = a
-        .get(&proxy.url(&format!("/?patch={}", q(r#"{"x":1}"#))))
-        .await
-        .header_seen("x-session-handle")
-        .remove(0);
+    let handle = handle_of(&proxy, &mut a, &format!("/?patch={}", q(r#"{"x":1}"#))).await;
     a.get(&proxy.url(&format!("/logout?patch={}", q(r#"{"user_id":null}"#))))
         .await;
-    let r = proxy
-        .admin_request("DELETE", &format!("/sessions/{handle}"), None)
-        .await;
+    let r = revoke_handle(&proxy, &handle).await;
     assert_eq!(r.status, 404, "{:?}", r.json());
     assert_eq!(a.get(&proxy.url("/")).await.session_seen(), json!({"x": 1}));
 }
